@@ -1,0 +1,1 @@
+//! Runnable examples of the outbox framework; see the `examples/` programs.

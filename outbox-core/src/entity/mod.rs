@@ -1,0 +1,4 @@
+//! SeaORM entities of the outbox tables, for reading them from application code and tools.
+
+pub mod dead_letter;
+pub mod outbox_message;

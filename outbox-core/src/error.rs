@@ -1,0 +1,57 @@
+//! The one error type of the framework.
+
+use sea_orm::DbErr;
+
+/// Everything that can go wrong in the outbox runtime.
+///
+/// A `#[transactional]` function returns `Result<T, E>` with
+/// `E: From<outbox_core::Error>`, so these errors surface as the caller's own.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The database refused a statement, or the connection failed.
+    #[error("database error: {0}")]
+    Database(#[from] DbErr),
+
+    /// An event's payload could not be serialized; the transaction was rolled back.
+    #[error("cannot serialize event `{event_type}`: {source}")]
+    Serialize {
+        /// The event type (`#[outbox(name = ...)]`).
+        event_type: &'static str,
+        /// What the serializer reported.
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// A routing-key placeholder produced a value that is not a valid NATS subject token.
+    #[error(
+        "invalid subject for event `{event_type}`: placeholder `{{{field}}}` became {value:?}, \
+         which {reason}; subject tokens must be non-empty and hold no '.', '*', '>' or whitespace"
+    )]
+    Subject {
+        /// The event type (`#[outbox(name = ...)]`).
+        event_type: &'static str,
+        /// The placeholder's field.
+        field: &'static str,
+        /// The value the field rendered to.
+        value: String,
+        /// Why the value is rejected.
+        reason: &'static str,
+    },
+
+    /// A payload received for an event type could not be decoded.
+    #[error("cannot decode event `{event_type}` version {version}: {source}")]
+    Decode {
+        /// The event type named by the message.
+        event_type: String,
+        /// The schema version named by the message.
+        version: u16,
+        /// What the deserializer reported.
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// The event registry holds conflicting registrations.
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
+}

@@ -1,0 +1,137 @@
+//! The transactional outbox for SeaORM services that publish to NATS JetStream.
+//!
+//! Write events in the same database transaction as the data they describe;
+//! a relay then delivers them to the broker at least once, and the broker
+//! drops duplicates by event id.
+//!
+//! ```
+//! use outbox_core::{emit, transactional, OutboxEvent};
+//! use sea_orm::{ConnectionTrait, DatabaseConnection};
+//!
+//! #[derive(Debug, serde::Serialize, serde::Deserialize, OutboxEvent)]
+//! #[outbox(exchange = "orders", routing_key = "order.{order_id}.created", key = order_id)]
+//! pub struct OrderCreated {
+//!     pub order_id: i64,
+//!     pub total_cents: i64,
+//! }
+//!
+//! #[transactional]
+//! pub async fn place_order(db: &DatabaseConnection, order_id: i64) -> Result<(), outbox_core::Error> {
+//!     // Here `db` is the transaction: every statement joins it.
+//!     db.execute_unprepared("UPDATE stock SET reserved = reserved + 1").await?;
+//!     emit!(OrderCreated { order_id, total_cents: 1250 });
+//!     Ok(()) // Ok: the update and the event commit together. Err or panic: neither.
+//! }
+//! ```
+//!
+//! - [`OutboxEvent`] (derive it) describes an event's routing and payload.
+//! - [`transactional`] runs a function body in one transaction; [`emit!`] records events in it.
+//! - [`migrate`] creates the outbox tables; [`migrations`] hands them to your own migrator.
+//! - [`registry()`] lists every event type linked into the program.
+#![deny(missing_docs)]
+
+mod emit;
+pub mod entity;
+mod error;
+mod event;
+mod migration;
+pub mod registry;
+mod scope;
+mod signal;
+mod subject;
+
+pub use error::Error;
+pub use event::OutboxEvent;
+pub use migration::{migrate, migrations};
+pub use registry::{EventDescriptor, registry};
+pub use signal::CommitSignal;
+
+/// Derives [`OutboxEvent`] for a struct or an enum.
+///
+/// ```
+/// # use outbox_core::OutboxEvent;
+/// #[derive(serde::Serialize, serde::Deserialize, OutboxEvent)]
+/// #[outbox(exchange = "orders", key = order_id)]
+/// enum OrderEvent {
+///     #[outbox(routing_key = "order.{order_id}.created", name = "OrderCreated")]
+///     Created { order_id: u64, total_cents: i64 },
+///     #[outbox(routing_key = "order.{order_id}.cancelled", name = "OrderCancelled")]
+///     Cancelled { order_id: u64 },
+/// }
+/// ```
+///
+/// Container keys of `#[outbox(...)]`:
+///
+/// | key | meaning |
+/// |---|---|
+/// | `exchange = "orders"` | required: the subject prefix and, upper-cased, the stream |
+/// | `routing_key = "order.{order_id}.created"` | required (on the type or on every variant): the rest of the subject; `{field}` placeholders are filled from the event |
+/// | `key = order_id` | the partition key: events sharing it are delivered in commit order |
+/// | `name = "OrderCreated"` | the event type consumers dispatch on (default: the type's or variant's name) |
+/// | `version = 2` | the schema version, 1 to 65535 (default 1) |
+/// | `stream = "ORDERS"` | the JetStream stream (default: the exchange upper-cased) |
+/// | `crate = "path::to::outbox_core"` | where `outbox_core` is, when used through a re-export |
+///
+/// Enum variants take `routing_key`, `name` and `key`.
+pub use outbox_macros::OutboxEvent;
+
+/// Runs an `async fn` body in one database transaction, with [`emit!`] writing events in it.
+///
+/// The function must return `Result<T, E>` with `E: From<outbox_core::Error>`.
+/// Its connection is the one parameter of type `&DatabaseConnection`,
+/// `&DatabaseTransaction`, or `&C` with `C: TransactionTrait`; or the
+/// expression given as `#[transactional(conn = self.db)]`. Inside the body,
+/// that name stands for the transaction.
+///
+/// - `Ok`: the events are inserted (one multi-row statement per 2,500 events)
+///   and the transaction commits; relays in this process are woken.
+/// - `Err`, `?`, a panic, or a dropped future: nothing commits.
+/// - Called with a transaction (one `#[transactional]` function calling
+///   another), the body runs in a savepoint: its events commit with the outer
+///   transaction, and its `Err` rolls back only its own part.
+///
+/// Arguments: `conn = <expr>` names the connection, `crate = "path"` where
+/// `outbox_core` is when used through a re-export.
+///
+/// Equivalent code without the macro:
+///
+/// ```ignore
+/// async fn place_order(db: &DatabaseConnection, id: i64) -> Result<(), AppError> {
+///     let scope = Scope::begin(db.begin()).await?;
+///     let result: Result<(), AppError> = {
+///         let db = scope.transaction();
+///         async move { /* body, emit! records into scope.emitter() */ }.await
+///     };
+///     scope.finish(result).await // insert events, commit; or roll back
+/// }
+/// ```
+pub use outbox_macros::transactional;
+
+/// Items the macros' expansions name. Not public API: no stability promise.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::emit::Emitter;
+    pub use crate::scope::Scope;
+    pub use crate::subject::SubjectBuilder;
+    pub use inventory;
+    pub use sea_orm::TransactionTrait;
+    pub use std::string::String;
+
+    use std::any::Any;
+
+    use crate::Error;
+
+    /// The registry decoder of a JSON event type.
+    pub fn decode_json<T>(payload: &[u8]) -> Result<Box<dyn Any + Send>, Error>
+    where
+        T: serde::de::DeserializeOwned + crate::OutboxEvent,
+    {
+        serde_json::from_slice::<T>(payload)
+            .map(|event| Box::new(event) as Box<dyn Any + Send>)
+            .map_err(|source| Error::Decode {
+                event_type: T::EVENT_TYPES.join("|"),
+                version: T::VERSION,
+                source,
+            })
+    }
+}

@@ -1,0 +1,33 @@
+//! Wakes relays in this process when a transaction with events commits.
+
+use std::sync::LazyLock;
+
+use tokio::sync::watch;
+
+static COMMITS: LazyLock<watch::Sender<u64>> = LazyLock::new(|| watch::channel(0).0);
+
+/// Counts a commit that wrote events; called by `#[transactional]` after commit.
+pub(crate) fn committed() {
+    COMMITS.send_modify(|n| *n = n.wrapping_add(1));
+}
+
+/// A subscription to commits of outbox events made in this process.
+///
+/// A relay waits on it instead of polling, so events leave the outbox as soon
+/// as their transaction commits.
+#[derive(Debug)]
+pub struct CommitSignal(watch::Receiver<u64>);
+
+impl CommitSignal {
+    /// Subscribes; commits made before this call are not reported.
+    pub fn subscribe() -> Self {
+        Self(COMMITS.subscribe())
+    }
+
+    /// Resolves once a commit with events has happened since the last call
+    /// (or since [`subscribe`](Self::subscribe)).
+    pub async fn committed(&mut self) {
+        // The sender lives in a static and is never dropped, so this cannot fail.
+        let _ = self.0.changed().await;
+    }
+}

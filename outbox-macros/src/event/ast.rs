@@ -1,0 +1,166 @@
+//! The checked model of a `#[derive(OutboxEvent)]` input: every value validated,
+//! every placeholder and key resolved to a field, spans kept for errors.
+
+use proc_macro2::Span;
+use syn::ext::IdentExt;
+use syn::{Data, DeriveInput, Ident, LitStr, Member, Path};
+
+use super::attr::{Attrs, Place};
+use crate::errors::Errors;
+use super::check;
+use crate::pattern;
+
+/// A type deriving `OutboxEvent`.
+pub(crate) struct Event<'a> {
+    pub(crate) ident: &'a Ident,
+    pub(crate) krate: Path,
+    pub(crate) exchange: String,
+    pub(crate) stream: String,
+    pub(crate) version: u16,
+    /// One for a struct (with `ident: None`), one per variant for an enum.
+    pub(crate) variants: Vec<Variant<'a>>,
+    pub(crate) is_enum: bool,
+}
+
+/// One event type: a struct, or one enum variant.
+pub(crate) struct Variant<'a> {
+    pub(crate) ident: Option<&'a Ident>,
+    pub(crate) name: String,
+    pub(crate) routing_key: String,
+    pub(crate) routing_span: Span,
+    pub(crate) pieces: Vec<Resolved>,
+    pub(crate) key: Option<Member>,
+}
+
+/// A routing-key piece whose placeholder names a field of the type or variant.
+pub(crate) enum Resolved {
+    Literal(String),
+    Field { name: String, member: Member },
+}
+
+impl<'a> Event<'a> {
+    /// Validates `input`, returning every problem found at once.
+    pub(crate) fn from_input(input: &'a DeriveInput) -> syn::Result<Self> {
+        let mut errors = Errors::default();
+        let attrs = Attrs::parse(&input.attrs, Place::Container, &mut errors);
+        check::shape(input, &mut errors);
+
+        let exchange = required(&attrs.exchange, "exchange", input, &mut errors);
+        if let Some((value, lit)) = &exchange {
+            if let Some(problem) = pattern::exchange_problem(value) {
+                errors.push(syn::Error::new(lit.span(), problem));
+            }
+        }
+        let stream = match (&attrs.stream, &exchange) {
+            (Some(lit), _) => Some((lit.value(), lit.span())),
+            (None, Some((value, lit))) => Some((value.to_uppercase(), lit.span())),
+            (None, None) => None,
+        };
+        if let Some((value, span)) = &stream {
+            if let Some(problem) = pattern::stream_problem(value) {
+                let how = if attrs.stream.is_none() {
+                    format!("; the default stream `{value}` comes from the exchange, so set `stream = \"...\"`")
+                } else {
+                    String::new()
+                };
+                errors.push(syn::Error::new(*span, format!("{problem}{how}")));
+            }
+        }
+        let version = attrs.version.as_ref().map_or(1, |lit| {
+            match lit.base10_parse::<u16>() {
+                Ok(0) => errors.push(syn::Error::new(
+                    lit.span(),
+                    "`version` starts at 1; write `version = 1` or leave it out",
+                )),
+                Ok(v) => return v,
+                Err(_) => errors.push(syn::Error::new(
+                    lit.span(),
+                    "`version` takes an integer from 1 to 65535",
+                )),
+            }
+            1
+        });
+
+        let variants = match &input.data {
+            Data::Struct(data) => {
+                let name = attrs.name.as_ref().map_or_else(|| input.ident.unraw().to_string(), LitStr::value);
+                let routing = attrs.routing_key.as_ref().or_else(|| {
+                    errors.push(missing("routing_key", input));
+                    None
+                });
+                routing
+                    .and_then(|lit| check::variant(None, name, lit, attrs.key.clone(), &data.fields, &mut errors))
+                    .into_iter()
+                    .collect()
+            }
+            Data::Enum(data) => data
+                .variants
+                .iter()
+                .filter_map(|v| {
+                    let own = Attrs::parse(&v.attrs, Place::Variant, &mut errors);
+                    let name = own.name.as_ref().map_or_else(|| v.ident.unraw().to_string(), LitStr::value);
+                    let routing = own.routing_key.as_ref().or(attrs.routing_key.as_ref());
+                    let Some(routing) = routing else {
+                        errors.push(syn::Error::new(
+                            v.ident.span(),
+                            format!(
+                                "variant `{}` has no routing key; add `#[outbox(routing_key = \"...\")]` \
+                                 to it or to the enum",
+                                v.ident
+                            ),
+                        ));
+                        return None;
+                    };
+                    let key = own.key.or_else(|| attrs.key.clone());
+                    check::variant(Some(&v.ident), name, routing, key, &v.fields, &mut errors)
+                })
+                .collect(),
+            Data::Union(_) => Vec::new(),
+        };
+        if let (Some(name), Data::Enum(_)) = (&attrs.name, &input.data) {
+            errors.push(syn::Error::new(
+                name.span(),
+                "`name` on an enum names nothing; put `#[outbox(name = \"...\")]` on its variants",
+            ));
+        }
+
+        let krate = attrs.krate.unwrap_or_else(|| syn::parse_quote!(::outbox_core));
+        errors.finish()?;
+        let (Some((exchange, _)), Some((stream, _))) = (exchange, stream) else {
+            // Reported above already; `finish` returned it.
+            return Err(missing("exchange", input));
+        };
+        Ok(Event {
+            ident: &input.ident,
+            krate,
+            exchange,
+            stream,
+            version,
+            variants,
+            is_enum: matches!(input.data, Data::Enum(_)),
+        })
+    }
+}
+
+fn required(
+    lit: &Option<LitStr>,
+    key: &str,
+    input: &DeriveInput,
+    errors: &mut Errors,
+) -> Option<(String, LitStr)> {
+    match lit {
+        Some(lit) => Some((lit.value(), lit.clone())),
+        None => {
+            errors.push(missing(key, input));
+            None
+        }
+    }
+}
+
+pub(super) fn missing(key: &str, input: &DeriveInput) -> syn::Error {
+    syn::Error::new(
+        input.ident.span(),
+        format!("missing `{key}`: add `#[outbox({key} = \"...\")]` to `{}`", input.ident),
+    )
+}
+

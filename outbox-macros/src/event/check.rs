@@ -1,0 +1,123 @@
+//! Cross-field rules: the shapes an event can have, and placeholders and keys
+//! that must name real fields.
+
+use syn::ext::IdentExt;
+use syn::spanned::Spanned;
+use syn::{Data, DeriveInput, Fields, Ident, LitStr, Member};
+
+use super::ast::{Resolved, Variant};
+use crate::errors::Errors;
+use crate::pattern::{self, Piece};
+
+/// Rejects the shapes the registry cannot hold: unions, generic types, empty enums.
+pub(super) fn shape(input: &DeriveInput, errors: &mut Errors) {
+    match &input.data {
+        Data::Union(u) => errors.push(syn::Error::new(
+            u.union_token.span,
+            "`OutboxEvent` cannot be derived for a union; use a struct or an enum",
+        )),
+        Data::Enum(e) if e.variants.is_empty() => errors.push(syn::Error::new(
+            input.ident.span(),
+            "an `OutboxEvent` enum needs at least one variant, each an event type",
+        )),
+        _ => {}
+    }
+    if !input.generics.params.is_empty() {
+        errors.push(syn::Error::new_spanned(
+            &input.generics,
+            "`OutboxEvent` cannot be derived for a generic type: the event registry needs one \
+             concrete type per event; define a concrete type instead (e.g. `struct OrderCreated(Envelope<Order>)`)",
+        ));
+    }
+}
+
+/// Checks one event type's routing key and partition key against its fields.
+pub(super) fn variant<'a>(
+    ident: Option<&'a Ident>,
+    name: String,
+    routing: &LitStr,
+    key: Option<Member>,
+    fields: &Fields,
+    errors: &mut Errors,
+) -> Option<Variant<'a>> {
+    let owner = ident.map_or_else(|| "the struct".to_owned(), |i| format!("variant `{i}`"));
+    let pieces = match pattern::parse_routing_key(&routing.value()) {
+        Ok(pieces) => pieces,
+        Err(problem) => {
+            errors.push(syn::Error::new(routing.span(), problem));
+            return None;
+        }
+    };
+    let pieces = pieces
+        .into_iter()
+        .filter_map(|piece| match piece {
+            Piece::Literal(text) => Some(Resolved::Literal(text)),
+            Piece::Field(name) => match find_field(fields, &name) {
+                Some(member) => Some(Resolved::Field { name, member }),
+                None => {
+                    errors.push(syn::Error::new(
+                        routing.span(),
+                        format!(
+                            "placeholder `{{{name}}}` names no field of {owner}; fields: {}",
+                            field_list(fields)
+                        ),
+                    ));
+                    None
+                }
+            },
+        })
+        .collect();
+    let key = key.and_then(|key| {
+        let wanted = member_name(&key);
+        let found = find_field(fields, &wanted);
+        if found.is_none() {
+            errors.push(syn::Error::new(
+                ident.map_or_else(|| key.span(), |i| i.span()),
+                format!(
+                    "`key = {wanted}` names no field of {owner}; fields: {}",
+                    field_list(fields)
+                ),
+            ));
+        }
+        found
+    });
+    Some(Variant {
+        ident,
+        name,
+        routing_key: routing.value(),
+        routing_span: routing.span(),
+        pieces,
+        key,
+    })
+}
+
+/// The field called `name` (unraw, or a tuple index), as a member expression.
+fn find_field(fields: &Fields, name: &str) -> Option<Member> {
+    fields.iter().enumerate().find_map(|(index, field)| match &field.ident {
+        Some(ident) if ident.unraw() == name => Some(Member::Named(ident.clone())),
+        None if name.parse() == Ok(index) => Some(Member::Unnamed(index.into())),
+        _ => None,
+    })
+}
+
+fn member_name(member: &Member) -> String {
+    match member {
+        Member::Named(ident) => ident.unraw().to_string(),
+        Member::Unnamed(index) => index.index.to_string(),
+    }
+}
+
+fn field_list(fields: &Fields) -> String {
+    if fields.is_empty() {
+        return "none".to_owned();
+    }
+    fields
+        .iter()
+        .enumerate()
+        .map(|(i, f)| match &f.ident {
+            Some(ident) => format!("`{}`", ident.unraw()),
+            None => format!("`{i}`"),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}

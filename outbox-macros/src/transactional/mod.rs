@@ -1,0 +1,27 @@
+//! `#[transactional]`: parse (`attr`) → checked model (`ast`) → body rewrite (`rewrite`) → tokens (`expand`).
+
+mod ast;
+mod attr;
+mod expand;
+mod fallback;
+mod rewrite;
+
+use proc_macro2::TokenStream;
+
+pub(crate) fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
+    let function: syn::ItemFn = match syn::parse2(item.clone()) {
+        Ok(function) => function,
+        Err(_) => {
+            let error = syn::Error::new(
+                proc_macro2::Span::call_site(),
+                "#[transactional] goes on an `async fn` returning `Result<T, E>`",
+            );
+            return fallback::unparsed(item, error);
+        }
+    };
+    let checked = attr::Args::parse(args).and_then(|args| ast::Transactional::new(&function, args));
+    match checked {
+        Ok(model) => expand::expand(model),
+        Err(errors) => fallback::expand(function, errors),
+    }
+}

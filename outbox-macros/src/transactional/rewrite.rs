@@ -1,0 +1,92 @@
+//! Rewrites a `#[transactional]` body: hands `emit!` its emitter, and puts the
+//! transaction where the body names the connection expression.
+
+use proc_macro2::Ident;
+use quote::{ToTokens, quote};
+use syn::visit_mut::{self, VisitMut};
+use syn::{Block, Expr, Item, Macro};
+
+use super::ast::Conn;
+
+/// Rewrites `body` in place.
+pub(crate) fn body(body: &mut Block, conn: &Conn, emitter: &Ident, transaction: &Ident) {
+    let conn = match conn {
+        Conn::Expr(expr) => Some(expr.to_token_stream().to_string()),
+        Conn::Binding(_) => None,
+    };
+    Rewriter {
+        emitter,
+        transaction,
+        conn,
+    }
+    .visit_block_mut(body);
+}
+
+struct Rewriter<'a> {
+    emitter: &'a Ident,
+    transaction: &'a Ident,
+    /// The `conn = ...` expression as text, to find its occurrences.
+    conn: Option<String>,
+}
+
+impl VisitMut for Rewriter<'_> {
+    /// `emit!(event)` becomes `emit!(@transactional <emitter>, event)`; the
+    /// macro keeps the user's path, so its import stays used.
+    fn visit_macro_mut(&mut self, mac: &mut Macro) {
+        if mac.path.segments.last().is_some_and(|s| s.ident == "emit") {
+            let emitter = self.emitter;
+            let event = std::mem::take(&mut mac.tokens);
+            mac.tokens = quote!(@transactional #emitter, #event);
+        }
+    }
+
+    fn visit_expr_mut(&mut self, expr: &mut Expr) {
+        let is_conn = self
+            .conn
+            .as_ref()
+            .is_some_and(|conn| *conn == expr.to_token_stream().to_string());
+        if is_conn {
+            let transaction = self.transaction;
+            *expr = Expr::Verbatim(quote!((*#transaction)));
+        } else {
+            visit_mut::visit_expr_mut(self, expr);
+        }
+    }
+
+    /// Items nested in the body (fns, impls) do not share its transaction.
+    fn visit_item_mut(&mut self, _: &mut Item) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proc_macro2::Span;
+
+    fn rewrite(mut block: Block, conn: Conn) -> String {
+        let emitter = Ident::new("e", Span::call_site());
+        let transaction = Ident::new("t", Span::call_site());
+        body(&mut block, &conn, &emitter, &transaction);
+        block.to_token_stream().to_string().replace(' ', "")
+    }
+
+    #[test]
+    fn hands_emit_its_emitter_but_not_in_nested_items() {
+        let out = rewrite(
+            syn::parse_quote!({ emit!(A); outbox_core::emit!(B { x: 1 }); fn inner() { emit!(C); } }),
+            Conn::Binding(Ident::new("db", Span::call_site())),
+        );
+        assert!(out.contains("emit!(@transactionale,A)"), "{out}");
+        assert!(out.contains("outbox_core::emit!(@transactionale,B{x:1})"), "{out}");
+        assert!(out.contains("fninner(){emit!(C);}"), "{out}");
+    }
+
+    #[test]
+    fn replaces_the_connection_expression() {
+        let out = rewrite(
+            syn::parse_quote!({ X::find().all(&self.db).await; self.other.go(); }),
+            Conn::Expr(syn::parse_quote!(self.db)),
+        );
+        assert!(out.contains("all(&(*t))"), "{out}");
+        assert!(out.contains("self.other.go()"), "{out}");
+    }
+}
