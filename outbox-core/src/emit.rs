@@ -78,7 +78,10 @@ impl Emitter {
     pub fn emit<E: OutboxEvent>(&self, event: E) -> Uuid {
         let id = Uuid::now_v7();
         let row = to_row(id, Utc::now(), &event);
-        let mut state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         match row {
             Ok(row) => state.events.push(row),
             Err(error) => {
@@ -90,7 +93,10 @@ impl Emitter {
 
     /// The recorded rows, or the first error that makes the call fail.
     pub(crate) fn into_rows(self) -> Result<Vec<outbox_message::ActiveModel>, Error> {
-        let state = self.state.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let state = self
+            .state
+            .into_inner()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         match state.error {
             Some(error) => Err(error),
             None => Ok(state.events),

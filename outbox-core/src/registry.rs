@@ -97,7 +97,11 @@ impl Registry {
                     None
                 };
                 if let Some(kind) = reason {
-                    conflicts.push(Conflict { kind, first: a, second: b });
+                    conflicts.push(Conflict {
+                        kind,
+                        first: a,
+                        second: b,
+                    });
                 }
             }
         }
@@ -223,16 +227,24 @@ mod tests {
         assert_eq!(kinds(vec![&A, &B]), [ConflictKind::DuplicateType]);
         assert_eq!(kinds(vec![&A, &C]), [ConflictKind::SameSubject]);
         assert_eq!(kinds(vec![&A, &D]), [ConflictKind::StreamMismatch]);
-        let err = Registry::new(vec![&A, &B]).validate().expect_err("conflict");
+        let err = Registry::new(vec![&A, &B])
+            .validate()
+            .expect_err("conflict");
         let text = err.to_string();
-        assert!(text.contains("a::Created") && text.contains("b::Created"), "{text}");
+        assert!(
+            text.contains("a::Created") && text.contains("b::Created"),
+            "{text}"
+        );
     }
 
     #[test]
     fn accepts_distinct_registrations() {
         assert_eq!(kinds(vec![&A, &E]), []);
         let registry = Registry::new(vec![&A, &E]);
-        assert_eq!(registry.get("Paid", 1).map(|d| d.rust_type), Some("e::Paid2"));
+        assert_eq!(
+            registry.get("Paid", 1).map(|d| d.rust_type),
+            Some("e::Paid2")
+        );
         assert!(registry.get("Paid", 2).is_none());
     }
 }

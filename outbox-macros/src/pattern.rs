@@ -81,7 +81,8 @@ pub(crate) fn exchange_problem(exchange: &str) -> Option<&'static str> {
 pub(crate) fn stream_problem(stream: &str) -> Option<&'static str> {
     if stream.is_empty() {
         Some("stream name must not be empty")
-    } else if stream.contains(['.', '*', '>', '/', '\\']) || stream.chars().any(char::is_whitespace) {
+    } else if stream.contains(['.', '*', '>', '/', '\\']) || stream.chars().any(char::is_whitespace)
+    {
         Some("stream name must not contain '.', '*', '>', '/', '\\' or whitespace")
     } else {
         None
@@ -101,7 +102,10 @@ mod tests {
 
     #[test]
     fn splits_literals_and_placeholders() {
-        assert_eq!(parse_routing_key("order.created"), Ok(vec![lit("order.created")]));
+        assert_eq!(
+            parse_routing_key("order.created"),
+            Ok(vec![lit("order.created")])
+        );
         assert_eq!(
             parse_routing_key("order.{order_id}.created"),
             Ok(vec![lit("order."), field("order_id"), lit(".created")])

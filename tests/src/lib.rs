@@ -1,1 +1,110 @@
-//! placeholder
+//! Shared helpers of the integration tests: an isolated database per test on
+//! the real services (`DATABASE_URL`, default `postgres://root@127.0.0.1/test`),
+//! or a fresh SQLite file.
+
+pub mod fixtures;
+
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection};
+
+/// The PostgreSQL server tests use.
+pub fn postgres_url() -> String {
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://root@127.0.0.1/test".to_owned())
+}
+
+/// A migrated, empty database that only one test uses.
+#[derive(Debug)]
+pub struct TestDb {
+    /// The connection to hand to the code under test.
+    pub db: DatabaseConnection,
+    isolation: Isolation,
+}
+
+#[derive(Debug)]
+enum Isolation {
+    Postgres {
+        admin: DatabaseConnection,
+        schema: String,
+    },
+    /// Deleted with the directory when dropped.
+    Sqlite { _dir: tempfile::TempDir },
+}
+
+impl TestDb {
+    /// A new schema on the PostgreSQL server, set as the connection's search path.
+    pub async fn postgres() -> Self {
+        let url = postgres_url();
+        let admin = Database::connect(&url)
+            .await
+            .unwrap_or_else(|e| panic!("PostgreSQL at {url} is required: {e}"));
+        let schema = format!("outbox_test_{}", uuid::Uuid::now_v7().simple());
+        admin
+            .execute_unprepared(&format!("CREATE SCHEMA {schema}"))
+            .await
+            .expect("create test schema");
+        let mut options = ConnectOptions::new(url);
+        options
+            .set_schema_search_path(schema.clone())
+            .max_connections(16)
+            .sqlx_logging(false);
+        let db = Database::connect(options)
+            .await
+            .expect("connect to test schema");
+        Self::migrated(db, Isolation::Postgres { admin, schema }).await
+    }
+
+    /// A new SQLite database file in a temporary directory.
+    pub async fn sqlite() -> Self {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("test.sqlite");
+        let mut options = ConnectOptions::new(format!("sqlite://{}?mode=rwc", path.display()));
+        options.max_connections(4).sqlx_logging(false);
+        let db = Database::connect(options).await.expect("open SQLite file");
+        db.execute_unprepared("PRAGMA journal_mode = WAL")
+            .await
+            .expect("WAL mode");
+        Self::migrated(db, Isolation::Sqlite { _dir: dir }).await
+    }
+
+    async fn migrated(db: DatabaseConnection, isolation: Isolation) -> Self {
+        outbox_core::migrate(&db).await.expect("outbox migrations");
+        db.execute_unprepared(
+            "CREATE TABLE orders (id BIGINT PRIMARY KEY, total_cents BIGINT NOT NULL)",
+        )
+        .await
+        .expect("create the business table");
+        Self { db, isolation }
+    }
+
+    /// Drops what the test created (its schema; a SQLite file goes with its directory).
+    pub async fn finish(self) {
+        self.db.close().await.expect("close the test connection");
+        if let Isolation::Postgres { admin, schema } = self.isolation {
+            admin
+                .execute_unprepared(&format!("DROP SCHEMA {schema} CASCADE"))
+                .await
+                .expect("drop test schema");
+        }
+    }
+}
+
+/// Runs each listed `async fn(&DatabaseConnection)` as two tests, one per backend.
+#[macro_export]
+macro_rules! on_each_backend {
+    ($($test:ident),* $(,)?) => {$(
+        mod $test {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                let test = $crate::TestDb::postgres().await;
+                super::$test(&test.db).await;
+                test.finish().await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                let test = $crate::TestDb::sqlite().await;
+                super::$test(&test.db).await;
+                test.finish().await;
+            }
+        }
+    )*};
+}

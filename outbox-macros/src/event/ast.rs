@@ -6,8 +6,8 @@ use syn::ext::IdentExt;
 use syn::{Data, DeriveInput, Ident, LitStr, Member, Path};
 
 use super::attr::{Attrs, Place};
-use crate::errors::Errors;
 use super::check;
+use crate::errors::Errors;
 use crate::pattern;
 
 /// A type deriving `OutboxEvent`.
@@ -59,7 +59,9 @@ impl<'a> Event<'a> {
         if let Some((value, span)) = &stream {
             if let Some(problem) = pattern::stream_problem(value) {
                 let how = if attrs.stream.is_none() {
-                    format!("; the default stream `{value}` comes from the exchange, so set `stream = \"...\"`")
+                    format!(
+                        "; the default stream `{value}` comes from the exchange, so set `stream = \"...\"`"
+                    )
                 } else {
                     String::new()
                 };
@@ -124,7 +126,9 @@ impl<'a> Event<'a> {
             ));
         }
 
-        let krate = attrs.krate.unwrap_or_else(|| syn::parse_quote!(::outbox_core));
+        let krate = attrs
+            .krate
+            .unwrap_or_else(|| syn::parse_quote!(::outbox_core));
         errors.finish()?;
         let (Some((exchange, _)), Some((stream, _))) = (exchange, stream) else {
             // Reported above already; `finish` returned it.
@@ -160,7 +164,9 @@ fn required(
 pub(super) fn missing(key: &str, input: &DeriveInput) -> syn::Error {
     syn::Error::new(
         input.ident.span(),
-        format!("missing `{key}`: add `#[outbox({key} = \"...\")]` to `{}`", input.ident),
+        format!(
+            "missing `{key}`: add `#[outbox({key} = \"...\")]` to `{}`",
+            input.ident
+        ),
     )
 }
-

@@ -87,7 +87,11 @@ impl Attrs {
 /// Stores `value` unless the key was given before.
 fn set<T>(slot: &mut Option<T>, value: T, meta: &ParseNestedMeta<'_>) -> syn::Result<()> {
     if slot.is_some() {
-        let key = meta.path.get_ident().map(ToString::to_string).unwrap_or_default();
+        let key = meta
+            .path
+            .get_ident()
+            .map(ToString::to_string)
+            .unwrap_or_default();
         return Err(meta.error(format!("duplicate `{key}` in #[outbox(...)]")));
     }
     *slot = Some(value);
@@ -95,7 +99,9 @@ fn set<T>(slot: &mut Option<T>, value: T, meta: &ParseNestedMeta<'_>) -> syn::Re
 }
 
 fn unknown_key(meta: &ParseNestedMeta<'_>, place: Place) -> syn::Error {
-    let key = quote::ToTokens::to_token_stream(&meta.path).to_string().replace(' ', "");
+    let key = quote::ToTokens::to_token_stream(&meta.path)
+        .to_string()
+        .replace(' ', "");
     let valid = place
         .keys()
         .iter()
@@ -106,7 +112,9 @@ fn unknown_key(meta: &ParseNestedMeta<'_>, place: Place) -> syn::Error {
         Place::Container => "#[outbox(...)]",
         Place::Variant => "#[outbox(...)] on a variant",
     };
-    meta.error(format!("unknown key `{key}` in {on}; expected one of {valid}"))
+    meta.error(format!(
+        "unknown key `{key}` in {on}; expected one of {valid}"
+    ))
 }
 
 fn string(key: &str, value: Expr) -> syn::Result<LitStr> {
@@ -159,7 +167,10 @@ mod tests {
         let mut errors = Errors::default();
         let out = Attrs::parse(&attrs, place, &mut errors);
         let messages = errors.finish().err().map(|all| {
-            all.into_iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n")
+            all.into_iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("\n")
         });
         (out, messages)
     }
@@ -167,15 +178,20 @@ mod tests {
     #[test]
     fn reads_every_container_key() {
         let (a, err) = parse(
-            vec![syn::parse_quote!(#[outbox(exchange = "orders", routing_key = "o.c", key = id,
-                name = "N", version = 3, stream = "S", crate = "x::y")])],
+            vec![
+                syn::parse_quote!(#[outbox(exchange = "orders", routing_key = "o.c", key = id,
+                name = "N", version = 3, stream = "S", crate = "x::y")]),
+            ],
             Place::Container,
         );
         assert_eq!(err, None);
         assert_eq!(a.exchange.map(|l| l.value()).as_deref(), Some("orders"));
         assert_eq!(a.routing_key.map(|l| l.value()).as_deref(), Some("o.c"));
         assert!(matches!(a.key, Some(Member::Named(i)) if i == "id"));
-        assert_eq!(a.version.map(|v| v.base10_digits().to_owned()).as_deref(), Some("3"));
+        assert_eq!(
+            a.version.map(|v| v.base10_digits().to_owned()).as_deref(),
+            Some("3")
+        );
         assert!(a.krate.is_some() && a.stream.is_some() && a.name.is_some());
     }
 
@@ -196,7 +212,13 @@ mod tests {
 
     #[test]
     fn variants_take_fewer_keys() {
-        let (_, err) = parse(vec![syn::parse_quote!(#[outbox(exchange = "a")])], Place::Variant);
-        assert!(err.expect("error").contains("expected one of `routing_key`, `name`, `key`"));
+        let (_, err) = parse(
+            vec![syn::parse_quote!(#[outbox(exchange = "a")])],
+            Place::Variant,
+        );
+        assert!(
+            err.expect("error")
+                .contains("expected one of `routing_key`, `name`, `key`")
+        );
     }
 }

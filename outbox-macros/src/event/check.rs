@@ -93,11 +93,14 @@ pub(super) fn variant<'a>(
 
 /// The field called `name` (unraw, or a tuple index), as a member expression.
 fn find_field(fields: &Fields, name: &str) -> Option<Member> {
-    fields.iter().enumerate().find_map(|(index, field)| match &field.ident {
-        Some(ident) if ident.unraw() == name => Some(Member::Named(ident.clone())),
-        None if name.parse() == Ok(index) => Some(Member::Unnamed(index.into())),
-        _ => None,
-    })
+    fields
+        .iter()
+        .enumerate()
+        .find_map(|(index, field)| match &field.ident {
+            Some(ident) if ident.unraw() == name => Some(Member::Named(ident.clone())),
+            None if name.parse() == Ok(index) => Some(Member::Unnamed(index.into())),
+            _ => None,
+        })
 }
 
 fn member_name(member: &Member) -> String {

@@ -48,18 +48,22 @@ impl Transactional {
         match (conn, output) {
             (Some(conn), Some(output)) => Ok(Transactional {
                 function: function.clone(),
-                krate: args.krate.unwrap_or_else(|| syn::parse_quote!(::outbox_core)),
+                krate: args
+                    .krate
+                    .unwrap_or_else(|| syn::parse_quote!(::outbox_core)),
                 conn,
                 output,
             }),
             // Each `None` pushed its error, so `finish` returned above.
-            _ => Err(syn::Error::new(sig.ident.span(), "invalid #[transactional] function")),
+            _ => Err(syn::Error::new(
+                sig.ident.span(),
+                "invalid #[transactional] function",
+            )),
         }
     }
 }
 
-const RESULT_HELP: &str =
-    "#[transactional] functions return `Result<T, E>` with `E: From<outbox_core::Error>`, \
+const RESULT_HELP: &str = "#[transactional] functions return `Result<T, E>` with `E: From<outbox_core::Error>`, \
      so that a failed commit can be reported";
 
 /// The declared return type, if it is a `Result` (by any path or alias ending in `Result`).
@@ -146,7 +150,8 @@ fn transaction_generics(function: &ItemFn) -> Vec<&Ident> {
     });
     let clauses = generics.where_clause.iter().flat_map(|w| &w.predicates);
     let in_where = clauses.filter_map(|predicate| match predicate {
-        WherePredicate::Type(p) if p.bounds.iter().any(is_transaction_bound) => match &p.bounded_ty {
+        WherePredicate::Type(p) if p.bounds.iter().any(is_transaction_bound) => match &p.bounded_ty
+        {
             Type::Path(path) => path.path.get_ident(),
             _ => None,
         },
@@ -177,19 +182,43 @@ mod tests {
     #[test]
     fn finds_the_connection_parameter_by_type() {
         let cases: [ItemFn; 4] = [
-            syn::parse_quote!(async fn f(x: u8, db: &DatabaseConnection) -> Result<(), E> {}),
-            syn::parse_quote!(async fn f(tx: &sea_orm::DatabaseTransaction) -> Result<(), E> {}),
-            syn::parse_quote!(async fn f<C: TransactionTrait>(c: &C) -> anyhow::Result<()> {}),
-            syn::parse_quote!(async fn f<C>(c: &C) -> Result<(), E> where C: sea_orm::TransactionTrait {}),
+            syn::parse_quote!(
+                async fn f(x: u8, db: &DatabaseConnection) -> Result<(), E> {}
+            ),
+            syn::parse_quote!(
+                async fn f(tx: &sea_orm::DatabaseTransaction) -> Result<(), E> {}
+            ),
+            syn::parse_quote!(
+                async fn f<C: TransactionTrait>(c: &C) -> anyhow::Result<()> {}
+            ),
+            syn::parse_quote!(
+                async fn f<C>(c: &C) -> Result<(), E>
+                where
+                    C: sea_orm::TransactionTrait,
+                {
+                }
+            ),
         ];
         let names: Vec<_> = cases.into_iter().map(conn_of).collect();
-        assert_eq!(names, [Ok("db".into()), Ok("tx".into()), Ok("c".into()), Ok("c".into())]);
+        assert_eq!(
+            names,
+            [
+                Ok("db".into()),
+                Ok("tx".into()),
+                Ok("c".into()),
+                Ok("c".into())
+            ]
+        );
     }
 
     #[test]
     fn reports_missing_async_result_and_connection_together() {
-        let f: ItemFn = syn::parse_quote!(fn f(x: u8) {});
-        let err = Transactional::new(&f, Args::default()).err().expect("errors");
+        let f: ItemFn = syn::parse_quote!(
+            fn f(x: u8) {}
+        );
+        let err = Transactional::new(&f, Args::default())
+            .err()
+            .expect("errors");
         let all: Vec<String> = err.into_iter().map(|e| e.to_string()).collect();
         assert_eq!(all.len(), 3, "{all:?}");
         assert!(all[0].contains("needs an `async fn`"));

@@ -36,7 +36,9 @@ impl Args {
         } else if meta.path.is_ident("crate") {
             "crate"
         } else {
-            let name = quote::ToTokens::to_token_stream(&meta.path).to_string().replace(' ', "");
+            let name = quote::ToTokens::to_token_stream(&meta.path)
+                .to_string()
+                .replace(' ', "");
             return Err(meta.error(format!(
                 "unknown argument `{name}` of #[transactional]; expected {KEYS}"
             )));
@@ -46,7 +48,10 @@ impl Args {
             self.conn.replace(value.parse()?).is_some()
         } else {
             let lit: LitStr = value.parse().map_err(|e| {
-                syn::Error::new(e.span(), "`crate` takes a string literal, e.g. `crate = \"my::outbox\"`")
+                syn::Error::new(
+                    e.span(),
+                    "`crate` takes a string literal, e.g. `crate = \"my::outbox\"`",
+                )
             })?;
             self.krate.replace(lit.parse()?).is_some()
         };
@@ -71,9 +76,13 @@ mod tests {
 
     #[test]
     fn rejects_unknown_and_duplicate_arguments() {
-        let unknown = Args::parse(quote!(connection = db)).err().map(|e| e.to_string());
+        let unknown = Args::parse(quote!(connection = db))
+            .err()
+            .map(|e| e.to_string());
         assert!(unknown.is_some_and(|e| e.contains("unknown argument `connection`")));
-        let duplicate = Args::parse(quote!(conn = a, conn = b)).err().map(|e| e.to_string());
+        let duplicate = Args::parse(quote!(conn = a, conn = b))
+            .err()
+            .map(|e| e.to_string());
         assert!(duplicate.is_some_and(|e| e.contains("duplicate `conn`")));
     }
 }

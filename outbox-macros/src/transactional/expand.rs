@@ -30,7 +30,8 @@ pub(crate) fn expand(model: Transactional) -> TokenStream {
     let body = &function.block;
     // Spanned on the return type, so that an `E` without `From<outbox_core::Error>` is reported there.
     let span = output.span();
-    let fail = quote_spanned!(span=> ::core::result::Result::Err(::core::convert::From::from(error)));
+    let fail =
+        quote_spanned!(span=> ::core::result::Result::Err(::core::convert::From::from(error)));
     let finish = quote_spanned!(span=> #scope.finish(#result).await);
     let block = quote! {{
         let #scope = match #krate::__private::Scope::begin({

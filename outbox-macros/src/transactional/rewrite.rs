@@ -72,18 +72,30 @@ mod tests {
     #[test]
     fn hands_emit_its_emitter_but_not_in_nested_items() {
         let out = rewrite(
-            syn::parse_quote!({ emit!(A); outbox_core::emit!(B { x: 1 }); fn inner() { emit!(C); } }),
+            syn::parse_quote!({
+                emit!(A);
+                outbox_core::emit!(B { x: 1 });
+                fn inner() {
+                    emit!(C);
+                }
+            }),
             Conn::Binding(Ident::new("db", Span::call_site())),
         );
         assert!(out.contains("emit!(@transactionale,A)"), "{out}");
-        assert!(out.contains("outbox_core::emit!(@transactionale,B{x:1})"), "{out}");
+        assert!(
+            out.contains("outbox_core::emit!(@transactionale,B{x:1})"),
+            "{out}"
+        );
         assert!(out.contains("fninner(){emit!(C);}"), "{out}");
     }
 
     #[test]
     fn replaces_the_connection_expression() {
         let out = rewrite(
-            syn::parse_quote!({ X::find().all(&self.db).await; self.other.go(); }),
+            syn::parse_quote!({
+                X::find().all(&self.db).await;
+                self.other.go();
+            }),
             Conn::Expr(syn::parse_quote!(self.db)),
         );
         assert!(out.contains("all(&(*t))"), "{out}");
