@@ -55,3 +55,6 @@ pub enum Error {
     #[error(transparent)]
     Registry(#[from] crate::registry::RegistryError),
 }
+
+/// `Result` with the framework's [`Error`] as the default error type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

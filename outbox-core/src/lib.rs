@@ -40,7 +40,7 @@ mod scope;
 mod signal;
 mod subject;
 
-pub use error::Error;
+pub use error::{Error, Result};
 pub use event::OutboxEvent;
 pub use migration::{migrate, migrations};
 pub use registry::{EventDescriptor, registry};

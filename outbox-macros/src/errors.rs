@@ -21,3 +21,12 @@ impl Errors {
         self.0.map_or(Ok(()), Err)
     }
 }
+
+/// After a bad `key = value` inside `#[...(...)]`, skips to the next `,` so
+/// that parsing goes on and later keys are still checked.
+pub(crate) fn skip_value(meta: &syn::meta::ParseNestedMeta<'_>) -> syn::Result<()> {
+    while !meta.input.is_empty() && !meta.input.peek(syn::Token![,]) {
+        meta.input.parse::<proc_macro2::TokenTree>()?;
+    }
+    Ok(())
+}

@@ -45,18 +45,20 @@ impl<'a> Event<'a> {
         let attrs = Attrs::parse(&input.attrs, Place::Container, &mut errors);
         check::shape(input, &mut errors);
 
-        let exchange = required(&attrs.exchange, "exchange", input, &mut errors);
-        if let Some((value, lit)) = &exchange {
-            if let Some(problem) = pattern::exchange_problem(value) {
-                errors.push(syn::Error::new(lit.span(), problem));
-            }
-        }
+        let exchange = required(&attrs.exchange, &attrs.written, "exchange", input, &mut errors);
+        let exchange_problem = exchange.as_ref().and_then(|(value, lit)| {
+            let problem = pattern::exchange_problem(value)?;
+            errors.push(syn::Error::new(lit.span(), problem));
+            Some(problem)
+        });
         let stream = match (&attrs.stream, &exchange) {
             (Some(lit), _) => Some((lit.value(), lit.span())),
             (None, Some((value, lit))) => Some((value.to_uppercase(), lit.span())),
             (None, None) => None,
         };
-        if let Some((value, span)) = &stream {
+        // A stream derived from a bad exchange would only repeat the exchange's error.
+        let derived_from_bad_exchange = attrs.stream.is_none() && exchange_problem.is_some();
+        if let (Some((value, span)), false) = (&stream, derived_from_bad_exchange) {
             if let Some(problem) = pattern::stream_problem(value) {
                 let how = if attrs.stream.is_none() {
                     format!(
@@ -87,7 +89,9 @@ impl<'a> Event<'a> {
             Data::Struct(data) => {
                 let name = attrs.name.as_ref().map_or_else(|| input.ident.unraw().to_string(), LitStr::value);
                 let routing = attrs.routing_key.as_ref().or_else(|| {
-                    errors.push(missing("routing_key", input));
+                    if !attrs.written.iter().any(|k| k == "routing_key") {
+                        errors.push(missing("routing_key", input));
+                    }
                     None
                 });
                 routing
@@ -146,8 +150,10 @@ impl<'a> Event<'a> {
     }
 }
 
+/// The value of a required key; reports it missing unless it was written (and reported) invalid.
 fn required(
     lit: &Option<LitStr>,
+    written: &[String],
     key: &str,
     input: &DeriveInput,
     errors: &mut Errors,
@@ -155,7 +161,9 @@ fn required(
     match lit {
         Some(lit) => Some((lit.value(), lit.clone())),
         None => {
-            errors.push(missing(key, input));
+            if !written.iter().any(|k| k == key) {
+                errors.push(missing(key, input));
+            }
             None
         }
     }

@@ -3,7 +3,7 @@
 use syn::meta::ParseNestedMeta;
 use syn::{Attribute, Expr, Lit, LitInt, LitStr, Member, Path};
 
-use crate::errors::Errors;
+use crate::errors::{Errors, skip_value};
 
 /// Where an `#[outbox(...)]` attribute stands, which decides the keys it takes.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -39,6 +39,8 @@ pub(crate) struct Attrs {
     pub(crate) version: Option<LitInt>,
     pub(crate) stream: Option<LitStr>,
     pub(crate) krate: Option<Path>,
+    /// Every known key written, valid or not: an invalid one is not also "missing".
+    pub(crate) written: Vec<String>,
 }
 
 impl Attrs {
@@ -46,7 +48,13 @@ impl Attrs {
     pub(crate) fn parse(attrs: &[Attribute], place: Place, errors: &mut Errors) -> Self {
         let mut out = Attrs::default();
         for attr in attrs.iter().filter(|a| a.path().is_ident("outbox")) {
-            let result = attr.parse_nested_meta(|meta| out.parse_key(&meta, place, errors));
+            let result = attr.parse_nested_meta(|meta| {
+                if let Err(error) = out.parse_key(&meta, place, errors) {
+                    errors.push(error);
+                    skip_value(&meta)?;
+                }
+                Ok(())
+            });
             errors.ok(result);
         }
         out
@@ -65,6 +73,7 @@ impl Attrs {
         if !place.keys().contains(&key.as_str()) {
             return Err(unknown_key(meta, place));
         }
+        self.written.push(key.clone());
         let value: Expr = meta.value()?.parse()?;
         let parsed = match key.as_str() {
             "exchange" => string(&key, value).map(|v| set(&mut self.exchange, v, meta)),

@@ -74,19 +74,20 @@ pub(super) fn expand(event: &Event<'_>) -> TokenStream {
     }
 }
 
-/// A local bound to a field in a match arm (hygienic: user code cannot see it).
-fn binding(index: usize) -> syn::Ident {
-    format_ident!("__outbox_field_{}", index, span = Span::mixed_site())
+/// A local bound to a field in a match arm: hygienic (user code cannot see
+/// it), but located at `at`, so that a type error about it is reported there.
+fn binding(index: usize, at: Span) -> syn::Ident {
+    format_ident!("__outbox_field_{}", index, span = Span::mixed_site().located_at(at))
 }
 
 /// `Self { a: __outbox_field_0, .. }` or `Self::Variant { .. }`, binding `members` in order.
-fn pattern(variant: &Variant<'_>, members: &[&syn::Member]) -> TokenStream {
+fn pattern(variant: &Variant<'_>, members: &[(&syn::Member, Span)]) -> TokenStream {
     let path = match variant.ident {
         Some(ident) => quote!(Self::#ident),
         None => quote!(Self),
     };
-    let bindings = members.iter().enumerate().map(|(i, member)| {
-        let local = binding(i);
+    let bindings = members.iter().enumerate().map(|(i, (member, at))| {
+        let local = binding(i, *at);
         quote!(#member: #local,)
     });
     quote!(#path { #(#bindings)* .. })
@@ -107,10 +108,10 @@ fn subject_arm(event: &Event<'_>, variant: &Variant<'_>) -> TokenStream {
         .map(|piece| match piece {
             Resolved::Literal(text) => quote!(#builder.literal(#text);),
             Resolved::Field { name, member } => {
-                let local = binding(members.len());
-                members.push(member);
-                // Spanned on the routing key so that a field that is not `Display` is reported there.
-                quote_spanned!(variant.routing_span=> #builder.field(#name, #local)?;)
+                // Located at the routing key, where a field that is not `Display` is reported.
+                let local = binding(members.len(), variant.routing_span);
+                members.push((member, variant.routing_span));
+                quote!(#builder.field(#name, #local)?;)
             }
         })
         .collect();
@@ -128,8 +129,9 @@ fn subject_arm(event: &Event<'_>, variant: &Variant<'_>) -> TokenStream {
 fn key_arm(variant: &Variant<'_>) -> TokenStream {
     match &variant.key {
         Some(member) => {
-            let pattern = pattern(variant, &[member]);
-            let local = binding(0);
+            let at = syn::spanned::Spanned::span(member);
+            let pattern = pattern(variant, &[(member, at)]);
+            let local = binding(0, at);
             quote!(#pattern => ::core::option::Option::Some(::std::string::ToString::to_string(#local)),)
         }
         None => {

@@ -4,7 +4,7 @@ use proc_macro2::TokenStream;
 use syn::meta::ParseNestedMeta;
 use syn::{Expr, LitStr, Path};
 
-use crate::errors::Errors;
+use crate::errors::{Errors, skip_value};
 
 const KEYS: &str = "`conn` (the connection expression, e.g. `conn = self.db`) or `crate` (e.g. `crate = \"my::outbox\"`)";
 
@@ -20,8 +20,10 @@ impl Args {
         let mut errors = Errors::default();
         let parsed = {
             let parser = syn::meta::parser(|meta| {
-                let result = args.parse_key(&meta);
-                errors.ok(result);
+                if let Err(error) = args.parse_key(&meta) {
+                    errors.push(error);
+                    skip_value(&meta)?;
+                }
                 Ok(())
             });
             syn::parse::Parser::parse2(parser, tokens)

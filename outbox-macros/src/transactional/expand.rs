@@ -32,7 +32,7 @@ pub(crate) fn expand(model: Transactional) -> TokenStream {
     let span = output.span();
     let fail =
         quote_spanned!(span=> ::core::result::Result::Err(::core::convert::From::from(error)));
-    let finish = quote_spanned!(span=> #scope.finish(#result).await);
+    let finish = quote_spanned!(span=> #krate::__private::Scope::finish(#scope, #result).await);
     let block = quote! {{
         let #scope = match #krate::__private::Scope::begin({
             use #krate::__private::TransactionTrait as _;

@@ -1,0 +1,10 @@
+use outbox_core::OutboxEvent;
+
+#[derive(serde::Serialize, serde::Deserialize, OutboxEvent)]
+#[outbox(exchange = "orders", routing_key = "order.created")]
+#[outbox(exchange = "billing")]
+struct OrderCreated {
+    id: u64,
+}
+
+fn main() {}

@@ -1,0 +1,9 @@
+use outbox_core::OutboxEvent;
+
+#[derive(serde::Serialize, serde::Deserialize, OutboxEvent)]
+#[outbox(exchange = "orders", routing_key = "")]
+struct OrderCreated {
+    id: u64,
+}
+
+fn main() {}

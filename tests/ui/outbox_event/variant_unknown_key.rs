@@ -1,0 +1,10 @@
+use outbox_core::OutboxEvent;
+
+#[derive(serde::Serialize, serde::Deserialize, OutboxEvent)]
+#[outbox(exchange = "orders")]
+enum OrderEvent {
+    #[outbox(routing_key = "order.created", exchange = "billing")]
+    Created { id: u64 },
+}
+
+fn main() {}

@@ -1,0 +1,9 @@
+use outbox_core::transactional;
+use sea_orm::DatabaseConnection;
+
+#[transactional]
+async fn place_order(db: &DatabaseConnection) -> u64 {
+    1
+}
+
+fn main() {}

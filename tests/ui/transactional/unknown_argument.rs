@@ -1,0 +1,9 @@
+use outbox_core::transactional;
+use sea_orm::DatabaseConnection;
+
+#[transactional(connection = db)]
+async fn place_order(db: &DatabaseConnection) -> Result<(), outbox_core::Error> {
+    Ok(())
+}
+
+fn main() {}
