@@ -97,12 +97,20 @@ pub use outbox_macros::OutboxEvent;
 ///
 /// ```ignore
 /// async fn place_order(db: &DatabaseConnection, id: i64) -> Result<(), AppError> {
-///     let scope = Scope::begin(db.begin()).await?;
-///     let result: Result<(), AppError> = {
-///         let db = scope.transaction();
-///         async move { /* body, emit! records into scope.emitter() */ }.await
+///     let outcome = match Scope::begin(db.begin()).await {
+///         Ok(scope) => {
+///             let result: Result<(), AppError> = {
+///                 let db = scope.transaction();
+///                 async move { /* body; emit! records into scope.emitter() */ }.await
+///             };
+///             scope.finish(result).await // Ok: insert events, commit. Err: roll back.
+///         }
+///         Err(error) => Err(error),
 ///     };
-///     scope.finish(result).await // insert events, commit; or roll back
+///     match outcome {
+///         Ok(result) => result,
+///         Err(error) => Err(AppError::from(error)), // begin or commit failed
+///     }
 /// }
 /// ```
 pub use outbox_macros::transactional;
@@ -111,7 +119,7 @@ pub use outbox_macros::transactional;
 #[doc(hidden)]
 pub mod __private {
     pub use crate::emit::Emitter;
-    pub use crate::scope::Scope;
+    pub use crate::scope::{Outcome, Scope};
     pub use crate::subject::SubjectBuilder;
     pub use inventory;
     pub use sea_orm::TransactionTrait;

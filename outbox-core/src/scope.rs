@@ -3,9 +3,14 @@
 //! The macro expands to, roughly:
 //!
 //! ```ignore
-//! let scope = Scope::begin(db.begin()).await?;
-//! let result = { let db = scope.transaction(); async move { /* body */ }.await };
-//! scope.finish(result).await
+//! let outcome: Result<Result<T, E>, outbox_core::Error> = match Scope::begin(db.begin()).await {
+//!     Ok(scope) => {
+//!         let result = { let db = scope.transaction(); async move { /* body */ }.await };
+//!         scope.finish(result).await
+//!     }
+//!     Err(error) => Err(error),
+//! };
+//! match outcome { Ok(result) => result, Err(error) => Err(E::from(error)) }
 //! ```
 
 use sea_orm::{ConnectionTrait, DbErr, EntityTrait, TransactionSession};
@@ -17,6 +22,19 @@ use crate::{Error, signal};
 /// Rows per `INSERT`: keeps a statement under every backend's bind-parameter
 /// limit (SQLite's 32,766 is the lowest) with the 11 columns written per event.
 const ROWS_PER_INSERT: usize = 2_500;
+
+/// What a `#[transactional]` body returns: a `Result`, whose `Ok` commits.
+#[doc(hidden)]
+pub trait Outcome {
+    /// Whether the transaction should commit.
+    fn is_ok(&self) -> bool;
+}
+
+impl<T, E> Outcome for Result<T, E> {
+    fn is_ok(&self) -> bool {
+        Result::is_ok(self)
+    }
+}
 
 /// An open transaction plus the events emitted in it.
 #[doc(hidden)]
@@ -49,23 +67,16 @@ where
         &self.emitter
     }
 
-    /// Commits the body's writes and its events if it returned `Ok`; rolls back otherwise.
-    pub async fn finish<R, E>(self, result: Result<R, E>) -> Result<R, E>
-    where
-        E: From<Error>,
-    {
-        match result {
-            Ok(value) => match self.commit().await {
-                Ok(()) => Ok(value),
-                Err(error) => Err(E::from(error)),
-            },
-            Err(error) => {
-                if let Err(rollback) = self.transaction.rollback().await {
-                    tracing::warn!(error = %rollback, "rollback after a failed #[transactional] call failed");
-                }
-                Err(error)
-            }
+    /// Commits the body's writes and its events if it returned `Ok`; rolls
+    /// back otherwise. The body's result comes back unchanged, or the error
+    /// that kept it from committing.
+    pub async fn finish<R: Outcome>(self, result: R) -> Result<R, Error> {
+        if result.is_ok() {
+            self.commit().await?;
+        } else if let Err(rollback) = self.transaction.rollback().await {
+            tracing::warn!(error = %rollback, "rollback after a failed #[transactional] call failed");
         }
+        Ok(result)
     }
 
     async fn commit(self) -> Result<(), Error> {

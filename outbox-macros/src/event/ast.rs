@@ -45,31 +45,25 @@ impl<'a> Event<'a> {
         let attrs = Attrs::parse(&input.attrs, Place::Container, &mut errors);
         check::shape(input, &mut errors);
 
-        let exchange = required(&attrs.exchange, &attrs.written, "exchange", input, &mut errors);
-        let exchange_problem = exchange.as_ref().and_then(|(value, lit)| {
-            let problem = pattern::exchange_problem(value)?;
-            errors.push(syn::Error::new(lit.span(), problem));
-            Some(problem)
+        let exchange = required(
+            &attrs.exchange,
+            &attrs.written,
+            "exchange",
+            input,
+            &mut errors,
+        );
+        let exchange_ok = exchange.as_ref().is_some_and(|(value, lit)| {
+            let problem = pattern::exchange_problem(value);
+            problem
+                .map(|p| errors.push(syn::Error::new(lit.span(), p)))
+                .is_none()
         });
-        let stream = match (&attrs.stream, &exchange) {
-            (Some(lit), _) => Some((lit.value(), lit.span())),
-            (None, Some((value, lit))) => Some((value.to_uppercase(), lit.span())),
-            (None, None) => None,
-        };
-        // A stream derived from a bad exchange would only repeat the exchange's error.
-        let derived_from_bad_exchange = attrs.stream.is_none() && exchange_problem.is_some();
-        if let (Some((value, span)), false) = (&stream, derived_from_bad_exchange) {
-            if let Some(problem) = pattern::stream_problem(value) {
-                let how = if attrs.stream.is_none() {
-                    format!(
-                        "; the default stream `{value}` comes from the exchange, so set `stream = \"...\"`"
-                    )
-                } else {
-                    String::new()
-                };
-                errors.push(syn::Error::new(*span, format!("{problem}{how}")));
-            }
-        }
+        let stream = check::stream(
+            attrs.stream.as_ref(),
+            exchange.as_ref(),
+            exchange_ok,
+            &mut errors,
+        );
         let version = attrs.version.as_ref().map_or(1, |lit| {
             match lit.base10_parse::<u16>() {
                 Ok(0) => errors.push(syn::Error::new(
@@ -134,7 +128,7 @@ impl<'a> Event<'a> {
             .krate
             .unwrap_or_else(|| syn::parse_quote!(::outbox_core));
         errors.finish()?;
-        let (Some((exchange, _)), Some((stream, _))) = (exchange, stream) else {
+        let (Some((exchange, _)), Some(stream)) = (exchange, stream) else {
             // Reported above already; `finish` returned it.
             return Err(missing("exchange", input));
         };

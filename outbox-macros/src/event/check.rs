@@ -31,6 +31,32 @@ pub(super) fn shape(input: &DeriveInput, errors: &mut Errors) {
     }
 }
 
+/// The stream: as given, or the exchange upper-cased. A bad name is reported,
+/// unless it is derived from an exchange already reported bad.
+pub(super) fn stream(
+    given: Option<&LitStr>,
+    exchange: Option<&(String, LitStr)>,
+    exchange_ok: bool,
+    errors: &mut Errors,
+) -> Option<String> {
+    let (value, span, derived) = match (given, exchange) {
+        (Some(lit), _) => (lit.value(), lit.span(), false),
+        (None, Some((value, lit))) => (value.to_uppercase(), lit.span(), true),
+        (None, None) => return None,
+    };
+    match pattern::stream_problem(&value) {
+        Some(problem) if !derived => errors.push(syn::Error::new(span, problem)),
+        Some(problem) if exchange_ok => errors.push(syn::Error::new(
+            span,
+            format!(
+                "{problem}; the default stream `{value}` comes from the exchange, so set `stream = \"...\"`"
+            ),
+        )),
+        _ => {}
+    }
+    Some(value)
+}
+
 /// Checks one event type's routing key and partition key against its fields.
 pub(super) fn variant<'a>(
     ident: Option<&'a Ident>,

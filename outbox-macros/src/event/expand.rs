@@ -77,7 +77,11 @@ pub(super) fn expand(event: &Event<'_>) -> TokenStream {
 /// A local bound to a field in a match arm: hygienic (user code cannot see
 /// it), but located at `at`, so that a type error about it is reported there.
 fn binding(index: usize, at: Span) -> syn::Ident {
-    format_ident!("__outbox_field_{}", index, span = Span::mixed_site().located_at(at))
+    format_ident!(
+        "__outbox_field_{}",
+        index,
+        span = Span::mixed_site().located_at(at)
+    )
 }
 
 /// `Self { a: __outbox_field_0, .. }` or `Self::Variant { .. }`, binding `members` in order.

@@ -28,28 +28,37 @@ pub(crate) fn expand(model: Transactional) -> TokenStream {
         Conn::Expr(expr) => (quote!(#expr), TokenStream::new()),
     };
     let body = &function.block;
-    // Spanned on the return type, so that an `E` without `From<outbox_core::Error>` is reported there.
-    let span = output.span();
-    let fail =
-        quote_spanned!(span=> ::core::result::Result::Err(::core::convert::From::from(error)));
-    let finish = quote_spanned!(span=> #krate::__private::Scope::finish(#scope, #result).await);
+    let outcome = syn::Ident::new("__outbox_outcome", Span::mixed_site());
+    // The one place the error type is converted, spanned on the return type so
+    // that an `E` without `From<outbox_core::Error>` is reported there, once.
+    let convert = quote_spanned! {output.span()=>
+        match #outcome {
+            ::core::result::Result::Ok(result) => result,
+            ::core::result::Result::Err(error) => {
+                ::core::result::Result::Err(::core::convert::From::from(error))
+            }
+        }
+    };
     let block = quote! {{
-        let #scope = match #krate::__private::Scope::begin({
-            use #krate::__private::TransactionTrait as _;
-            (#begin_on).begin()
-        })
-        .await
-        {
-            ::core::result::Result::Ok(scope) => scope,
-            ::core::result::Result::Err(error) => return #fail,
-        };
-        let #result: #output = {
-            let #transaction = #scope.transaction();
-            let #emitter = #scope.emitter();
-            #rebind
-            async move #body.await
-        };
-        #finish
+        let #outcome: ::core::result::Result<#output, #krate::Error> =
+            match #krate::__private::Scope::begin({
+                use #krate::__private::TransactionTrait as _;
+                (#begin_on).begin()
+            })
+            .await
+            {
+                ::core::result::Result::Ok(#scope) => {
+                    let #result: #output = {
+                        let #transaction = #scope.transaction();
+                        let #emitter = #scope.emitter();
+                        #rebind
+                        async move #body.await
+                    };
+                    #krate::__private::Scope::finish(#scope, #result).await
+                }
+                ::core::result::Result::Err(error) => ::core::result::Result::Err(error),
+            };
+        #convert
     }};
     let attrs = &function.attrs;
     let vis = &function.vis;
