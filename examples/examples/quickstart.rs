@@ -62,8 +62,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     options.max_connections(1).sqlx_logging(false);
     let db = Database::connect(options).await?;
     outbox_core::migrate(&db).await?;
-    db.execute_unprepared("CREATE TABLE orders (id BIGINT PRIMARY KEY, total_cents BIGINT NOT NULL)")
-        .await?;
+    db.execute_unprepared(
+        "CREATE TABLE orders (id BIGINT PRIMARY KEY, total_cents BIGINT NOT NULL)",
+    )
+    .await?;
 
     for (order_id, total_cents) in [(1, 1250), (2, 0), (3, 990)] {
         match place_order(&db, order_id, total_cents).await {
