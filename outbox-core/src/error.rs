@@ -51,6 +51,10 @@ pub enum Error {
         source: serde_json::Error,
     },
 
+    /// No event of a batch reached the broker: it is down or not answering.
+    #[error("broker unavailable: {0}")]
+    BrokerUnavailable(String),
+
     /// The event registry holds conflicting registrations.
     #[error(transparent)]
     Registry(#[from] crate::registry::RegistryError),

@@ -28,6 +28,8 @@
 //! - [`transactional`] runs a function body in one transaction; [`emit!`] records events in it.
 //! - [`migrate`] creates the outbox tables; [`migrations`] hands them to your own migrator.
 //! - [`registry()`] lists every event type linked into the program.
+//! - [`relay::Relay`] delivers committed events through a [`relay::Publisher`]
+//!   (`outbox-nats` provides the JetStream one).
 #![deny(missing_docs)]
 
 mod emit;
@@ -36,6 +38,7 @@ mod error;
 mod event;
 mod migration;
 pub mod registry;
+pub mod relay;
 mod scope;
 mod signal;
 mod subject;

@@ -1,1 +1,28 @@
-//! placeholder
+//! NATS JetStream transport of the `outbox` framework.
+//!
+//! - [`JetStreamPublisher`] publishes outbox events for the relay of
+//!   `outbox_core::relay`, with pipelined acknowledgements and the event id as
+//!   `Nats-Msg-Id`, so that JetStream drops re-published copies.
+//! - [`provision`] creates or checks the stream of each exchange.
+//! - The `outbox` command (feature `cli`, on by default) runs a relay as its own process.
+//!
+//! ```no_run
+//! # async fn run(db: sea_orm::DatabaseConnection) -> Result<(), Box<dyn std::error::Error>> {
+//! use outbox_core::relay::Relay;
+//! use outbox_nats::{JetStreamPublisher, provision, streams_from_registry};
+//!
+//! let publisher = JetStreamPublisher::new(async_nats::connect("127.0.0.1:4222").await?);
+//! let relay = Relay::builder(db, publisher.clone()).build();
+//! let window = relay.config().retry_horizon().max(std::time::Duration::from_secs(120));
+//! provision(publisher.context(), &streams_from_registry(None), window).await?;
+//! let handle = relay.spawn();
+//! # handle.shutdown().await?;
+//! # Ok(()) }
+//! ```
+#![deny(missing_docs)]
+
+mod publisher;
+mod streams;
+
+pub use publisher::{JetStreamPublisher, headers};
+pub use streams::{ProvisionError, StreamSpec, provision, streams_from_registry};

@@ -3,6 +3,7 @@
 //! or a fresh SQLite file.
 
 pub mod fixtures;
+pub mod nats;
 
 use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection};
 

@@ -1,0 +1,233 @@
+//! The relay: moves committed events from the outbox to a broker, at least once.
+//!
+//! ```no_run
+//! # async fn run<P: outbox_core::relay::Publisher>(db: sea_orm::DatabaseConnection, publisher: P) {
+//! use outbox_core::relay::Relay;
+//!
+//! let relay = Relay::builder(db, publisher).batch_size(500).spawn();
+//! // ... serve ...
+//! relay.shutdown().await; // finishes the batch in flight, then stops
+//! # }
+//! ```
+//!
+//! Each round claims a batch (due events, each key's in order; several
+//! relays share the work through `FOR UPDATE SKIP LOCKED`), publishes it
+//! through the [`Publisher`] with many acknowledgements in flight (in waves
+//! that keep a failing event from being overtaken by later events of its
+//! key), then settles it in one transaction:
+//! stored events are deleted (or marked delivered), rejected ones are
+//! rescheduled with exponential backoff, and ones that can never be delivered
+//! move to `outbox_dead_letters` with their last error.
+
+mod backoff;
+mod claim;
+mod publisher;
+mod settle;
+mod stats;
+mod waves;
+mod worker;
+
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use sea_orm::{DatabaseConnection, DbBackend, TransactionTrait};
+
+pub use backoff::Backoff;
+pub use publisher::{Delivery, Publisher};
+pub use stats::{OutboxStats, stats};
+pub use worker::RelayHandle;
+
+use crate::Error;
+
+/// How a relay batches, retries and keeps delivered events.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Events claimed and published per round (default 500).
+    pub batch_size: usize,
+    /// How often to look for events when nothing wakes the relay (default 1 s).
+    pub poll_interval: Duration,
+    /// Attempts before an event the broker keeps rejecting is dead-lettered (default 10).
+    pub max_attempts: u32,
+    /// Delays between attempts of one event (default 100 ms doubling to 60 s).
+    pub retry: Backoff,
+    /// Delays between rounds while the database or broker is unreachable (default 100 ms doubling to 10 s).
+    pub outage: Backoff,
+    /// Keep delivered rows (marked `delivered_at`) this long instead of deleting them at once.
+    pub keep_delivered: Option<Duration>,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 500,
+            poll_interval: Duration::from_secs(1),
+            max_attempts: 10,
+            retry: Backoff {
+                initial: Duration::from_millis(100),
+                max: Duration::from_secs(60),
+            },
+            outage: Backoff {
+                initial: Duration::from_millis(100),
+                max: Duration::from_secs(10),
+            },
+            keep_delivered: None,
+        }
+    }
+}
+
+impl RelayConfig {
+    /// The longest time over which one event may be published again: a
+    /// broker's deduplication window must be at least this long.
+    pub fn retry_horizon(&self) -> Duration {
+        self.retry.horizon(self.max_attempts)
+    }
+}
+
+/// What one round did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchReport {
+    /// Events claimed.
+    pub claimed: usize,
+    /// Events the broker stored (duplicates included).
+    pub published: usize,
+    /// Of those, events the broker had already stored.
+    pub duplicates: usize,
+    /// Events rejected and rescheduled.
+    pub retried: usize,
+    /// Events moved to the dead-letter table.
+    pub dead_lettered: usize,
+    /// Events not published because the broker was unreachable.
+    pub unavailable: usize,
+    /// Events not published because an earlier event of their key failed in this round.
+    pub held_back: usize,
+    /// The broker's error when it was unreachable.
+    pub last_error: Option<String>,
+}
+
+/// Delivers committed events through a [`Publisher`].
+#[derive(Debug)]
+pub struct Relay<P> {
+    db: DatabaseConnection,
+    publisher: P,
+    config: RelayConfig,
+}
+
+/// Configures a [`Relay`]; see [`RelayConfig`] for the defaults.
+#[derive(Debug)]
+pub struct RelayBuilder<P> {
+    relay: Relay<P>,
+}
+
+impl<P: Publisher> Relay<P> {
+    /// Starts configuring a relay over `db`'s outbox.
+    pub fn builder(db: DatabaseConnection, publisher: P) -> RelayBuilder<P> {
+        RelayBuilder {
+            relay: Relay {
+                db,
+                publisher,
+                config: RelayConfig::default(),
+            },
+        }
+    }
+
+    /// The relay's settings.
+    pub fn config(&self) -> &RelayConfig {
+        &self.config
+    }
+
+    /// Runs one round: claim, publish, settle. The background task calls it in
+    /// a loop; call it yourself to drive a relay step by step.
+    ///
+    /// Fails with [`Error::Database`] when the database fails, and with
+    /// [`Error::BrokerUnavailable`] when no event of the batch reached the broker.
+    pub async fn process_batch(&self) -> Result<BatchReport, Error> {
+        let started = Instant::now();
+        let now = Utc::now();
+        let keep = self.config.keep_delivered.is_some();
+        // Where rows can be locked, the claim's transaction holds them until
+        // settled; SQLite runs one relay and keeps no write lock while publishing.
+        let locking = self.db.get_database_backend() != DbBackend::Sqlite;
+        let claim_txn = if locking {
+            Some(self.db.begin().await?)
+        } else {
+            None
+        };
+        let batch = match &claim_txn {
+            Some(txn) => claim::claim(txn, self.config.batch_size, now, keep).await?,
+            None => claim::claim(&self.db, self.config.batch_size, now, keep).await?,
+        };
+        if batch.is_empty() {
+            if let Some(txn) = claim_txn {
+                txn.commit().await?;
+            }
+            return Ok(BatchReport::default());
+        }
+        let deliveries = waves::publish(&self.publisher, &batch).await;
+        let txn = match claim_txn {
+            Some(txn) => txn,
+            None => self.db.begin().await?,
+        };
+        let report = settle::settle(&txn, batch, deliveries, &self.config, now).await?;
+        txn.commit().await?;
+        stats::record_batch(&report, started.elapsed());
+        if report.published == 0 && report.unavailable > 0 {
+            return Err(Error::BrokerUnavailable(
+                report.last_error.unwrap_or_default(),
+            ));
+        }
+        Ok(report)
+    }
+
+    /// Runs the relay in a background task until [`RelayHandle::shutdown`].
+    pub fn spawn(self) -> RelayHandle {
+        worker::spawn(self)
+    }
+}
+
+impl<P: Publisher> RelayBuilder<P> {
+    /// Events claimed and published per round.
+    pub fn batch_size(mut self, batch_size: usize) -> Self {
+        self.relay.config.batch_size = batch_size.max(1);
+        self
+    }
+
+    /// How often to look for events when nothing wakes the relay.
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.relay.config.poll_interval = interval;
+        self
+    }
+
+    /// Attempts before a rejected event is dead-lettered (at least 1).
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.relay.config.max_attempts = attempts.max(1);
+        self
+    }
+
+    /// Delays between attempts of one event.
+    pub fn retry_backoff(mut self, backoff: Backoff) -> Self {
+        self.relay.config.retry = backoff;
+        self
+    }
+
+    /// Delays between rounds while the database or broker is unreachable.
+    pub fn outage_backoff(mut self, backoff: Backoff) -> Self {
+        self.relay.config.outage = backoff;
+        self
+    }
+
+    /// Marks delivered rows instead of deleting them, and deletes them after `retention`.
+    pub fn keep_delivered(mut self, retention: Duration) -> Self {
+        self.relay.config.keep_delivered = Some(retention);
+        self
+    }
+
+    /// The configured relay, to drive with [`Relay::process_batch`].
+    pub fn build(self) -> Relay<P> {
+        self.relay
+    }
+
+    /// Starts the configured relay in a background task.
+    pub fn spawn(self) -> RelayHandle {
+        self.relay.spawn()
+    }
+}

@@ -1,0 +1,128 @@
+//! After a publish: remove or mark what the broker stored, reschedule what it
+//! rejected, dead-letter what can never be delivered — a statement per kind.
+
+use chrono::{DateTime, Utc};
+use sea_orm::ActiveValue::Set;
+use sea_orm::sea_query::Expr;
+use sea_orm::{ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter};
+use uuid::Uuid;
+
+use super::publisher::Delivery;
+use super::{BatchReport, RelayConfig};
+use crate::entity::{dead_letter, outbox_message};
+
+pub(super) async fn settle<C: ConnectionTrait>(
+    conn: &C,
+    batch: Vec<outbox_message::Model>,
+    deliveries: Vec<Option<Delivery>>,
+    config: &RelayConfig,
+    now: DateTime<Utc>,
+) -> Result<BatchReport, DbErr> {
+    let mut report = BatchReport {
+        claimed: batch.len(),
+        ..BatchReport::default()
+    };
+    let mut stored = Vec::new();
+    let mut dead = Vec::new();
+    for (event, delivery) in batch.into_iter().zip(deliveries) {
+        match delivery {
+            // Held back behind an earlier event of its key: untouched, claimed again later.
+            None => report.held_back += 1,
+            Some(Delivery::Stored { duplicate }) => {
+                report.published += 1;
+                report.duplicates += usize::from(duplicate);
+                stored.push(event.id);
+            }
+            Some(Delivery::Oversized(error)) => dead.push(dead_letter(event, error, now)),
+            Some(Delivery::Rejected(error)) => {
+                let attempts = event.attempts.saturating_add(1);
+                if u32::try_from(attempts).unwrap_or(u32::MAX) >= config.max_attempts {
+                    dead.push(dead_letter(event, error, now));
+                } else {
+                    report.retried += 1;
+                    reschedule(conn, event.id, attempts, error, config, now).await?;
+                }
+            }
+            Some(Delivery::Unavailable(error)) => {
+                report.unavailable += 1;
+                report.last_error = Some(error);
+            }
+        }
+    }
+    if !stored.is_empty() {
+        let delivered = outbox_message::Column::Id.is_in(stored);
+        if config.keep_delivered.is_some() {
+            outbox_message::Entity::update_many()
+                .col_expr(outbox_message::Column::DeliveredAt, Expr::value(now))
+                .filter(delivered)
+                .exec(conn)
+                .await?;
+        } else {
+            outbox_message::Entity::delete_many()
+                .filter(delivered)
+                .exec(conn)
+                .await?;
+        }
+    }
+    if !dead.is_empty() {
+        report.dead_lettered = dead.len();
+        let ids: Vec<Uuid> = dead.iter().filter_map(|d| d.id.clone().take()).collect();
+        for letter in &dead {
+            tracing::warn!(
+                event_id = ?letter.id.as_ref(),
+                error = ?letter.last_error.as_ref(),
+                "event dead-lettered"
+            );
+        }
+        dead_letter::Entity::insert_many(dead)
+            .exec_without_returning(conn)
+            .await?;
+        outbox_message::Entity::delete_many()
+            .filter(outbox_message::Column::Id.is_in(ids))
+            .exec(conn)
+            .await?;
+    }
+    Ok(report)
+}
+
+async fn reschedule<C: ConnectionTrait>(
+    conn: &C,
+    id: Uuid,
+    attempts: i32,
+    error: String,
+    config: &RelayConfig,
+    now: DateTime<Utc>,
+) -> Result<(), DbErr> {
+    let failures = u32::try_from(attempts).unwrap_or(u32::MAX);
+    let next = now + config.retry.delay(failures);
+    outbox_message::Entity::update_many()
+        .col_expr(outbox_message::Column::Attempts, Expr::value(attempts))
+        .col_expr(outbox_message::Column::NextAttemptAt, Expr::value(next))
+        .col_expr(outbox_message::Column::LastError, Expr::value(error))
+        .filter(outbox_message::Column::Id.eq(id))
+        .exec(conn)
+        .await?;
+    Ok(())
+}
+
+fn dead_letter(
+    event: outbox_message::Model,
+    error: String,
+    now: DateTime<Utc>,
+) -> dead_letter::ActiveModel {
+    dead_letter::ActiveModel {
+        id: Set(event.id),
+        event_type: Set(event.event_type),
+        event_version: Set(event.event_version),
+        exchange: Set(event.exchange),
+        subject: Set(event.subject),
+        partition_key: Set(event.partition_key),
+        payload: Set(event.payload),
+        headers: Set(event.headers),
+        content_type: Set(event.content_type),
+        created_at: Set(event.created_at),
+        attempts: Set(event.attempts.saturating_add(1)),
+        last_error: Set(error),
+        failed_at: Set(now),
+    }
+}

@@ -1,0 +1,69 @@
+//! What the outbox holds, and the relay's metrics (through the `metrics` facade).
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, PaginatorTrait, QueryFilter, QuerySelect,
+};
+
+use super::BatchReport;
+use crate::entity::{dead_letter, outbox_message};
+
+/// Counters: events stored by the broker, duplicates among them, rejections, dead letters.
+pub(super) const PUBLISHED: &str = "outbox_published_total";
+pub(super) const DUPLICATES: &str = "outbox_duplicates_total";
+pub(super) const FAILURES: &str = "outbox_publish_failures_total";
+pub(super) const DEAD_LETTERED: &str = "outbox_dead_lettered_total";
+/// Gauges: undelivered rows, and the age of the oldest one.
+pub(super) const PENDING: &str = "outbox_pending_rows";
+pub(super) const OLDEST_AGE: &str = "outbox_oldest_pending_age_seconds";
+/// Histograms: events per round and a round's duration.
+pub(super) const BATCH_SIZE: &str = "outbox_batch_size";
+pub(super) const BATCH_SECONDS: &str = "outbox_batch_duration_seconds";
+
+/// A snapshot of the outbox tables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxStats {
+    /// Events not delivered yet.
+    pub pending: u64,
+    /// When the oldest of them was emitted.
+    pub oldest_pending: Option<DateTime<Utc>>,
+    /// Events in the dead-letter table.
+    pub dead_letters: u64,
+}
+
+/// Counts what the outbox holds.
+pub async fn stats<C: ConnectionTrait>(db: &C) -> Result<OutboxStats, DbErr> {
+    let pending =
+        outbox_message::Entity::find().filter(outbox_message::Column::DeliveredAt.is_null());
+    let oldest: Option<Option<DateTime<Utc>>> = pending
+        .clone()
+        .select_only()
+        .column_as(outbox_message::Column::CreatedAt.min(), "oldest")
+        .into_tuple()
+        .one(db)
+        .await?;
+    Ok(OutboxStats {
+        pending: pending.count(db).await?,
+        oldest_pending: oldest.flatten(),
+        dead_letters: dead_letter::Entity::find().count(db).await?,
+    })
+}
+
+pub(super) fn record_batch(report: &BatchReport, took: Duration) {
+    metrics::counter!(PUBLISHED).increment(report.published as u64);
+    metrics::counter!(DUPLICATES).increment(report.duplicates as u64);
+    metrics::counter!(FAILURES).increment((report.retried + report.unavailable) as u64);
+    metrics::counter!(DEAD_LETTERED).increment(report.dead_lettered as u64);
+    metrics::histogram!(BATCH_SIZE).record(report.claimed as f64);
+    metrics::histogram!(BATCH_SECONDS).record(took.as_secs_f64());
+}
+
+pub(super) fn record_stats(stats: &OutboxStats) {
+    metrics::gauge!(PENDING).set(stats.pending as f64);
+    let age = stats.oldest_pending.map_or(0.0, |oldest| {
+        (Utc::now() - oldest).num_milliseconds().max(0) as f64 / 1e3
+    });
+    metrics::gauge!(OLDEST_AGE).set(age);
+}

@@ -1,0 +1,95 @@
+//! The relay's background task: rounds back to back while there is work;
+//! otherwise waits for a commit in this process or the poll interval; backs
+//! off while the database or broker is down, logging each change of state once.
+
+use chrono::Utc;
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::{Publisher, Relay, stats};
+use crate::CommitSignal;
+use crate::entity::outbox_message;
+
+/// A running relay. Dropping it leaves the relay running; call
+/// [`shutdown`](Self::shutdown) to stop it cleanly.
+#[derive(Debug)]
+pub struct RelayHandle {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl RelayHandle {
+    /// Lets the batch in flight finish and settle, then stops the relay.
+    ///
+    /// Fails only if the relay task panicked.
+    pub async fn shutdown(self) -> Result<(), tokio::task::JoinError> {
+        let _ = self.stop.send(true);
+        self.task.await
+    }
+}
+
+pub(super) fn spawn<P: Publisher>(relay: Relay<P>) -> RelayHandle {
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(run(relay, stopped));
+    RelayHandle { stop, task }
+}
+
+async fn run<P: Publisher>(relay: Relay<P>, mut stopped: watch::Receiver<bool>) {
+    let config = relay.config.clone();
+    let mut commits = CommitSignal::subscribe();
+    let mut failures = 0_u32;
+    let mut next_housekeeping = Instant::now();
+    tracing::info!(batch_size = config.batch_size, "relay started");
+    while !*stopped.borrow() {
+        if Instant::now() >= next_housekeeping {
+            housekeeping(&relay).await;
+            next_housekeeping = Instant::now() + config.poll_interval;
+        }
+        let span = tracing::debug_span!("relay_batch");
+        let wait = match tracing::Instrument::instrument(relay.process_batch(), span).await {
+            Ok(report) => {
+                if failures > 0 {
+                    tracing::info!(failed_rounds = failures, "relay recovered");
+                    failures = 0;
+                }
+                if report.claimed >= config.batch_size {
+                    continue; // more is waiting
+                }
+                config.poll_interval
+            }
+            Err(error) => {
+                failures = failures.saturating_add(1);
+                if failures == 1 {
+                    tracing::warn!(%error, "relay cannot deliver; retrying with backoff");
+                }
+                config.outage.delay(failures)
+            }
+        };
+        tokio::select! {
+            () = commits.committed(), if failures == 0 => {}
+            () = tokio::time::sleep(wait) => {}
+            _ = stopped.changed() => {}
+        }
+    }
+    tracing::info!("relay stopped");
+}
+
+/// Gauges, and deleting delivered rows past their retention.
+async fn housekeeping<P: Publisher>(relay: &Relay<P>) {
+    if let Some(retention) = relay.config.keep_delivered {
+        let cutoff = Utc::now() - retention;
+        let expired = outbox_message::Entity::delete_many()
+            .filter(outbox_message::Column::DeliveredAt.lt(cutoff))
+            .exec(&relay.db)
+            .await;
+        if let Err(error) = expired {
+            tracing::debug!(%error, "could not delete expired delivered events");
+        }
+    }
+    match stats::stats(&relay.db).await {
+        Ok(stats) => stats::record_stats(&stats),
+        Err(error) => tracing::debug!(%error, "could not read outbox stats"),
+    }
+}

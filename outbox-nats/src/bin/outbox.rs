@@ -1,0 +1,176 @@
+//! `outbox`: run a relay as its own process, and look into the outbox.
+//!
+//! ```text
+//! outbox relay --database-url postgres://... --nats-url 127.0.0.1:4222 --stream ORDERS=orders
+//! outbox status --database-url postgres://...
+//! outbox dead-letters --database-url postgres://...
+//! ```
+
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use outbox_core::entity::dead_letter;
+use outbox_core::relay::Relay;
+use outbox_nats::{JetStreamPublisher, StreamSpec, provision};
+use sea_orm::{Database, DatabaseConnection, EntityTrait, QueryOrder, QuerySelect};
+
+#[derive(Parser)]
+#[command(version, about = "Relay and inspect a transactional outbox")]
+struct Cli {
+    /// The database holding the outbox tables.
+    #[arg(long, env = "DATABASE_URL", global = true)]
+    database_url: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Deliver committed events to NATS JetStream until interrupted (Ctrl-C, SIGTERM).
+    Relay(RelayArgs),
+    /// Pending events, the oldest one's age, and dead letters.
+    Status,
+    /// List dead-lettered events with their last error.
+    DeadLetters {
+        /// How many to list, newest first.
+        #[arg(long, default_value_t = 20)]
+        limit: u64,
+    },
+}
+
+#[derive(clap::Args)]
+struct RelayArgs {
+    /// The NATS server.
+    #[arg(long, env = "NATS_URL", default_value = "127.0.0.1:4222")]
+    nats_url: String,
+    /// A stream to create or check at start, as NAME=EXCHANGE (captures EXCHANGE.>); repeatable.
+    /// Without any, streams are not provisioned.
+    #[arg(long = "stream", value_parser = parse_stream)]
+    streams: Vec<(String, String)>,
+    /// Prefix of every subject and stream name.
+    #[arg(long, env = "OUTBOX_NAMESPACE")]
+    namespace: Option<String>,
+    /// Events per round.
+    #[arg(long, default_value_t = 500)]
+    batch_size: usize,
+    /// Attempts before a rejected event is dead-lettered.
+    #[arg(long, default_value_t = 10)]
+    max_attempts: u32,
+    /// Seconds between polls when nothing else wakes the relay.
+    #[arg(long, default_value_t = 1.0)]
+    poll_interval: f64,
+}
+
+fn parse_stream(value: &str) -> Result<(String, String), String> {
+    match value.split_once('=') {
+        Some((name, exchange)) if !name.is_empty() && !exchange.is_empty() => {
+            Ok((name.to_owned(), exchange.to_owned()))
+        }
+        _ => Err(format!(
+            "`{value}` is not NAME=EXCHANGE, e.g. ORDERS=orders"
+        )),
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    let url = cli
+        .database_url
+        .ok_or("no database: pass --database-url or set DATABASE_URL")?;
+    let db = Database::connect(&url).await?;
+    match cli.command {
+        Command::Relay(args) => relay(db, args).await,
+        Command::Status => status(&db).await,
+        Command::DeadLetters { limit } => dead_letters(&db, limit).await,
+    }
+}
+
+async fn relay(db: DatabaseConnection, args: RelayArgs) -> Result<(), Box<dyn std::error::Error>> {
+    outbox_core::migrate(&db).await?;
+    let client = async_nats::connect(&args.nats_url).await?;
+    let mut publisher = JetStreamPublisher::new(client);
+    if let Some(namespace) = &args.namespace {
+        publisher = publisher.namespace(namespace.clone());
+    }
+    let relay = Relay::builder(db, publisher.clone())
+        .batch_size(args.batch_size)
+        .max_attempts(args.max_attempts)
+        .poll_interval(Duration::from_secs_f64(args.poll_interval))
+        .build();
+    let streams: Vec<StreamSpec> = args
+        .streams
+        .iter()
+        .map(|(name, exchange)| StreamSpec::for_exchange(name, exchange, args.namespace.as_deref()))
+        .collect();
+    let window = relay.config().retry_horizon().max(Duration::from_secs(120));
+    provision(publisher.context(), &streams, window).await?;
+    let handle = relay.spawn();
+    shutdown_signal().await;
+    handle.shutdown().await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the relay")
+            }
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+async fn status(db: &DatabaseConnection) -> Result<(), Box<dyn std::error::Error>> {
+    let stats = outbox_core::relay::stats(db).await?;
+    println!("pending events: {}", stats.pending);
+    match stats.oldest_pending {
+        Some(oldest) => println!(
+            "oldest pending: {oldest} ({}s ago)",
+            (chrono::Utc::now() - oldest).num_seconds()
+        ),
+        None => println!("oldest pending: -"),
+    }
+    println!("dead letters:   {}", stats.dead_letters);
+    Ok(())
+}
+
+async fn dead_letters(
+    db: &DatabaseConnection,
+    limit: u64,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let letters = dead_letter::Entity::find()
+        .order_by_desc(dead_letter::Column::FailedAt)
+        .limit(limit)
+        .all(db)
+        .await?;
+    for letter in &letters {
+        println!(
+            "{} {} v{} {} attempts={} failed_at={} error: {}",
+            letter.id,
+            letter.event_type,
+            letter.event_version,
+            letter.subject,
+            letter.attempts,
+            letter.failed_at,
+            letter.last_error
+        );
+    }
+    println!("{} dead letters shown", letters.len());
+    Ok(())
+}

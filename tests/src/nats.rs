@@ -1,0 +1,167 @@
+//! NATS for tests: the shared server (`NATS_URL`, default `127.0.0.1:4222`)
+//! with a namespace of its own per test, or a private `nats-server` that a
+//! test can stop and restart.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, message::StreamMessage};
+use outbox_nats::{JetStreamPublisher, StreamSpec};
+use tokio::process::{Child, Command};
+
+/// The NATS server tests use.
+pub fn nats_url() -> String {
+    std::env::var("NATS_URL").unwrap_or_else(|_| "127.0.0.1:4222".to_owned())
+}
+
+/// A namespace (subject prefix and stream-name prefix) only one test uses.
+#[derive(Debug)]
+pub struct TestNats {
+    /// The connection.
+    pub client: async_nats::Client,
+    /// The subject prefix; streams are named `<NAMESPACE>_<STREAM>`.
+    pub namespace: String,
+}
+
+impl TestNats {
+    /// Connects to `url` with a fresh namespace.
+    pub async fn connect(url: &str) -> Self {
+        let client = async_nats::connect(url)
+            .await
+            .unwrap_or_else(|e| panic!("NATS at {url} is required: {e}"));
+        let namespace = format!("t{}", uuid::Uuid::now_v7().simple());
+        Self { client, namespace }
+    }
+
+    /// On the shared server.
+    pub async fn shared() -> Self {
+        Self::connect(&nats_url()).await
+    }
+
+    /// A publisher into this namespace.
+    pub fn publisher(&self) -> JetStreamPublisher {
+        JetStreamPublisher::new(self.client.clone()).namespace(self.namespace.clone())
+    }
+
+    /// The stream of `exchange` in this namespace.
+    pub fn stream(&self, stream: &str, exchange: &str) -> StreamSpec {
+        StreamSpec::for_exchange(stream, exchange, Some(&self.namespace))
+    }
+
+    /// Every message of `stream` (a full name), in stream order.
+    pub async fn messages(&self, stream: &str) -> Vec<StreamMessage> {
+        let context = jetstream::new(self.client.clone());
+        let mut stream = context.get_stream(stream).await.expect("stream exists");
+        let last = stream
+            .info()
+            .await
+            .expect("stream info")
+            .state
+            .last_sequence;
+        let mut messages = Vec::new();
+        for sequence in 1..=last {
+            messages.push(
+                stream
+                    .get_raw_message(sequence)
+                    .await
+                    .expect("read message"),
+            );
+        }
+        messages
+    }
+
+    /// Deletes the streams of this namespace.
+    pub async fn finish(self) {
+        let context = jetstream::new(self.client.clone());
+        let prefix = format!("{}_", self.namespace.to_uppercase());
+        let names: Vec<String> = futures::StreamExt::collect::<Vec<_>>(context.stream_names())
+            .await
+            .into_iter()
+            .filter_map(Result::ok)
+            .filter(|name| name.starts_with(&prefix))
+            .collect();
+        for name in names {
+            let _ = context.delete_stream(&name).await;
+        }
+    }
+}
+
+/// A `nats-server -js` of the test's own, on a free port, with its own store.
+#[derive(Debug)]
+pub struct PrivateNats {
+    /// `nats://127.0.0.1:<port>`.
+    pub url: String,
+    port: u16,
+    store: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl PrivateNats {
+    /// Starts `nats-server` from PATH (or /usr/sbin).
+    pub async fn start() -> Self {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut server = Self {
+            url: format!("nats://127.0.0.1:{port}"),
+            port,
+            store: tempfile::tempdir().expect("store directory"),
+            child: None,
+        };
+        server.restart().await;
+        server
+    }
+
+    /// Stops the server (its store stays).
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await.expect("stop nats-server");
+        }
+    }
+
+    /// Starts the server again on the same port and store.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let child = Command::new(binary())
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
+            .arg(self.store.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("nats-server is required for this test (apt-get install nats-server)");
+        self.child = Some(child);
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "nats-server did not listen on port {} within 5 s",
+            self.port
+        );
+    }
+}
+
+fn binary() -> PathBuf {
+    let sbin = PathBuf::from("/usr/sbin/nats-server");
+    if sbin.exists() {
+        sbin
+    } else {
+        PathBuf::from("nats-server")
+    }
+}

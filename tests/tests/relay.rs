@@ -1,0 +1,461 @@
+//! The relay against real PostgreSQL/SQLite and NATS JetStream; each test has
+//! its own schema (or SQLite file) and its own namespace of streams.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use async_nats::jetstream::message::StreamMessage;
+use outbox_core::entity::dead_letter;
+use outbox_core::relay::{Backoff, Delivery, Publisher, Relay, RelayBuilder};
+use outbox_core::{OutboxEvent, emit, transactional};
+use outbox_nats::{JetStreamPublisher, ProvisionError, provision};
+use outbox_tests::TestDb;
+use outbox_tests::fixtures::{AppError, OrderCreated};
+use outbox_tests::nats::{PrivateNats, TestNats};
+use sea_orm::{DatabaseConnection, EntityTrait, QueryOrder, TransactionTrait};
+use serde::{Deserialize, Serialize};
+
+const WINDOW: Duration = Duration::from_secs(120);
+
+#[derive(Debug, PartialEq, Serialize, Deserialize, OutboxEvent)]
+#[outbox(exchange = "orders", routing_key = "seq.{key}", key = key)]
+struct Sequenced {
+    key: String,
+    n: u32,
+}
+
+/// Larger than NATS accepts (1 MiB by default) when `data` is.
+#[derive(Serialize, Deserialize, OutboxEvent)]
+#[outbox(exchange = "orders", routing_key = "blob")]
+struct Blob {
+    data: String,
+}
+
+/// Its exchange has no stream in these tests, so JetStream rejects every publish.
+#[derive(Serialize, Deserialize, OutboxEvent)]
+#[outbox(exchange = "nowhere", routing_key = "stray", key = key)]
+struct Stray {
+    key: String,
+}
+
+#[transactional]
+async fn place_order<C: TransactionTrait>(
+    db: &C,
+    order_id: i64,
+    total_cents: i64,
+) -> Result<(), AppError> {
+    emit!(OrderCreated {
+        order_id,
+        total_cents
+    });
+    if total_cents < 0 {
+        return Err(AppError::Rejected);
+    }
+    Ok(())
+}
+
+/// One transaction emitting `n` for each of `keys` keys, in key order.
+#[transactional]
+async fn emit_round(db: &DatabaseConnection, n: u32, keys: u32) -> Result<(), AppError> {
+    for k in 0..keys {
+        emit!(Sequenced {
+            key: format!("k{k}"),
+            n
+        });
+    }
+    Ok(())
+}
+
+#[transactional]
+async fn emit_one<E: OutboxEvent>(db: &DatabaseConnection, event: E) -> Result<(), AppError> {
+    emit!(event);
+    Ok(())
+}
+
+/// A relay tuned for tests: short waits, so that they run in seconds.
+fn fast<P: Publisher>(db: &DatabaseConnection, publisher: P) -> RelayBuilder<P> {
+    Relay::builder(db.clone(), publisher)
+        .poll_interval(Duration::from_millis(50))
+        .retry_backoff(Backoff {
+            initial: Duration::from_millis(10),
+            max: Duration::from_millis(40),
+        })
+        .outage_backoff(Backoff {
+            initial: Duration::from_millis(50),
+            max: Duration::from_millis(500),
+        })
+}
+
+async fn provision_orders(nats: &TestNats) -> String {
+    let spec = nats.stream("ORDERS", "orders");
+    provision(
+        nats.publisher().context(),
+        std::slice::from_ref(&spec),
+        WINDOW,
+    )
+    .await
+    .expect("provision the orders stream");
+    spec.name
+}
+
+/// Waits until the outbox is empty; the bound only keeps a broken relay from hanging the run.
+async fn drained(db: &DatabaseConnection, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let stats = outbox_core::relay::stats(db).await.expect("outbox stats");
+        if stats.pending == 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} events still pending",
+            stats.pending
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+fn header<'a>(message: &'a StreamMessage, name: &str) -> &'a str {
+    message
+        .headers
+        .get(name)
+        .map(|v| v.as_str())
+        .unwrap_or_else(|| panic!("header {name} missing"))
+}
+
+fn sequenced(messages: &[StreamMessage]) -> Vec<Sequenced> {
+    messages
+        .iter()
+        .filter(|m| header(m, "Outbox-Event-Type") == "Sequenced")
+        .map(|m| serde_json::from_slice(&m.payload).expect("Sequenced payload"))
+        .collect()
+}
+
+fn assert_each_once(messages: &[StreamMessage], expected: usize) {
+    let ids: HashSet<&str> = messages.iter().map(|m| header(m, "Nats-Msg-Id")).collect();
+    assert_eq!(messages.len(), expected, "messages in the stream");
+    assert_eq!(ids.len(), expected, "distinct event ids in the stream");
+}
+
+outbox_tests::on_each_backend!(delivers_committed_events_with_their_headers);
+
+async fn delivers_committed_events_with_their_headers(db: &DatabaseConnection) {
+    let nats = TestNats::shared().await;
+    let stream = provision_orders(&nats).await;
+    let relay = fast(db, nats.publisher()).spawn();
+    place_order(db, 7, 1250).await.expect("commit");
+    assert!(place_order(db, 8, -1).await.is_err(), "rolled back");
+    drained(db, Duration::from_secs(30)).await;
+    relay.shutdown().await.expect("relay stops");
+
+    let messages = nats.messages(&stream).await;
+    assert_eq!(
+        messages.len(),
+        1,
+        "only the committed event reaches the stream"
+    );
+    let message = &messages[0];
+    assert_eq!(
+        message.subject.as_str(),
+        format!("{}.orders.order.7.created", nats.namespace)
+    );
+    let id: uuid::Uuid = header(message, "Nats-Msg-Id").parse().expect("event id");
+    assert_eq!(id.get_version_num(), 7);
+    assert_eq!(header(message, "Outbox-Event-Type"), "OrderCreated");
+    assert_eq!(header(message, "Outbox-Event-Version"), "1");
+    assert_eq!(header(message, "Outbox-Partition-Key"), "7");
+    assert_eq!(header(message, "Content-Type"), "application/json");
+    chrono::DateTime::parse_from_rfc3339(header(message, "Outbox-Occurred-At"))
+        .expect("RFC 3339 time");
+    let payload: OrderCreated = serde_json::from_slice(&message.payload).expect("JSON");
+    assert_eq!(
+        payload,
+        OrderCreated {
+            order_id: 7,
+            total_cents: 1250
+        }
+    );
+    nats.finish().await;
+}
+
+/// Fault injection, since no real part can stop a relay at this exact point:
+/// publishes for real, then panics before the relay can settle the batch.
+struct CrashAfterPublish(JetStreamPublisher);
+
+impl Publisher for CrashAfterPublish {
+    async fn publish(
+        &self,
+        events: &[&outbox_core::entity::outbox_message::Model],
+    ) -> Vec<Delivery> {
+        let deliveries = self.0.publish(events).await;
+        assert!(
+            deliveries
+                .iter()
+                .all(|d| matches!(d, Delivery::Stored { .. }))
+        );
+        panic!("relay crashed between publish and delete");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_between_publish_and_delete_is_deduplicated() {
+    let test = TestDb::postgres().await;
+    let db = &test.db;
+    let nats = TestNats::shared().await;
+    let stream = provision_orders(&nats).await;
+    emit_round(db, 0, 100).await.expect("commit");
+
+    let crashing = fast(db, CrashAfterPublish(nats.publisher())).build();
+    let crash = tokio::spawn(async move { crashing.process_batch().await }).await;
+    assert!(crash.is_err_and(|e| e.is_panic()), "the relay crashed");
+    assert_eq!(
+        nats.messages(&stream).await.len(),
+        100,
+        "published before the crash"
+    );
+    assert_eq!(
+        outbox_core::relay::stats(db).await.expect("stats").pending,
+        100,
+        "not deleted"
+    );
+
+    let report = fast(db, nats.publisher())
+        .build()
+        .process_batch()
+        .await
+        .expect("batch");
+    assert_eq!(
+        (report.published, report.duplicates),
+        (100, 100),
+        "{report:?}"
+    );
+    assert_each_once(&nats.messages(&stream).await, 100);
+    assert_eq!(
+        outbox_core::relay::stats(db).await.expect("stats").pending,
+        0
+    );
+    nats.finish().await;
+    test.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_relays_keep_per_key_commit_order() {
+    let test = TestDb::postgres().await;
+    let db = &test.db;
+    let nats = TestNats::shared().await;
+    let stream = provision_orders(&nats).await;
+    let relays: Vec<_> = (0..3)
+        .map(|_| fast(db, nats.publisher()).batch_size(200).spawn())
+        .collect();
+    for n in 0..100 {
+        emit_round(db, n, 100).await.expect("commit");
+    }
+    drained(db, Duration::from_secs(120)).await;
+    for relay in relays {
+        relay.shutdown().await.expect("relay stops");
+    }
+
+    let messages = nats.messages(&stream).await;
+    assert_each_once(&messages, 10_000);
+    let mut per_key: HashMap<String, Vec<u32>> = HashMap::new();
+    for event in sequenced(&messages) {
+        per_key.entry(event.key).or_default().push(event.n);
+    }
+    assert_eq!(per_key.len(), 100);
+    for (key, ns) in per_key {
+        assert_eq!(ns, (0..100).collect::<Vec<_>>(), "order of key {key}");
+    }
+    nats.finish().await;
+    test.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_events_are_dead_lettered_and_the_rest_delivered() {
+    let test = TestDb::postgres().await;
+    let db = &test.db;
+    let nats = TestNats::shared().await;
+    let stream = provision_orders(&nats).await; // nothing captures `nowhere.>`
+    emit_one(
+        db,
+        Blob {
+            data: "x".repeat(2 << 20),
+        },
+    )
+    .await
+    .expect("commit");
+    emit_one(db, Stray { key: "k1".into() })
+        .await
+        .expect("commit");
+    emit_one(
+        db,
+        Sequenced {
+            key: "k1".into(),
+            n: 1,
+        },
+    )
+    .await
+    .expect("commit");
+    for n in 0..5 {
+        emit_one(
+            db,
+            Sequenced {
+                key: "k2".into(),
+                n,
+            },
+        )
+        .await
+        .expect("commit");
+    }
+    let relay = fast(db, nats.publisher()).max_attempts(3).spawn();
+    drained(db, Duration::from_secs(30)).await;
+    relay.shutdown().await.expect("relay stops");
+
+    let letters = dead_letter::Entity::find()
+        .order_by_asc(dead_letter::Column::Id)
+        .all(db)
+        .await
+        .expect("dead letters");
+    let summary: Vec<_> = letters
+        .iter()
+        .map(|l| (l.event_type.as_str(), l.attempts))
+        .collect();
+    assert_eq!(
+        summary,
+        [("Blob", 1), ("Stray", 3)],
+        "oversized at once, rejected after 3 attempts"
+    );
+    assert!(
+        letters[0].last_error.contains("payload"),
+        "{}",
+        letters[0].last_error
+    );
+    assert_eq!(
+        letters[0].payload.len(),
+        (2 << 20) + r#"{"data":""}"#.len(),
+        "payload kept"
+    );
+
+    let messages = nats.messages(&stream).await;
+    let delivered = sequenced(&messages);
+    let k2: Vec<u32> = delivered
+        .iter()
+        .filter(|e| e.key == "k2")
+        .map(|e| e.n)
+        .collect();
+    assert_eq!(k2, [0, 1, 2, 3, 4], "other keys are not held back");
+    let k1 = messages
+        .iter()
+        .find(|m| header(m, "Outbox-Partition-Key") == "k1")
+        .expect("the failing key's later event is delivered");
+    let stored_at = chrono::DateTime::<chrono::Utc>::from(std::time::SystemTime::from(k1.time));
+    assert!(
+        stored_at >= letters[1].failed_at,
+        "k1's later event waited for the dead letter"
+    );
+    nats.finish().await;
+    test.finish().await;
+}
+
+#[tokio::test]
+async fn incompatible_streams_are_refused_at_start() {
+    let nats = TestNats::shared().await;
+    let context = nats.publisher().context().clone();
+    let narrow = nats.stream("ORDERS", "orders");
+    context
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: narrow.name.clone(),
+            subjects: vec![format!("{}.orders.created", nats.namespace)],
+            ..Default::default()
+        })
+        .await
+        .expect("create a narrow stream");
+    let short = nats.stream("BILLING", "billing");
+    context
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: short.name.clone(),
+            subjects: short.subjects.clone(),
+            duplicate_window: Duration::from_secs(1),
+            ..Default::default()
+        })
+        .await
+        .expect("create a stream with a short duplicate window");
+
+    let error = provision(&context, &[narrow], WINDOW)
+        .await
+        .expect_err("subjects");
+    assert!(
+        matches!(error, ProvisionError::SubjectsNotCaptured { .. }),
+        "{error}"
+    );
+    assert!(error.to_string().contains(".orders.>"), "{error}");
+    let error = provision(&context, &[short], WINDOW)
+        .await
+        .expect_err("window");
+    assert!(
+        matches!(error, ProvisionError::DuplicateWindowTooShort { .. }),
+        "{error}"
+    );
+    nats.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_mid_delivery_loses_nothing_and_leaves_nothing_claimed() {
+    let test = TestDb::postgres().await;
+    let db = &test.db;
+    let nats = TestNats::shared().await;
+    let stream = provision_orders(&nats).await;
+    for n in 0..30 {
+        emit_round(db, n, 100).await.expect("commit");
+    }
+    let relay = fast(db, nats.publisher()).batch_size(250).spawn();
+    while outbox_core::relay::stats(db).await.expect("stats").pending == 3_000 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    relay.shutdown().await.expect("relay stops");
+
+    let pending = outbox_core::relay::stats(db).await.expect("stats").pending;
+    assert_eq!(
+        nats.messages(&stream).await.len() as u64 + pending,
+        3_000,
+        "nothing lost"
+    );
+    let rest = fast(db, nats.publisher()).batch_size(5_000).build();
+    let report = rest.process_batch().await.expect("batch");
+    assert_eq!(
+        report.claimed as u64, pending,
+        "no row left locked by the stopped relay"
+    );
+    assert_each_once(&nats.messages(&stream).await, 3_000);
+    nats.finish().await;
+    test.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restart_mid_delivery_delivers_each_event_once() {
+    let test = TestDb::postgres().await;
+    let db = &test.db;
+    let mut server = PrivateNats::start().await;
+    let nats = TestNats::connect(&server.url).await;
+    let stream = provision_orders(&nats).await;
+    for n in 0..50 {
+        emit_round(db, n, 100).await.expect("commit");
+    }
+    let relay = fast(db, nats.publisher()).batch_size(100).spawn();
+    while outbox_core::relay::stats(db).await.expect("stats").pending > 4_000 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    server.stop().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        outbox_core::relay::stats(db).await.expect("stats").pending > 0,
+        "stopped mid-delivery"
+    );
+    server.restart().await;
+    drained(db, Duration::from_secs(120)).await;
+    relay.shutdown().await.expect("relay stops");
+
+    assert_each_once(&nats.messages(&stream).await, 5_000);
+    let stats = outbox_core::relay::stats(db).await.expect("stats");
+    assert_eq!(stats.dead_letters, 0, "an outage is not the events' fault");
+    test.finish().await;
+}
