@@ -12,7 +12,7 @@ use outbox_nats::{JetStreamPublisher, ProvisionError, provision};
 use outbox_tests::TestDb;
 use outbox_tests::fixtures::{AppError, OrderCreated};
 use outbox_tests::nats::{PrivateNats, TestNats};
-use sea_orm::{DatabaseConnection, EntityTrait, QueryOrder, TransactionTrait};
+use sea_orm::{ConnectionTrait, DatabaseConnection, EntityTrait, QueryOrder, TransactionTrait};
 use serde::{Deserialize, Serialize};
 
 const WINDOW: Duration = Duration::from_secs(120);
@@ -457,5 +457,38 @@ async fn broker_restart_mid_delivery_delivers_each_event_once() {
     assert_each_once(&nats.messages(&stream).await, 5_000);
     let stats = outbox_core::relay::stats(db).await.expect("stats");
     assert_eq!(stats.dead_letters, 0, "an outage is not the events' fault");
+    test.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_notify_wakes_a_relay_across_processes() {
+    let test = TestDb::postgres().await;
+    let db = &test.db;
+    outbox_core::relay::notify::enable(db)
+        .await
+        .expect("install the trigger");
+    let nats = TestNats::shared().await;
+    let stream = provision_orders(&nats).await;
+    // It polls once an hour: only a notification can make it deliver in time.
+    let relay = fast(db, nats.publisher())
+        .poll_interval(Duration::from_secs(3600))
+        .wake_on_notify()
+        .spawn();
+    tokio::time::sleep(Duration::from_millis(500)).await; // its first, empty round is over
+
+    // Another process's commit: a plain INSERT, which signals nothing in this process.
+    db.execute_unprepared(&format!(
+        "INSERT INTO outbox_messages (id, event_type, event_version, exchange, subject, \
+         partition_key, payload, content_type, created_at, attempts, next_attempt_at) \
+         VALUES ('{}', 'OrderCreated', 1, 'orders', 'orders.order.1.created', '1', \
+         convert_to('{{\"order_id\":1,\"total_cents\":5}}', 'UTF8'), 'application/json', now(), 0, now())",
+        uuid::Uuid::now_v7()
+    ))
+    .await
+    .expect("insert from another process");
+    drained(db, Duration::from_secs(30)).await;
+    relay.shutdown().await.expect("relay stops");
+    assert_eq!(nats.messages(&stream).await.len(), 1);
+    nats.finish().await;
     test.finish().await;
 }

@@ -21,6 +21,8 @@
 
 mod backoff;
 mod claim;
+#[cfg(feature = "postgres")]
+pub mod notify;
 mod publisher;
 mod settle;
 mod stats;
@@ -31,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use sea_orm::{DatabaseConnection, DbBackend, TransactionTrait};
+use tracing::Instrument;
 
 pub use backoff::Backoff;
 pub use publisher::{Delivery, Publisher};
@@ -54,6 +57,8 @@ pub struct RelayConfig {
     pub outage: Backoff,
     /// Keep delivered rows (marked `delivered_at`) this long instead of deleting them at once.
     pub keep_delivered: Option<Duration>,
+    /// Wake on PostgreSQL notifications from other processes (see `notify`).
+    pub wake_on_notify: bool,
 }
 
 impl Default for RelayConfig {
@@ -71,6 +76,7 @@ impl Default for RelayConfig {
                 max: Duration::from_secs(10),
             },
             keep_delivered: None,
+            wake_on_notify: false,
         }
     }
 }
@@ -152,23 +158,36 @@ impl<P: Publisher> Relay<P> {
         } else {
             None
         };
-        let batch = match &claim_txn {
-            Some(txn) => claim::claim(txn, self.config.batch_size, now, keep).await?,
-            None => claim::claim(&self.db, self.config.batch_size, now, keep).await?,
+        let claimed = async {
+            match &claim_txn {
+                Some(txn) => claim::claim(txn, self.config.batch_size, now, keep).await,
+                None => claim::claim(&self.db, self.config.batch_size, now, keep).await,
+            }
         };
+        let batch = claimed
+            .instrument(tracing::debug_span!("outbox.claim"))
+            .await?;
         if batch.is_empty() {
             if let Some(txn) = claim_txn {
                 txn.commit().await?;
             }
             return Ok(BatchReport::default());
         }
-        let deliveries = waves::publish(&self.publisher, &batch).await;
+        let deliveries = waves::publish(&self.publisher, &batch)
+            .instrument(tracing::debug_span!("outbox.publish", events = batch.len()))
+            .await;
         let txn = match claim_txn {
             Some(txn) => txn,
             None => self.db.begin().await?,
         };
-        let report = settle::settle(&txn, batch, deliveries, &self.config, now).await?;
-        txn.commit().await?;
+        let settled = async {
+            let report = settle::settle(&txn, batch, deliveries, &self.config, now).await?;
+            txn.commit().await?;
+            Ok::<_, sea_orm::DbErr>(report)
+        };
+        let report = settled
+            .instrument(tracing::debug_span!("outbox.settle"))
+            .await?;
         stats::record_batch(&report, started.elapsed());
         if report.published == 0 && report.unavailable > 0 {
             return Err(Error::BrokerUnavailable(
@@ -218,6 +237,14 @@ impl<P: Publisher> RelayBuilder<P> {
     /// Marks delivered rows instead of deleting them, and deletes them after `retention`.
     pub fn keep_delivered(mut self, retention: Duration) -> Self {
         self.relay.config.keep_delivered = Some(retention);
+        self
+    }
+
+    /// Also wakes when another process commits events: LISTENs for the
+    /// notifications of [`notify::enable`]'s trigger (PostgreSQL only).
+    #[cfg(feature = "postgres")]
+    pub fn wake_on_notify(mut self) -> Self {
+        self.relay.config.wake_on_notify = true;
         self
     }
 

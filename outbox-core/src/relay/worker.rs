@@ -39,6 +39,8 @@ pub(super) fn spawn<P: Publisher>(relay: Relay<P>) -> RelayHandle {
 async fn run<P: Publisher>(relay: Relay<P>, mut stopped: watch::Receiver<bool>) {
     let config = relay.config.clone();
     let mut commits = CommitSignal::subscribe();
+    let notified = std::sync::Arc::new(tokio::sync::Notify::new());
+    let listener = listener(&relay, &notified);
     let mut failures = 0_u32;
     let mut next_housekeeping = Instant::now();
     tracing::info!(batch_size = config.batch_size, "relay started");
@@ -69,11 +71,35 @@ async fn run<P: Publisher>(relay: Relay<P>, mut stopped: watch::Receiver<bool>) 
         };
         tokio::select! {
             () = commits.committed(), if failures == 0 => {}
+            () = notified.notified(), if failures == 0 => {}
             () = tokio::time::sleep(wait) => {}
             _ = stopped.changed() => {}
         }
     }
+    if let Some(listener) = listener {
+        listener.abort();
+    }
     tracing::info!("relay stopped");
+}
+
+#[cfg(feature = "postgres")]
+fn listener<P: Publisher>(
+    relay: &Relay<P>,
+    notified: &std::sync::Arc<tokio::sync::Notify>,
+) -> Option<JoinHandle<()>> {
+    relay
+        .config
+        .wake_on_notify
+        .then(|| super::notify::listen(&relay.db, notified.clone()))
+        .flatten()
+}
+
+#[cfg(not(feature = "postgres"))]
+fn listener<P: Publisher>(
+    _: &Relay<P>,
+    _: &std::sync::Arc<tokio::sync::Notify>,
+) -> Option<JoinHandle<()>> {
+    None
 }
 
 /// Gauges, and deleting delivered rows past their retention.
