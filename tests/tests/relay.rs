@@ -98,6 +98,29 @@ async fn provision_orders(nats: &TestNats) -> String {
     spec.name
 }
 
+/// A test's own PostgreSQL schema and NATS namespace, with the orders stream provisioned.
+struct Setup {
+    test: TestDb,
+    nats: TestNats,
+    stream: String,
+}
+
+impl Setup {
+    async fn new(test: TestDb, nats: TestNats) -> Self {
+        let stream = provision_orders(&nats).await;
+        Self { test, nats, stream }
+    }
+
+    async fn postgres() -> Self {
+        Self::new(TestDb::postgres().await, TestNats::shared().await).await
+    }
+
+    async fn finish(self) {
+        self.nats.finish().await;
+        self.test.finish().await;
+    }
+}
+
 /// Waits until the outbox is empty; the bound only keeps a broken relay from hanging the run.
 async fn drained(db: &DatabaseConnection, within: Duration) {
     let deadline = tokio::time::Instant::now() + within;
@@ -141,14 +164,14 @@ outbox_tests::on_each_backend!(delivers_committed_events_with_their_headers);
 
 async fn delivers_committed_events_with_their_headers(db: &DatabaseConnection) {
     let nats = TestNats::shared().await;
-    let stream = provision_orders(&nats).await;
+    let stream = &provision_orders(&nats).await;
     let relay = fast(db, nats.publisher()).spawn();
     place_order(db, 7, 1250).await.expect("commit");
     assert!(place_order(db, 8, -1).await.is_err(), "rolled back");
     drained(db, Duration::from_secs(30)).await;
     relay.shutdown().await.expect("relay stops");
 
-    let messages = nats.messages(&stream).await;
+    let messages = nats.messages(stream).await;
     assert_eq!(
         messages.len(),
         1,
@@ -199,17 +222,15 @@ impl Publisher for CrashAfterPublish {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_between_publish_and_delete_is_deduplicated() {
-    let test = TestDb::postgres().await;
-    let db = &test.db;
-    let nats = TestNats::shared().await;
-    let stream = provision_orders(&nats).await;
+    let setup = Setup::postgres().await;
+    let (db, nats, stream) = (&setup.test.db, &setup.nats, &setup.stream);
     emit_round(db, 0, 100).await.expect("commit");
 
     let crashing = fast(db, CrashAfterPublish(nats.publisher())).build();
     let crash = tokio::spawn(async move { crashing.process_batch().await }).await;
     assert!(crash.is_err_and(|e| e.is_panic()), "the relay crashed");
     assert_eq!(
-        nats.messages(&stream).await.len(),
+        nats.messages(stream).await.len(),
         100,
         "published before the crash"
     );
@@ -229,21 +250,18 @@ async fn crash_between_publish_and_delete_is_deduplicated() {
         (100, 100),
         "{report:?}"
     );
-    assert_each_once(&nats.messages(&stream).await, 100);
+    assert_each_once(&nats.messages(stream).await, 100);
     assert_eq!(
         outbox_core::relay::stats(db).await.expect("stats").pending,
         0
     );
-    nats.finish().await;
-    test.finish().await;
+    setup.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_relays_keep_per_key_commit_order() {
-    let test = TestDb::postgres().await;
-    let db = &test.db;
-    let nats = TestNats::shared().await;
-    let stream = provision_orders(&nats).await;
+    let setup = Setup::postgres().await;
+    let (db, nats, stream) = (&setup.test.db, &setup.nats, &setup.stream);
     let relays: Vec<_> = (0..3)
         .map(|_| fast(db, nats.publisher()).batch_size(200).spawn())
         .collect();
@@ -255,7 +273,7 @@ async fn three_relays_keep_per_key_commit_order() {
         relay.shutdown().await.expect("relay stops");
     }
 
-    let messages = nats.messages(&stream).await;
+    let messages = nats.messages(stream).await;
     assert_each_once(&messages, 10_000);
     let mut per_key: HashMap<String, Vec<u32>> = HashMap::new();
     for event in sequenced(&messages) {
@@ -265,16 +283,13 @@ async fn three_relays_keep_per_key_commit_order() {
     for (key, ns) in per_key {
         assert_eq!(ns, (0..100).collect::<Vec<_>>(), "order of key {key}");
     }
-    nats.finish().await;
-    test.finish().await;
+    setup.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_events_are_dead_lettered_and_the_rest_delivered() {
-    let test = TestDb::postgres().await;
-    let db = &test.db;
-    let nats = TestNats::shared().await;
-    let stream = provision_orders(&nats).await; // nothing captures `nowhere.>`
+    let setup = Setup::postgres().await; // nothing captures `nowhere.>`
+    let (db, nats, stream) = (&setup.test.db, &setup.nats, &setup.stream);
     emit_one(
         db,
         Blob {
@@ -335,7 +350,7 @@ async fn poison_events_are_dead_lettered_and_the_rest_delivered() {
         "payload kept"
     );
 
-    let messages = nats.messages(&stream).await;
+    let messages = nats.messages(stream).await;
     let delivered = sequenced(&messages);
     let k2: Vec<u32> = delivered
         .iter()
@@ -352,8 +367,7 @@ async fn poison_events_are_dead_lettered_and_the_rest_delivered() {
         stored_at >= letters[1].failed_at,
         "k1's later event waited for the dead letter"
     );
-    nats.finish().await;
-    test.finish().await;
+    setup.finish().await;
 }
 
 #[tokio::test]
@@ -400,10 +414,8 @@ async fn incompatible_streams_are_refused_at_start() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_mid_delivery_loses_nothing_and_leaves_nothing_claimed() {
-    let test = TestDb::postgres().await;
-    let db = &test.db;
-    let nats = TestNats::shared().await;
-    let stream = provision_orders(&nats).await;
+    let setup = Setup::postgres().await;
+    let (db, nats, stream) = (&setup.test.db, &setup.nats, &setup.stream);
     for n in 0..30 {
         emit_round(db, n, 100).await.expect("commit");
     }
@@ -415,7 +427,7 @@ async fn shutdown_mid_delivery_loses_nothing_and_leaves_nothing_claimed() {
 
     let pending = outbox_core::relay::stats(db).await.expect("stats").pending;
     assert_eq!(
-        nats.messages(&stream).await.len() as u64 + pending,
+        nats.messages(stream).await.len() as u64 + pending,
         3_000,
         "nothing lost"
     );
@@ -425,18 +437,19 @@ async fn shutdown_mid_delivery_loses_nothing_and_leaves_nothing_claimed() {
         report.claimed as u64, pending,
         "no row left locked by the stopped relay"
     );
-    assert_each_once(&nats.messages(&stream).await, 3_000);
-    nats.finish().await;
-    test.finish().await;
+    assert_each_once(&nats.messages(stream).await, 3_000);
+    setup.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_restart_mid_delivery_delivers_each_event_once() {
-    let test = TestDb::postgres().await;
-    let db = &test.db;
     let mut server = PrivateNats::start().await;
-    let nats = TestNats::connect(&server.url).await;
-    let stream = provision_orders(&nats).await;
+    let setup = Setup::new(
+        TestDb::postgres().await,
+        TestNats::connect(&server.url).await,
+    )
+    .await;
+    let (db, nats, stream) = (&setup.test.db, &setup.nats, &setup.stream);
     for n in 0..50 {
         emit_round(db, n, 100).await.expect("commit");
     }
@@ -454,21 +467,19 @@ async fn broker_restart_mid_delivery_delivers_each_event_once() {
     drained(db, Duration::from_secs(120)).await;
     relay.shutdown().await.expect("relay stops");
 
-    assert_each_once(&nats.messages(&stream).await, 5_000);
+    assert_each_once(&nats.messages(stream).await, 5_000);
     let stats = outbox_core::relay::stats(db).await.expect("stats");
     assert_eq!(stats.dead_letters, 0, "an outage is not the events' fault");
-    test.finish().await;
+    setup.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_notify_wakes_a_relay_across_processes() {
-    let test = TestDb::postgres().await;
-    let db = &test.db;
+    let setup = Setup::postgres().await;
+    let (db, nats, stream) = (&setup.test.db, &setup.nats, &setup.stream);
     outbox_core::relay::notify::enable(db)
         .await
         .expect("install the trigger");
-    let nats = TestNats::shared().await;
-    let stream = provision_orders(&nats).await;
     // It polls once an hour: only a notification can make it deliver in time.
     let relay = fast(db, nats.publisher())
         .poll_interval(Duration::from_secs(3600))
@@ -488,7 +499,6 @@ async fn postgres_notify_wakes_a_relay_across_processes() {
     .expect("insert from another process");
     drained(db, Duration::from_secs(30)).await;
     relay.shutdown().await.expect("relay stops");
-    assert_eq!(nats.messages(&stream).await.len(), 1);
-    nats.finish().await;
-    test.finish().await;
+    assert_eq!(nats.messages(stream).await.len(), 1);
+    setup.finish().await;
 }

@@ -9,7 +9,8 @@ use outbox_tests::fixtures::{AppError, OrderCreated, order};
 use outbox_tests::on_each_backend;
 use sea_orm::ActiveValue::Set;
 use sea_orm::{
-    ActiveModelTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryOrder, TransactionTrait,
+    ActiveModelTrait, ConnectionTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryOrder,
+    TransactionTrait,
 };
 use serde::{Deserialize, Serialize};
 
@@ -37,12 +38,7 @@ async fn place_order<C: TransactionTrait>(
     id: i64,
     total_cents: i64,
 ) -> Result<i64, AppError> {
-    order::ActiveModel {
-        id: Set(id),
-        total_cents: Set(total_cents),
-    }
-    .insert(db)
-    .await?;
+    insert_order(db, id, total_cents).await?;
     emit!(OrderCreated {
         order_id: id,
         total_cents
@@ -56,6 +52,21 @@ async fn place_order<C: TransactionTrait>(
     Ok(id)
 }
 
+/// The handlers' business write: it joins whatever connection it is given.
+async fn insert_order(
+    db: &impl ConnectionTrait,
+    id: i64,
+    total_cents: i64,
+) -> Result<(), AppError> {
+    order::ActiveModel {
+        id: Set(id),
+        total_cents: Set(total_cents),
+    }
+    .insert(db)
+    .await?;
+    Ok(())
+}
+
 fn positive(total_cents: i64) -> Result<(), AppError> {
     if total_cents > 0 {
         Ok(())
@@ -66,12 +77,7 @@ fn positive(total_cents: i64) -> Result<(), AppError> {
 
 #[transactional]
 async fn place_checked(db: &DatabaseConnection, id: i64, total_cents: i64) -> Result<(), AppError> {
-    order::ActiveModel {
-        id: Set(id),
-        total_cents: Set(total_cents),
-    }
-    .insert(db)
-    .await?;
+    insert_order(db, id, total_cents).await?;
     emit!(OrderCreated {
         order_id: id,
         total_cents
@@ -170,12 +176,7 @@ async fn panic_commits_nothing(db: &DatabaseConnection) {
 
 #[transactional]
 async fn slow_order(db: &DatabaseConnection, id: i64) -> Result<(), AppError> {
-    order::ActiveModel {
-        id: Set(id),
-        total_cents: Set(1),
-    }
-    .insert(db)
-    .await?;
+    insert_order(db, id, 1).await?;
     emit!(OrderCreated {
         order_id: id,
         total_cents: 1
