@@ -32,7 +32,7 @@ mod worker;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use sea_orm::{DatabaseConnection, DbBackend, TransactionTrait};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, TransactionTrait};
 use tracing::Instrument;
 
 pub use backoff::Backoff;
@@ -59,6 +59,11 @@ pub struct RelayConfig {
     pub keep_delivered: Option<Duration>,
     /// Wake on PostgreSQL notifications from other processes (see `notify`).
     pub wake_on_notify: bool,
+    /// Commit the relay's own bookkeeping without waiting for the WAL flush
+    /// (PostgreSQL `synchronous_commit = off`). A database crash can then
+    /// forget the last moments of deletions: those events are published again,
+    /// and JetStream drops the copies within its duplicate window.
+    pub async_commit: bool,
 }
 
 impl Default for RelayConfig {
@@ -77,6 +82,7 @@ impl Default for RelayConfig {
             },
             keep_delivered: None,
             wake_on_notify: false,
+            async_commit: false,
         }
     }
 }
@@ -178,7 +184,7 @@ impl<P: Publisher> Relay<P> {
             .await;
         let txn = match claim_txn {
             Some(txn) => txn,
-            None => self.db.begin().await?,
+            None => self.begin().await?,
         };
         let settled = async {
             let report = settle::settle(&txn, batch, deliveries, &self.config, now).await?;
@@ -195,6 +201,15 @@ impl<P: Publisher> Relay<P> {
             ));
         }
         Ok(report)
+    }
+
+    async fn begin(&self) -> Result<sea_orm::DatabaseTransaction, sea_orm::DbErr> {
+        let txn = self.db.begin().await?;
+        if self.config.async_commit && txn.get_database_backend() == DbBackend::Postgres {
+            txn.execute_unprepared("SET LOCAL synchronous_commit = off")
+                .await?;
+        }
+        Ok(txn)
     }
 
     /// Runs the relay in a background task until [`RelayHandle::shutdown`].
@@ -245,6 +260,13 @@ impl<P: Publisher> RelayBuilder<P> {
     #[cfg(feature = "postgres")]
     pub fn wake_on_notify(mut self) -> Self {
         self.relay.config.wake_on_notify = true;
+        self
+    }
+
+    /// Commits the relay's bookkeeping without waiting for the WAL flush; see
+    /// [`RelayConfig::async_commit`].
+    pub fn async_commit(mut self, enabled: bool) -> Self {
+        self.relay.config.async_commit = enabled;
         self
     }
 

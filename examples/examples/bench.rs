@@ -1,0 +1,554 @@
+//! The benchmark: our relay and handlers against the raw limits of the same
+//! PostgreSQL and NATS, in one run, so that the ratios hold on any machine.
+//!
+//! ```sh
+//! cargo run --release --example bench                 # the full run (100,000 events)
+//! cargo run --release --example bench -- --events 1000000 --naive-events 0
+//! cargo run --example bench -- --smoke                # a few thousand events, for CI
+//! ```
+//!
+//! Needs PostgreSQL (`DATABASE_URL`) and NATS (`NATS_URL`); works in a schema
+//! and a stream namespace of its own, removed at the end. Prints a table, then
+//! one JSON object as the last line.
+
+use std::collections::HashMap;
+use std::future::IntoFuture;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::message::PublishMessage;
+use clap::Parser;
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
+use outbox_core::entity::outbox_message;
+use outbox_core::relay::{Delivery, Publisher, Relay};
+use outbox_core::{OutboxEvent, emit, transactional};
+use outbox_nats::{JetStreamPublisher, StreamSpec, provision};
+use sea_orm::ActiveValue::Set;
+use sea_orm::{
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbErr, EntityTrait, QueryOrder,
+    QuerySelect, Statement, TransactionTrait,
+};
+use uuid::Uuid;
+
+#[derive(Parser, Debug)]
+#[command(
+    about = "Relay throughput, latency and handler overhead against raw JetStream and SeaORM"
+)]
+struct Args {
+    /// Backlog drained by the relay, and published raw.
+    #[arg(long, default_value_t = 100_000)]
+    events: usize,
+    /// Events for the naive relay (it is slow; its rate does not depend on the count). 0 skips it.
+    #[arg(long, default_value_t = 5_000)]
+    naive_events: usize,
+    /// Payload size in bytes (serialized JSON).
+    #[arg(long, default_value_t = 256)]
+    payload: usize,
+    /// Events per relay round.
+    #[arg(long, default_value_t = 500)]
+    batch: usize,
+    /// Publish acknowledgements in flight at once.
+    #[arg(long, default_value_t = 4_096)]
+    in_flight: usize,
+    /// Distinct partition keys of the backlog.
+    #[arg(long, default_value_t = 1_000)]
+    keys: u32,
+    /// Offered rate of the latency run, events per second (open loop).
+    #[arg(long, default_value_t = 1_000)]
+    rate: u32,
+    /// Length of the latency run, seconds.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Handler calls per variant in the overhead comparison.
+    #[arg(long, default_value_t = 3_000)]
+    handler_calls: usize,
+    /// Let the relay commit its bookkeeping without waiting for the WAL flush.
+    #[arg(long)]
+    async_commit: bool,
+    /// A short run for CI: a few thousand events, one second of latency.
+    #[arg(long)]
+    smoke: bool,
+}
+
+#[derive(serde::Serialize, serde::Deserialize, OutboxEvent)]
+#[outbox(exchange = "bench", routing_key = "k.{key}", key = key)]
+struct BenchEvent {
+    key: u32,
+    seq: u64,
+    data: String,
+}
+
+impl BenchEvent {
+    /// An event whose JSON is `payload` bytes long (or as near as its fields allow).
+    fn sized(seq: u64, keys: u32, payload: usize) -> Self {
+        let key = u32::try_from(seq % u64::from(keys.max(1))).unwrap_or(0);
+        let mut event = Self {
+            key,
+            seq,
+            data: String::new(),
+        };
+        let bare = serde_json::to_vec(&event).map_or(0, |json| json.len());
+        event.data = "x".repeat(payload.saturating_sub(bare));
+        event
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum BenchError {
+    #[error(transparent)]
+    Outbox(#[from] outbox_core::Error),
+}
+
+impl From<DbErr> for BenchError {
+    fn from(error: DbErr) -> Self {
+        Self::Outbox(error.into())
+    }
+}
+
+/// A chunk of the backlog, in one transaction.
+#[transactional]
+async fn emit_backlog(
+    db: &DatabaseConnection,
+    from: u64,
+    to: u64,
+    keys: u32,
+    payload: usize,
+) -> Result<(), BenchError> {
+    for seq in from..to {
+        emit!(BenchEvent::sized(seq, keys, payload));
+    }
+    Ok(())
+}
+
+/// The handler measured: one business row and one event.
+#[transactional]
+async fn place_order(db: &DatabaseConnection, id: i64, payload: usize) -> Result<Uuid, BenchError> {
+    insert_order(db, id).await?;
+    Ok(emit!(BenchEvent::sized(id.unsigned_abs(), 1_000, payload)))
+}
+
+async fn insert_order(db: &impl ConnectionTrait, id: i64) -> Result<(), DbErr> {
+    db.execute_raw(Statement::from_sql_and_values(
+        db.get_database_backend(),
+        "INSERT INTO bench_orders (id, total_cents) VALUES ($1, $2)",
+        [id.into(), 100_i64.into()],
+    ))
+    .await?;
+    Ok(())
+}
+
+/// The same work written by hand: the business row and the outbox row, one transaction.
+async fn place_order_by_hand(
+    db: &DatabaseConnection,
+    id: i64,
+    payload: usize,
+) -> Result<(), BenchError> {
+    let txn = db.begin().await?;
+    insert_order(&txn, id).await?;
+    let event = BenchEvent::sized(id.unsigned_abs(), 1_000, payload);
+    let now = chrono::Utc::now();
+    let row = outbox_message::ActiveModel {
+        id: Set(Uuid::now_v7()),
+        event_type: Set("BenchEvent".into()),
+        event_version: Set(1),
+        exchange: Set("bench".into()),
+        subject: Set(format!("bench.k.{}", event.key)),
+        partition_key: Set(Some(event.key.to_string())),
+        payload: Set(serde_json::to_vec(&event).map_err(|e| DbErr::Custom(e.to_string()))?),
+        headers: Set(None),
+        content_type: Set("application/json".into()),
+        created_at: Set(now),
+        next_attempt_at: Set(now),
+        ..Default::default()
+    };
+    outbox_message::Entity::insert(row)
+        .exec_without_returning(&txn)
+        .await?;
+    txn.commit().await?;
+    Ok(())
+}
+
+/// Only the business row.
+async fn place_order_plain(db: &DatabaseConnection, id: i64) -> Result<(), BenchError> {
+    let txn = db.begin().await?;
+    insert_order(&txn, id).await?;
+    txn.commit().await?;
+    Ok(())
+}
+
+/// Records when each event's acknowledgement arrived (the wave's, to be exact).
+struct TimedPublisher {
+    inner: JetStreamPublisher,
+    acked: Arc<Mutex<HashMap<Uuid, Instant>>>,
+}
+
+impl Publisher for TimedPublisher {
+    async fn publish(&self, events: &[&outbox_message::Model]) -> Vec<Delivery> {
+        let deliveries = self.inner.publish(events).await;
+        let now = Instant::now();
+        let mut acked = self.acked.lock().unwrap_or_else(|p| p.into_inner());
+        for (event, delivery) in events.iter().zip(&deliveries) {
+            if matches!(delivery, Delivery::Stored { .. }) {
+                acked.insert(event.id, now);
+            }
+        }
+        deliveries
+    }
+}
+
+struct Bench {
+    args: Args,
+    db: DatabaseConnection,
+    admin: DatabaseConnection,
+    schema: String,
+    client: async_nats::Client,
+    namespace: String,
+    next_id: i64,
+}
+
+type BoxError = Box<dyn std::error::Error>;
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    let mut args = Args::parse();
+    if args.smoke {
+        args.events = 3_000;
+        args.naive_events = args.naive_events.min(300);
+        args.seconds = 1;
+        args.rate = args.rate.min(200);
+        args.handler_calls = args.handler_calls.min(200);
+    }
+    let mut bench = Bench::connect(args).await?;
+    let result = bench.run().await;
+    bench.cleanup().await;
+    let figures = result?;
+    print_table(&bench.args, &figures);
+    println!("{}", serde_json::Value::Object(figures));
+    Ok(())
+}
+
+type Figures = serde_json::Map<String, serde_json::Value>;
+
+impl Bench {
+    async fn connect(args: Args) -> Result<Self, BoxError> {
+        let url = std::env::var("DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://root@127.0.0.1/test".into());
+        let admin = Database::connect(&url).await?;
+        let schema = format!("outbox_bench_{}", Uuid::now_v7().simple());
+        admin
+            .execute_unprepared(&format!("CREATE SCHEMA {schema}"))
+            .await?;
+        let mut options = ConnectOptions::new(url);
+        options
+            .set_schema_search_path(schema.clone())
+            .max_connections(16)
+            .sqlx_logging(false);
+        let db = Database::connect(options).await?;
+        outbox_core::migrate(&db).await?;
+        db.execute_unprepared(
+            "CREATE TABLE bench_orders (id BIGINT PRIMARY KEY, total_cents BIGINT NOT NULL)",
+        )
+        .await?;
+        let nats_url = std::env::var("NATS_URL").unwrap_or_else(|_| "127.0.0.1:4222".into());
+        let client = async_nats::connect(&nats_url).await?;
+        let namespace = format!("bench{}", Uuid::now_v7().simple());
+        Ok(Self {
+            args,
+            db,
+            admin,
+            schema,
+            client,
+            namespace,
+            next_id: 0,
+        })
+    }
+
+    async fn cleanup(&self) {
+        let context = async_nats::jetstream::new(self.client.clone());
+        for stream in ["RAW", "BENCH"] {
+            let _ = context
+                .delete_stream(format!("{}_{stream}", self.namespace.to_uppercase()))
+                .await;
+        }
+        let _ = self
+            .admin
+            .execute_unprepared(&format!("DROP SCHEMA {} CASCADE", self.schema))
+            .await;
+    }
+
+    fn publisher(&self) -> JetStreamPublisher {
+        JetStreamPublisher::with_options(
+            self.client.clone(),
+            Duration::from_secs(10),
+            self.args.in_flight,
+        )
+        .namespace(self.namespace.clone())
+    }
+
+    async fn run(&mut self) -> Result<Figures, BoxError> {
+        let publisher = self.publisher();
+        let streams = [
+            StreamSpec::for_exchange("RAW", "raw", Some(&self.namespace)),
+            StreamSpec::for_exchange("BENCH", "bench", Some(&self.namespace)),
+        ];
+        provision(publisher.context(), &streams, Duration::from_secs(600)).await?;
+        let mut figures = Figures::new();
+        let a = &self.args;
+        for (name, value) in [
+            ("events", a.events),
+            ("payload_bytes", a.payload),
+            ("batch_size", a.batch),
+            ("in_flight", a.in_flight),
+            ("keys", a.keys as usize),
+        ] {
+            figures.insert(name.into(), value.into());
+        }
+
+        figures.insert("async_commit".into(), self.args.async_commit.into());
+        let raw = self.raw_jetstream().await?;
+        eprintln!("raw JetStream: {raw:.0} events/s");
+        self.backlog(self.args.events).await?;
+        let (drain, rss) = self.relay_drain(publisher.clone()).await?;
+        eprintln!("relay drain: {drain:.0} events/s, peak RSS {rss:.1} MiB");
+        figures.insert("raw_jetstream_eps".into(), round(raw).into());
+        figures.insert("relay_drain_eps".into(), round(drain).into());
+        figures.insert("drain_ratio".into(), round3(drain / raw).into());
+        figures.insert("relay_rss_mib".into(), round3(rss).into());
+        if self.args.naive_events > 0 {
+            self.backlog(self.args.naive_events).await?;
+            let naive = self.naive_relay(&publisher).await?;
+            eprintln!("naive relay: {naive:.0} events/s");
+            figures.insert("naive_relay_eps".into(), round(naive).into());
+            figures.insert("drain_over_naive".into(), round3(drain / naive).into());
+        }
+        let (p50, p99, max, offered) = self.latency(publisher).await?;
+        figures.insert("latency_events".into(), offered.into());
+        figures.insert("latency_rate_eps".into(), self.args.rate.into());
+        figures.insert("latency_p50_ms".into(), round3(p50).into());
+        figures.insert("latency_p99_ms".into(), round3(p99).into());
+        figures.insert("latency_max_ms".into(), round3(max).into());
+        let (manual, plain) = self.handler_overhead().await?;
+        figures.insert("handler_ratio_manual".into(), round3(manual).into());
+        figures.insert("handler_ratio_plain".into(), round3(plain).into());
+        Ok(figures)
+    }
+
+    /// The ceiling: the same payloads straight to JetStream, `in_flight` acks pipelined.
+    async fn raw_jetstream(&self) -> Result<f64, BoxError> {
+        let context = self.publisher().context().clone();
+        let payloads: Vec<(String, Vec<u8>)> = (0..self.args.events as u64)
+            .map(|seq| {
+                let event = BenchEvent::sized(seq, self.args.keys, self.args.payload);
+                (
+                    format!("{}.raw.k.{}", self.namespace, event.key),
+                    serde_json::to_vec(&event).unwrap_or_default(),
+                )
+            })
+            .collect();
+        let started = Instant::now();
+        let mut acks = FuturesOrdered::new();
+        for (subject, payload) in payloads {
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-Msg-Id", Uuid::now_v7().to_string().as_str());
+            let message = PublishMessage::build()
+                .payload(payload.into())
+                .headers(headers);
+            acks.push_back(context.send_publish(subject, message).await?.into_future());
+            if acks.len() >= self.args.in_flight {
+                acks.next().await.transpose()?;
+            }
+        }
+        while let Some(ack) = acks.next().await {
+            ack?;
+        }
+        Ok(self.args.events as f64 / started.elapsed().as_secs_f64())
+    }
+
+    /// Commits `count` events to the outbox (not measured).
+    async fn backlog(&self, count: usize) -> Result<(), BoxError> {
+        let (count, chunk) = (count as u64, 2_500);
+        for from in (0..count).step_by(chunk) {
+            emit_backlog(
+                &self.db,
+                from,
+                (from + chunk as u64).min(count),
+                self.args.keys,
+                self.args.payload,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// One relay drains the backlog; returns events/s and the peak RSS while draining.
+    async fn relay_drain(&self, publisher: JetStreamPublisher) -> Result<(f64, f64), BoxError> {
+        let relay = Relay::builder(self.db.clone(), publisher)
+            .batch_size(self.args.batch)
+            .build();
+        reset_peak_rss();
+        let started = Instant::now();
+        let mut drained = 0;
+        loop {
+            let report = relay.process_batch().await?;
+            if report.claimed == 0 {
+                break;
+            }
+            drained += report.published;
+        }
+        let rate = drained as f64 / started.elapsed().as_secs_f64();
+        Ok((rate, peak_rss_mib()))
+    }
+
+    /// The design outbox articles show: 100 rows, one publish and ack at a time, one delete each.
+    async fn naive_relay(&self, publisher: &JetStreamPublisher) -> Result<f64, BoxError> {
+        let context = publisher.context().clone();
+        let started = Instant::now();
+        let mut published = 0;
+        loop {
+            let rows = outbox_message::Entity::find()
+                .order_by_asc(outbox_message::Column::Id)
+                .limit(100)
+                .all(&self.db)
+                .await?;
+            if rows.is_empty() {
+                break;
+            }
+            for row in rows {
+                let subject = format!("{}.{}", self.namespace, row.subject);
+                let message = PublishMessage::build()
+                    .payload(row.payload.clone().into())
+                    .headers(outbox_nats::headers(&row));
+                context.send_publish(subject, message).await?.await?;
+                outbox_message::Entity::delete_by_id(row.id)
+                    .exec(&self.db)
+                    .await?;
+                published += 1;
+            }
+        }
+        Ok(published as f64 / started.elapsed().as_secs_f64())
+    }
+
+    /// Commit → JetStream ack of single-event handlers at a fixed offered rate, relay in process.
+    async fn latency(
+        &mut self,
+        publisher: JetStreamPublisher,
+    ) -> Result<(f64, f64, f64, usize), BoxError> {
+        let acked = Arc::new(Mutex::new(HashMap::new()));
+        let relay = Relay::builder(
+            self.db.clone(),
+            TimedPublisher {
+                inner: publisher,
+                acked: acked.clone(),
+            },
+        )
+        .batch_size(self.args.batch)
+        .spawn();
+        let total = (u64::from(self.args.rate) * self.args.seconds) as usize;
+        let period = Duration::from_secs(1) / self.args.rate.max(1);
+        let mut ticks = tokio::time::interval(period);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let mut calls = Vec::with_capacity(total);
+        for _ in 0..total {
+            ticks.tick().await;
+            self.next_id += 1;
+            let (db, id, payload) = (self.db.clone(), self.next_id, self.args.payload);
+            calls.push(tokio::spawn(async move {
+                let event = place_order(&db, id, payload).await;
+                event.map(|event| (event, Instant::now()))
+            }));
+        }
+        let mut committed = Vec::with_capacity(total);
+        for call in calls {
+            committed.push(call.await??);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while acked.lock().unwrap_or_else(|p| p.into_inner()).len() < total
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        relay.shutdown().await?;
+        let acked = acked.lock().unwrap_or_else(|p| p.into_inner());
+        let mut millis: Vec<f64> = committed
+            .iter()
+            .map(|(id, at)| {
+                acked.get(id).map_or(f64::INFINITY, |ack| {
+                    ack.saturating_duration_since(*at).as_secs_f64() * 1e3
+                })
+            })
+            .collect();
+        millis.sort_by(f64::total_cmp);
+        let pick = |q: f64| millis[((millis.len() - 1) as f64 * q).round() as usize];
+        Ok((pick(0.5), pick(0.99), pick(1.0), total))
+    }
+
+    /// `#[transactional]` over the hand-written transaction, and over the business row alone.
+    /// Rounds alternate the three variants, so that drift hits each alike.
+    async fn handler_overhead(&mut self) -> Result<(f64, f64), BoxError> {
+        let (mut macro_time, mut manual_time, mut plain_time) =
+            (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+        let rounds = 10;
+        let per_round = self.args.handler_calls.div_ceil(rounds);
+        for _ in 0..rounds {
+            let started = Instant::now();
+            for _ in 0..per_round {
+                self.next_id += 1;
+                place_order(&self.db, self.next_id, self.args.payload).await?;
+            }
+            macro_time += started.elapsed();
+            let started = Instant::now();
+            for _ in 0..per_round {
+                self.next_id += 1;
+                place_order_by_hand(&self.db, self.next_id, self.args.payload).await?;
+            }
+            manual_time += started.elapsed();
+            let started = Instant::now();
+            for _ in 0..per_round {
+                self.next_id += 1;
+                place_order_plain(&self.db, self.next_id).await?;
+            }
+            plain_time += started.elapsed();
+        }
+        let macro_secs = macro_time.as_secs_f64();
+        Ok((
+            macro_secs / manual_time.as_secs_f64(),
+            macro_secs / plain_time.as_secs_f64(),
+        ))
+    }
+}
+
+/// Linux: writing 5 to clear_refs resets the peak resident set size (VmHWM).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+            line.split_whitespace().nth(1)?.parse::<f64>().ok()
+        })
+        .map_or(f64::NAN, |kib| kib / 1024.0)
+}
+
+fn round(x: f64) -> f64 {
+    x.round()
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+fn print_table(args: &Args, figures: &Figures) {
+    println!(
+        "\noutbox benchmark: {} events, {} B payloads, batch {}, {} acks in flight, {} keys, async commit {}",
+        args.events, args.payload, args.batch, args.in_flight, args.keys, args.async_commit
+    );
+    println!("{:<24} {:>14}", "figure", "value");
+    for (name, value) in figures {
+        println!("{name:<24} {value:>14}");
+    }
+}
