@@ -66,6 +66,18 @@ async fn emit_round(db: &DatabaseConnection, n: u32, keys: u32) -> Result<(), Ap
     Ok(())
 }
 
+/// Events `from..to` of one key, in one transaction.
+#[transactional]
+async fn emit_run(db: &DatabaseConnection, key: &str, from: u32, to: u32) -> Result<(), AppError> {
+    for n in from..to {
+        emit!(Sequenced {
+            key: key.to_owned(),
+            n
+        });
+    }
+    Ok(())
+}
+
 #[transactional]
 async fn emit_one<E: OutboxEvent>(db: &DatabaseConnection, event: E) -> Result<(), AppError> {
     emit!(event);
@@ -283,6 +295,27 @@ async fn three_relays_keep_per_key_commit_order() {
     for (key, ns) in per_key {
         assert_eq!(ns, (0..100).collect::<Vec<_>>(), "order of key {key}");
     }
+    setup.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_relays_keep_one_hot_key_in_order() {
+    let setup = Setup::postgres().await;
+    let (db, nats, stream) = (&setup.test.db, &setup.nats, &setup.stream);
+    let relays: Vec<_> = (0..3)
+        .map(|_| fast(db, nats.publisher()).batch_size(100).spawn())
+        .collect();
+    for from in (0..3_000).step_by(250) {
+        emit_run(db, "hot", from, from + 250).await.expect("commit");
+    }
+    drained(db, Duration::from_secs(120)).await;
+    for relay in relays {
+        relay.shutdown().await.expect("relay stops");
+    }
+    let messages = nats.messages(stream).await;
+    assert_each_once(&messages, 3_000);
+    let order: Vec<u32> = sequenced(&messages).into_iter().map(|e| e.n).collect();
+    assert_eq!(order, (0..3_000).collect::<Vec<_>>());
     setup.finish().await;
 }
 
