@@ -67,6 +67,13 @@ struct Args {
     /// Let the relay commit its bookkeeping without waiting for the WAL flush.
     #[arg(long)]
     async_commit: bool,
+    /// Internal: drain the backlog of this schema and namespace, print events/s and peak RSS, exit.
+    /// The parent runs the drain in such a child, so that the relay's memory is measured alone.
+    #[arg(long, hide = true, num_args = 2, value_names = ["SCHEMA", "NAMESPACE"])]
+    drain_only: Option<Vec<String>>,
+    /// Vacuum the outbox table before the latency run (after the drains left it full of dead rows).
+    #[arg(long)]
+    vacuum: bool,
     /// A short run for CI: a few thousand events, one second of latency.
     #[arg(long)]
     smoke: bool,
@@ -220,6 +227,9 @@ async fn main() -> Result<(), BoxError> {
         args.rate = args.rate.min(200);
         args.handler_calls = args.handler_calls.min(200);
     }
+    if let Some(target) = args.drain_only.clone() {
+        return drain_only(&args, &target[0], &target[1]).await;
+    }
     let mut bench = Bench::connect(args).await?;
     let result = bench.run().await;
     bench.cleanup().await;
@@ -231,28 +241,65 @@ async fn main() -> Result<(), BoxError> {
 
 type Figures = serde_json::Map<String, serde_json::Value>;
 
+fn database_url() -> String {
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://root@127.0.0.1/test".into())
+}
+
+fn nats_url() -> String {
+    std::env::var("NATS_URL").unwrap_or_else(|_| "127.0.0.1:4222".into())
+}
+
+async fn connect_schema(schema: &str) -> Result<DatabaseConnection, DbErr> {
+    let mut options = ConnectOptions::new(database_url());
+    options
+        .set_schema_search_path(schema.to_owned())
+        .max_connections(16)
+        .sqlx_logging(false);
+    Database::connect(options).await
+}
+
+fn publisher(client: async_nats::Client, args: &Args, namespace: &str) -> JetStreamPublisher {
+    JetStreamPublisher::with_options(client, Duration::from_secs(10), args.in_flight)
+        .namespace(namespace.to_owned())
+}
+
+/// The child process of [`Bench::relay_drain`]: one relay drains the backlog until the outbox is empty.
+async fn drain_only(args: &Args, schema: &str, namespace: &str) -> Result<(), BoxError> {
+    let db = connect_schema(schema).await?;
+    let client = async_nats::connect(nats_url()).await?;
+    let relay = Relay::builder(db, publisher(client, args, namespace))
+        .batch_size(args.batch)
+        .async_commit(args.async_commit)
+        .build();
+    let started = Instant::now();
+    let mut drained = 0;
+    loop {
+        let report = relay.process_batch().await?;
+        if report.claimed == 0 {
+            break;
+        }
+        drained += report.published;
+    }
+    let rate = drained as f64 / started.elapsed().as_secs_f64();
+    let figures = serde_json::json!({ "relay_drain_eps": rate, "relay_rss_mib": peak_rss_mib() });
+    println!("{figures}");
+    Ok(())
+}
+
 impl Bench {
     async fn connect(args: Args) -> Result<Self, BoxError> {
-        let url = std::env::var("DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://root@127.0.0.1/test".into());
-        let admin = Database::connect(&url).await?;
+        let admin = Database::connect(&database_url()).await?;
         let schema = format!("outbox_bench_{}", Uuid::now_v7().simple());
         admin
             .execute_unprepared(&format!("CREATE SCHEMA {schema}"))
             .await?;
-        let mut options = ConnectOptions::new(url);
-        options
-            .set_schema_search_path(schema.clone())
-            .max_connections(16)
-            .sqlx_logging(false);
-        let db = Database::connect(options).await?;
+        let db = connect_schema(&schema).await?;
         outbox_core::migrate(&db).await?;
         db.execute_unprepared(
             "CREATE TABLE bench_orders (id BIGINT PRIMARY KEY, total_cents BIGINT NOT NULL)",
         )
         .await?;
-        let nats_url = std::env::var("NATS_URL").unwrap_or_else(|_| "127.0.0.1:4222".into());
-        let client = async_nats::connect(&nats_url).await?;
+        let client = async_nats::connect(nats_url()).await?;
         let namespace = format!("bench{}", Uuid::now_v7().simple());
         Ok(Self {
             args,
@@ -279,12 +326,7 @@ impl Bench {
     }
 
     fn publisher(&self) -> JetStreamPublisher {
-        JetStreamPublisher::with_options(
-            self.client.clone(),
-            Duration::from_secs(10),
-            self.args.in_flight,
-        )
-        .namespace(self.namespace.clone())
+        publisher(self.client.clone(), &self.args, &self.namespace)
     }
 
     async fn run(&mut self) -> Result<Figures, BoxError> {
@@ -310,7 +352,7 @@ impl Bench {
         let raw = self.raw_jetstream().await?;
         eprintln!("raw JetStream: {raw:.0} events/s");
         self.backlog(self.args.events).await?;
-        let (drain, rss) = self.relay_drain(publisher.clone()).await?;
+        let (drain, rss) = self.relay_drain().await?;
         eprintln!("relay drain: {drain:.0} events/s, peak RSS {rss:.1} MiB");
         figures.insert("raw_jetstream_eps".into(), round(raw).into());
         figures.insert("relay_drain_eps".into(), round(drain).into());
@@ -323,6 +365,12 @@ impl Bench {
             figures.insert("naive_relay_eps".into(), round(naive).into());
             figures.insert("drain_over_naive".into(), round3(drain / naive).into());
         }
+        if self.args.vacuum {
+            self.db
+                .execute_unprepared("VACUUM ANALYZE outbox_messages")
+                .await?;
+        }
+        figures.insert("vacuumed_before_latency".into(), self.args.vacuum.into());
         let (p50, p99, max, offered) = self.latency(publisher).await?;
         figures.insert("latency_events".into(), offered.into());
         figures.insert("latency_rate_eps".into(), self.args.rate.into());
@@ -382,23 +430,36 @@ impl Bench {
         Ok(())
     }
 
-    /// One relay drains the backlog; returns events/s and the peak RSS while draining.
-    async fn relay_drain(&self, publisher: JetStreamPublisher) -> Result<(f64, f64), BoxError> {
-        let relay = Relay::builder(self.db.clone(), publisher)
-            .batch_size(self.args.batch)
-            .build();
-        reset_peak_rss();
-        let started = Instant::now();
-        let mut drained = 0;
-        loop {
-            let report = relay.process_batch().await?;
-            if report.claimed == 0 {
-                break;
-            }
-            drained += report.published;
+    /// One relay, in a process of its own, drains the backlog; returns its
+    /// events/s and its peak RSS.
+    async fn relay_drain(&self) -> Result<(f64, f64), BoxError> {
+        let mut child = tokio::process::Command::new(std::env::current_exe()?);
+        child
+            .args(["--drain-only", &self.schema, &self.namespace])
+            .args([
+                "--batch",
+                &self.args.batch.to_string(),
+                "--in-flight",
+                &self.args.in_flight.to_string(),
+            ]);
+        if self.args.async_commit {
+            child.arg("--async-commit");
         }
-        let rate = drained as f64 / started.elapsed().as_secs_f64();
-        Ok((rate, peak_rss_mib()))
+        let output = child.output().await?;
+        if !output.status.success() {
+            return Err(format!(
+                "the drain process failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+            .into());
+        }
+        let figures: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+        let get = |name: &str| {
+            figures[name]
+                .as_f64()
+                .ok_or_else(|| format!("the drain process printed no {name}"))
+        };
+        Ok((get("relay_drain_eps")?, get("relay_rss_mib")?))
     }
 
     /// The design outbox articles show: 100 rows, one publish and ack at a time, one delete each.
@@ -517,11 +578,6 @@ impl Bench {
             macro_secs / plain_time.as_secs_f64(),
         ))
     }
-}
-
-/// Linux: writing 5 to clear_refs resets the peak resident set size (VmHWM).
-fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
 fn peak_rss_mib() -> f64 {
