@@ -88,6 +88,7 @@ async fn emit_one<E: OutboxEvent>(db: &DatabaseConnection, event: E) -> Result<(
 fn fast<P: Publisher>(db: &DatabaseConnection, publisher: P) -> RelayBuilder<P> {
     Relay::builder(db.clone(), publisher)
         .poll_interval(Duration::from_millis(50))
+        .stats_interval(Duration::from_millis(50))
         .retry_backoff(Backoff {
             initial: Duration::from_millis(10),
             max: Duration::from_millis(40),
@@ -533,5 +534,55 @@ async fn postgres_notify_wakes_a_relay_across_processes() {
     drained(db, Duration::from_secs(30)).await;
     relay.shutdown().await.expect("relay stops");
     assert_eq!(nats.messages(stream).await.len(), 1);
+    setup.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_deliveries_are_marked_not_resent_then_cleaned_up() {
+    let setup = Setup::postgres().await;
+    let (db, nats, stream) = (&setup.test.db, &setup.nats, &setup.stream);
+    emit_round(db, 0, 10).await.expect("commit");
+    let relay = fast(db, nats.publisher())
+        .keep_delivered(Duration::from_secs(3600))
+        .build();
+    assert_eq!(relay.process_batch().await.expect("batch").published, 10);
+    assert_eq!(
+        relay.process_batch().await.expect("batch").claimed,
+        0,
+        "delivered rows are not claimed again"
+    );
+    let kept = outbox_core::entity::outbox_message::Entity::find()
+        .all(db)
+        .await
+        .expect("rows");
+    assert_eq!(kept.len(), 10);
+    assert!(
+        kept.iter().all(|row| row.delivered_at.is_some()),
+        "kept rows are marked delivered"
+    );
+    assert_eq!(
+        outbox_core::relay::stats(db).await.expect("stats").pending,
+        0
+    );
+    assert_each_once(&nats.messages(stream).await, 10);
+
+    // A zero retention: the running relay deletes them at its next housekeeping.
+    let relay = fast(db, nats.publisher())
+        .keep_delivered(Duration::ZERO)
+        .spawn();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !outbox_core::entity::outbox_message::Entity::find()
+        .all(db)
+        .await
+        .expect("rows")
+        .is_empty()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "expired rows were not deleted"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    relay.shutdown().await.expect("relay stops");
     setup.finish().await;
 }

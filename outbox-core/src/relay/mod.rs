@@ -49,6 +49,9 @@ pub struct RelayConfig {
     pub batch_size: usize,
     /// How often to look for events when nothing wakes the relay (default 1 s).
     pub poll_interval: Duration,
+    /// How often to refresh the gauges (a count over the outbox) and delete
+    /// kept deliveries past their retention (default 15 s).
+    pub stats_interval: Duration,
     /// Attempts before an event the broker keeps rejecting is dead-lettered (default 10).
     pub max_attempts: u32,
     /// Delays between attempts of one event (default 100 ms doubling to 60 s).
@@ -71,6 +74,7 @@ impl Default for RelayConfig {
         Self {
             batch_size: 500,
             poll_interval: Duration::from_secs(1),
+            stats_interval: Duration::from_secs(15),
             max_attempts: 10,
             retry: Backoff {
                 initial: Duration::from_millis(100),
@@ -228,6 +232,12 @@ impl<P: Publisher> RelayBuilder<P> {
     /// How often to look for events when nothing wakes the relay.
     pub fn poll_interval(mut self, interval: Duration) -> Self {
         self.relay.config.poll_interval = interval;
+        self
+    }
+
+    /// How often to refresh the gauges and delete expired kept deliveries.
+    pub fn stats_interval(mut self, interval: Duration) -> Self {
+        self.relay.config.stats_interval = interval;
         self
     }
 

@@ -47,7 +47,7 @@ async fn run<P: Publisher>(relay: Relay<P>, mut stopped: watch::Receiver<bool>) 
     while !*stopped.borrow() {
         if Instant::now() >= next_housekeeping {
             housekeeping(&relay).await;
-            next_housekeeping = Instant::now() + config.poll_interval;
+            next_housekeeping = Instant::now() + config.stats_interval;
         }
         let span = tracing::debug_span!("relay_batch");
         let wait = match tracing::Instrument::instrument(relay.process_batch(), span).await {
