@@ -26,6 +26,9 @@ pub struct JetStreamPublisher {
     client: async_nats::Client,
     context: Context,
     namespace: Option<String>,
+    /// Acks in flight at most; a batch is published in chunks of this many, since
+    /// a send waits for a free slot and slots free up only as acks are awaited.
+    max_in_flight: usize,
 }
 
 impl JetStreamPublisher {
@@ -49,6 +52,7 @@ impl JetStreamPublisher {
             client,
             context,
             namespace: None,
+            max_in_flight: max_in_flight.max(1),
         }
     }
 
@@ -114,9 +118,19 @@ impl Publisher for JetStreamPublisher {
             let error = "not connected to NATS".to_owned();
             return vec![Delivery::Unavailable(error); events.len()];
         }
-        // Send every event first, then await the acks together: one round trip per batch.
-        let mut pending = Vec::with_capacity(events.len());
-        for event in events {
+        let mut deliveries = Vec::with_capacity(events.len());
+        for chunk in events.chunks(self.max_in_flight) {
+            deliveries.extend(self.publish_chunk(chunk).await);
+        }
+        deliveries
+    }
+}
+
+impl JetStreamPublisher {
+    /// Sends every event of `chunk`, then awaits their acks together: one round trip.
+    async fn publish_chunk(&self, chunk: &[&outbox_message::Model]) -> Vec<Delivery> {
+        let mut pending = Vec::with_capacity(chunk.len());
+        for event in chunk {
             let publish = PublishMessage::build()
                 .payload(event.payload.clone().into())
                 .headers(headers(event));
@@ -132,19 +146,19 @@ impl Publisher for JetStreamPublisher {
                 Err(error) => Err(error),
             }
         });
-        join_all(acks)
-            .await
-            .into_iter()
-            .map(|ack| match ack {
-                Ok(duplicate) => Delivery::Stored { duplicate },
-                Err(error) => match error.kind() {
-                    PublishErrorKind::MaxPayloadExceeded => Delivery::Oversized(error.to_string()),
-                    PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe => {
-                        Delivery::Unavailable(error.to_string())
-                    }
-                    _ => Delivery::Rejected(error.to_string()),
-                },
-            })
-            .collect()
+        join_all(acks).await.into_iter().map(delivery).collect()
+    }
+}
+
+fn delivery(ack: Result<bool, async_nats::jetstream::context::PublishError>) -> Delivery {
+    match ack {
+        Ok(duplicate) => Delivery::Stored { duplicate },
+        Err(error) => match error.kind() {
+            PublishErrorKind::MaxPayloadExceeded => Delivery::Oversized(error.to_string()),
+            PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe => {
+                Delivery::Unavailable(error.to_string())
+            }
+            _ => Delivery::Rejected(error.to_string()),
+        },
     }
 }

@@ -586,3 +586,21 @@ async fn kept_deliveries_are_marked_not_resent_then_cleaned_up() {
     relay.shutdown().await.expect("relay stops");
     setup.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_larger_than_the_in_flight_bound_are_published_in_chunks() {
+    let setup = Setup::postgres().await;
+    let (db, nats, stream) = (&setup.test.db, &setup.nats, &setup.stream);
+    emit_round(db, 0, 100).await.expect("commit");
+    let narrow = JetStreamPublisher::with_options(nats.client.clone(), Duration::from_secs(5), 16)
+        .namespace(nats.namespace.clone());
+    let relay = fast(db, narrow).batch_size(100).build();
+    // The bound only turns a hang (sends waiting for slots no ack frees) into a failure.
+    let report = tokio::time::timeout(Duration::from_secs(30), relay.process_batch())
+        .await
+        .expect("the batch completes")
+        .expect("batch");
+    assert_eq!(report.published, 100);
+    assert_each_once(&nats.messages(stream).await, 100);
+    setup.finish().await;
+}
