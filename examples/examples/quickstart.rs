@@ -77,7 +77,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let publisher = JetStreamPublisher::new(client.clone());
     let relay = Relay::builder(db.clone(), publisher.clone()).build();
     let window = relay.config().retry_horizon().max(Duration::from_secs(120));
-    provision(publisher.context(), &streams_from_registry(None), window).await?;
+    provision(publisher.context(), &streams_from_registry(None)?, window).await?;
 
     // Subscribe before anything is published, to see exactly this run's events.
     let stream = jetstream::new(client).get_stream("ORDERS").await?;

@@ -14,7 +14,7 @@
 //! let publisher = JetStreamPublisher::new(async_nats::connect("127.0.0.1:4222").await?);
 //! let relay = Relay::builder(db, publisher.clone()).build();
 //! let window = relay.config().retry_horizon().max(std::time::Duration::from_secs(120));
-//! provision(publisher.context(), &streams_from_registry(None), window).await?;
+//! provision(publisher.context(), &streams_from_registry(None)?, window).await?;
 //! let handle = relay.spawn();
 //! # handle.shutdown().await?;
 //! # Ok(()) }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::Context;
 use async_nats::jetstream::stream::Config;
+use outbox_core::registry::RegistryError;
 
 /// A stream the relay needs, and the subjects it must capture.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,10 +33,13 @@ impl StreamSpec {
     }
 }
 
-/// The streams of every event type in the program's registry.
-pub fn streams_from_registry(namespace: Option<&str>) -> Vec<StreamSpec> {
+/// The streams of every event type in the program's registry, after checking
+/// that no two types conflict (the error names both).
+pub fn streams_from_registry(namespace: Option<&str>) -> Result<Vec<StreamSpec>, RegistryError> {
+    let registry = outbox_core::registry();
+    registry.validate()?;
     let mut streams: BTreeMap<String, StreamSpec> = BTreeMap::new();
-    for event in outbox_core::registry().iter() {
+    for event in registry.iter() {
         let spec = StreamSpec::for_exchange(event.stream, event.exchange, namespace);
         let entry = streams
             .entry(spec.name.clone())
@@ -49,7 +53,7 @@ pub fn streams_from_registry(namespace: Option<&str>) -> Vec<StreamSpec> {
             }
         }
     }
-    streams.into_values().collect()
+    Ok(streams.into_values().collect())
 }
 
 /// A stream that cannot serve the relay as it is configured.
