@@ -5,7 +5,7 @@ use proc_macro2::TokenStream;
 use quote::quote;
 use syn::DeriveInput;
 
-pub(super) fn expand(input: &DeriveInput, errors: syn::Error) -> TokenStream {
+pub(super) fn expand(input: &DeriveInput, krate: &syn::Path, errors: syn::Error) -> TokenStream {
     let errors = errors.to_compile_error();
     let ident = &input.ident;
     if !input.generics.params.is_empty() || matches!(input.data, syn::Data::Union(_)) {
@@ -14,7 +14,7 @@ pub(super) fn expand(input: &DeriveInput, errors: syn::Error) -> TokenStream {
     quote! {
         #errors
         const _: () = {
-            impl ::outbox_core::OutboxEvent for #ident {
+            impl #krate::OutboxEvent for #ident {
                 const EXCHANGE: &'static str = "";
                 const STREAM: &'static str = "";
                 const VERSION: u16 = 1;
@@ -22,7 +22,7 @@ pub(super) fn expand(input: &DeriveInput, errors: syn::Error) -> TokenStream {
                 fn event_type(&self) -> &'static str {
                     ::core::unreachable!()
                 }
-                fn subject(&self) -> ::core::result::Result<::std::string::String, ::outbox_core::Error> {
+                fn subject(&self) -> ::core::result::Result<::std::string::String, #krate::Error> {
                     ::core::unreachable!()
                 }
                 fn partition_key(&self) -> ::core::option::Option<::std::string::String> {
