@@ -349,14 +349,23 @@ impl Bench {
         }
 
         figures.insert("async_commit".into(), self.args.async_commit.into());
-        let raw = self.raw_jetstream().await?;
-        eprintln!("raw JetStream: {raw:.0} events/s");
+        let raw = self.raw_jetstream(false).await?;
+        let raw_headers = self.raw_jetstream(true).await?;
+        eprintln!("raw JetStream: {raw:.0} events/s ({raw_headers:.0} with the relay's headers)");
         self.backlog(self.args.events).await?;
         let (drain, rss) = self.relay_drain().await?;
         eprintln!("relay drain: {drain:.0} events/s, peak RSS {rss:.1} MiB");
         figures.insert("raw_jetstream_eps".into(), round(raw).into());
         figures.insert("relay_drain_eps".into(), round(drain).into());
         figures.insert("drain_ratio".into(), round3(drain / raw).into());
+        figures.insert(
+            "raw_jetstream_all_headers_eps".into(),
+            round(raw_headers).into(),
+        );
+        figures.insert(
+            "drain_ratio_all_headers".into(),
+            round3(drain / raw_headers).into(),
+        );
         figures.insert("relay_rss_mib".into(), round3(rss).into());
         if self.args.naive_events > 0 {
             self.backlog(self.args.naive_events).await?;
@@ -383,26 +392,50 @@ impl Bench {
         Ok(figures)
     }
 
-    /// The ceiling: the same payloads straight to JetStream, `in_flight` acks pipelined.
-    async fn raw_jetstream(&self) -> Result<f64, BoxError> {
+    /// The ceiling: the same payloads straight to JetStream, `in_flight` acks
+    /// pipelined, with `Nats-Msg-Id` only, or with every header the relay sends.
+    async fn raw_jetstream(&self, all_headers: bool) -> Result<f64, BoxError> {
         let context = self.publisher().context().clone();
-        let payloads: Vec<(String, Vec<u8>)> = (0..self.args.events as u64)
+        let now = chrono::Utc::now();
+        let messages: Vec<(String, PublishMessage)> = (0..self.args.events as u64)
             .map(|seq| {
                 let event = BenchEvent::sized(seq, self.args.keys, self.args.payload);
+                let payload = serde_json::to_vec(&event).unwrap_or_default();
+                let row = outbox_message::Model {
+                    id: Uuid::now_v7(),
+                    event_type: "BenchEvent".into(),
+                    event_version: 1,
+                    exchange: "raw".into(),
+                    subject: format!("raw.k.{}", event.key),
+                    partition_key: Some(event.key.to_string()),
+                    payload,
+                    headers: None,
+                    content_type: "application/json".into(),
+                    created_at: now,
+                    attempts: 0,
+                    next_attempt_at: now,
+                    last_error: None,
+                    delivered_at: None,
+                };
+                let headers = if all_headers {
+                    outbox_nats::headers(&row)
+                } else {
+                    let mut only_id = HeaderMap::new();
+                    only_id.insert("Nats-Msg-Id", row.id.to_string().as_str());
+                    only_id
+                };
+                let subject = format!("{}.{}", self.namespace, row.subject);
                 (
-                    format!("{}.raw.k.{}", self.namespace, event.key),
-                    serde_json::to_vec(&event).unwrap_or_default(),
+                    subject,
+                    PublishMessage::build()
+                        .payload(row.payload.into())
+                        .headers(headers),
                 )
             })
             .collect();
         let started = Instant::now();
         let mut acks = FuturesOrdered::new();
-        for (subject, payload) in payloads {
-            let mut headers = HeaderMap::new();
-            headers.insert("Nats-Msg-Id", Uuid::now_v7().to_string().as_str());
-            let message = PublishMessage::build()
-                .payload(payload.into())
-                .headers(headers);
+        for (subject, message) in messages {
             acks.push_back(context.send_publish(subject, message).await?.into_future());
             if acks.len() >= self.args.in_flight {
                 acks.next().await.transpose()?;
