@@ -164,7 +164,7 @@ impl<P: Publisher> Relay<P> {
         // settled; SQLite runs one relay and keeps no write lock while publishing.
         let locking = self.db.get_database_backend() != DbBackend::Sqlite;
         let claim_txn = if locking {
-            Some(self.db.begin().await?)
+            Some(self.begin().await?)
         } else {
             None
         };
@@ -207,6 +207,7 @@ impl<P: Publisher> Relay<P> {
         Ok(report)
     }
 
+    /// Every transaction of a round starts here, so that `async_commit` applies to all of them.
     async fn begin(&self) -> Result<sea_orm::DatabaseTransaction, sea_orm::DbErr> {
         let txn = self.db.begin().await?;
         if self.config.async_commit && txn.get_database_backend() == DbBackend::Postgres {
