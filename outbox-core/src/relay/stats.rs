@@ -11,16 +11,16 @@ use super::BatchReport;
 use crate::entity::{dead_letter, outbox_message};
 
 /// Counters: events stored by the broker, duplicates among them, rejections, dead letters.
-pub(super) const PUBLISHED: &str = "outbox_published_total";
-pub(super) const DUPLICATES: &str = "outbox_duplicates_total";
-pub(super) const FAILURES: &str = "outbox_publish_failures_total";
-pub(super) const DEAD_LETTERED: &str = "outbox_dead_lettered_total";
+const PUBLISHED: &str = "outbox_published_total";
+const DUPLICATES: &str = "outbox_duplicates_total";
+const FAILURES: &str = "outbox_publish_failures_total";
+const DEAD_LETTERED: &str = "outbox_dead_lettered_total";
 /// Gauges: undelivered rows, and the age of the oldest one.
-pub(super) const PENDING: &str = "outbox_pending_rows";
-pub(super) const OLDEST_AGE: &str = "outbox_oldest_pending_age_seconds";
+const PENDING: &str = "outbox_pending_rows";
+const OLDEST_AGE: &str = "outbox_oldest_pending_age_seconds";
 /// Histograms: events per round and a round's duration.
-pub(super) const BATCH_SIZE: &str = "outbox_batch_size";
-pub(super) const BATCH_SECONDS: &str = "outbox_batch_duration_seconds";
+const BATCH_SIZE: &str = "outbox_batch_size";
+const BATCH_SECONDS: &str = "outbox_batch_duration_seconds";
 
 /// A snapshot of the outbox tables.
 #[derive(Debug, Clone, PartialEq, Eq)]
