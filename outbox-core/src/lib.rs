@@ -28,6 +28,8 @@
 //! - [`transactional`] runs a function body in one transaction; [`emit!`] records events in it.
 //! - [`migrate`] creates the outbox tables; [`migrations`] hands them to your own migrator.
 //! - [`registry()`] lists every event type linked into the program.
+//! - [`inbox`] makes each consumed event take effect once per consumer
+//!   (`outbox-nats` feeds it from JetStream).
 //! - [`relay::Relay`] delivers committed events through a [`relay::Publisher`]
 //!   (`outbox-nats` provides the JetStream one).
 #![deny(missing_docs)]
@@ -36,6 +38,7 @@ mod emit;
 pub mod entity;
 mod error;
 mod event;
+pub mod inbox;
 mod migration;
 pub mod registry;
 pub mod relay;

@@ -21,8 +21,10 @@
 //! ```
 #![deny(missing_docs)]
 
+mod consumer;
 mod publisher;
 mod streams;
 
+pub use consumer::{Consumer, ConsumerBuilder, ConsumerConfig, ConsumerError, ConsumerHandle};
 pub use publisher::{JetStreamPublisher, headers};
 pub use streams::{ProvisionError, StreamSpec, provision, streams_from_registry};

@@ -75,10 +75,7 @@ impl JetStreamPublisher {
     }
 
     fn subject(&self, subject: &str) -> String {
-        match &self.namespace {
-            Some(namespace) => format!("{namespace}.{subject}"),
-            None => subject.to_owned(),
-        }
+        crate::streams::namespaced(subject, self.namespace.as_deref())
     }
 }
 

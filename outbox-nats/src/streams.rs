@@ -20,16 +20,26 @@ pub struct StreamSpec {
 impl StreamSpec {
     /// The stream for one exchange: `<exchange>.>`, both under `namespace` if given.
     pub fn for_exchange(stream: &str, exchange: &str, namespace: Option<&str>) -> Self {
-        match namespace {
-            Some(ns) => Self {
-                name: format!("{}_{stream}", ns.to_uppercase()),
-                subjects: vec![format!("{ns}.{exchange}.>")],
-            },
-            None => Self {
-                name: stream.to_owned(),
-                subjects: vec![format!("{exchange}.>")],
-            },
+        Self {
+            name: stream_name(stream, namespace),
+            subjects: vec![namespaced(&format!("{exchange}.>"), namespace)],
         }
+    }
+}
+
+/// A stream's name under `namespace`: `NAMESPACE_<stream>`.
+pub(crate) fn stream_name(stream: &str, namespace: Option<&str>) -> String {
+    match namespace {
+        Some(ns) => format!("{}_{stream}", ns.to_uppercase()),
+        None => stream.to_owned(),
+    }
+}
+
+/// A subject under `namespace`: `namespace.<subject>`.
+pub(crate) fn namespaced(subject: &str, namespace: Option<&str>) -> String {
+    match namespace {
+        Some(ns) => format!("{ns}.{subject}"),
+        None => subject.to_owned(),
     }
 }
 

@@ -1,4 +1,6 @@
 //! SeaORM entities of the outbox tables, for reading them from application code and tools.
 
 pub mod dead_letter;
+pub mod inbox_dead_letter;
+pub mod inbox_message;
 pub mod outbox_message;

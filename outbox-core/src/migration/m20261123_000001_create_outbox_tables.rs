@@ -56,7 +56,7 @@ fn event_table(backend: DbBackend, table: Tables) -> TableCreateStatement {
 }
 
 /// A payload column that holds large events on every backend (MySQL's `BLOB` stops at 64 KiB).
-fn payload(backend: DbBackend, col: impl IntoIden) -> ColumnDef {
+pub(super) fn payload(backend: DbBackend, col: impl IntoIden) -> ColumnDef {
     match backend {
         DbBackend::MySql => ColumnDef::new(col).custom("LONGBLOB").not_null().take(),
         _ => blob(col),

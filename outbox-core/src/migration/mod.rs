@@ -1,4 +1,4 @@
-//! Migrations creating the outbox tables.
+//! Migrations creating the outbox, dead-letter and inbox tables.
 //!
 //! Use them from your own `sea-orm-migration` migrator by appending
 //! [`migrations()`] to its list, or run them on their own with
@@ -6,6 +6,7 @@
 //! (`outbox_migrations`) so that they never mix with your migrator's.
 
 mod m20261123_000001_create_outbox_tables;
+mod m20261123_000002_create_inbox_tables;
 
 use sea_orm::DatabaseConnection;
 use sea_orm_migration::prelude::*;
@@ -26,7 +27,10 @@ use sea_orm_migration::prelude::*;
 /// }
 /// ```
 pub fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-    vec![Box::new(m20261123_000001_create_outbox_tables::Migration)]
+    vec![
+        Box::new(m20261123_000001_create_outbox_tables::Migration),
+        Box::new(m20261123_000002_create_inbox_tables::Migration),
+    ]
 }
 
 /// Applies every outbox migration not applied yet; safe to call at each start.

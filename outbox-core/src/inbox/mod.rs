@@ -1,0 +1,88 @@
+//! The inbox: each consumed event takes effect once per consumer.
+//!
+//! A broker delivers at least once. The inbox turns that into an effect that
+//! happens once: a message is handled in one database transaction that first
+//! records `(consumer, event id)` in `outbox_inbox`. A redelivery finds the
+//! row and skips the handler; otherwise the handler runs in that transaction
+//! (a `#[transactional]` handler joins it through a savepoint, so the events
+//! it emits commit with its effect and the inbox row), and the transport
+//! acknowledges only after the commit.
+//!
+//! This module is transport-neutral: [`Handlers`] decodes through the
+//! [registry](crate::registry()) and runs the handler of an event type and
+//! version; `outbox-nats`' `Consumer` feeds it from a JetStream durable
+//! consumer and acknowledges, retries or dead-letters by its [`Processed`]
+//! answer.
+
+mod handler;
+mod handlers;
+mod store;
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+pub use handler::{Handler, HandlerFn};
+pub use handlers::{DuplicateHandler, Handlers, Processed};
+pub use store::{dead_letter, purge, record};
+
+/// What a handler learns about a message besides the event itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Metadata {
+    /// The event id, assigned at `emit!` (`Nats-Msg-Id`); the inbox key.
+    pub id: Uuid,
+    /// The event type (`Outbox-Event-Type`).
+    pub event_type: String,
+    /// The schema version (`Outbox-Event-Version`).
+    pub version: u16,
+    /// The subject, as the event's `subject()` gave it (without a namespace prefix).
+    pub subject: String,
+    /// The partition key (`Outbox-Partition-Key`), if the event has one.
+    pub key: Option<String>,
+    /// Deliveries of this message so far, this one included: 1 on the first.
+    pub delivery_count: u64,
+    /// When `emit!` recorded the event (`Outbox-Occurred-At`), if the message says.
+    pub occurred_at: Option<DateTime<Utc>>,
+    /// The message's position in its stream.
+    pub stream_sequence: u64,
+}
+
+/// Why a message was dead-lettered by a consumer (`outbox_inbox_dead_letters.reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DeadLetterReason {
+    /// The handler failed on every delivery up to the consumer's bound.
+    HandlerFailed,
+    /// No handler of this consumer takes the event type.
+    UnknownType,
+    /// A handler takes the event type, but not in this version.
+    UnsupportedVersion,
+    /// The payload did not decode into the registered type.
+    Undecodable,
+    /// The message lacks a valid event id, type or version header.
+    Malformed,
+}
+
+impl DeadLetterReason {
+    /// The name stored in the `reason` column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::HandlerFailed => "handler_failed",
+            Self::UnknownType => "unknown_type",
+            Self::UnsupportedVersion => "unsupported_version",
+            Self::Undecodable => "undecodable",
+            Self::Malformed => "malformed",
+        }
+    }
+
+    /// Whether the message names an event this consumer has no handler for,
+    /// which a consumer may be configured to skip rather than dead-letter.
+    pub fn is_unhandled_type(self) -> bool {
+        matches!(self, Self::UnknownType | Self::UnsupportedVersion)
+    }
+}
+
+impl std::fmt::Display for DeadLetterReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

@@ -1,0 +1,345 @@
+//! The inbox consumer: a JetStream durable pull consumer whose handlers take
+//! effect once per event.
+//!
+//! Each message is handled by [`outbox_core::inbox::Handlers`] in one database
+//! transaction that records `(consumer, event id)` in `outbox_inbox` before
+//! the handler runs; the message is acknowledged only after that commit. A
+//! redelivery (after a crash between commit and ack, say) finds the inbox row
+//! and is acknowledged without running the handler again.
+//!
+//! ```no_run
+//! # use outbox_core::{OutboxEvent, inbox::Metadata};
+//! # use sea_orm::{DatabaseConnection, DatabaseTransaction, DbErr};
+//! # #[derive(serde::Serialize, serde::Deserialize, OutboxEvent)]
+//! # #[outbox(exchange = "orders", routing_key = "created", key = order_id)]
+//! # struct OrderCreated { order_id: i64 }
+//! async fn reserve_stock(event: OrderCreated, meta: Metadata, db: &DatabaseTransaction) -> Result<(), DbErr> {
+//!     // Writes through `db` commit with the inbox row: once per event.
+//!     Ok(())
+//! }
+//!
+//! # async fn run(db: DatabaseConnection) -> Result<(), Box<dyn std::error::Error>> {
+//! let client = async_nats::connect("127.0.0.1:4222").await?;
+//! let consumer = outbox_nats::Consumer::builder(client, db, "inventory")
+//!     .on::<OrderCreated, _>(reserve_stock)
+//!     .spawn()
+//!     .await?;
+//! // ...
+//! consumer.shutdown().await?;
+//! # Ok(()) }
+//! ```
+
+mod keys;
+mod message;
+mod worker;
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{AckPolicy, pull};
+use async_nats::jetstream::{self, Context};
+use outbox_core::OutboxEvent;
+use outbox_core::inbox::{DuplicateHandler, Handler, Handlers};
+use outbox_core::relay::Backoff;
+use sea_orm::DatabaseConnection;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::streams::{namespaced, stream_name};
+
+/// How a consumer runs; every field has a default (see [`ConsumerBuilder`]).
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    /// Messages handled at once (default 8).
+    pub max_in_flight: usize,
+    /// Deliveries of a failing message before it is dead-lettered (default 5).
+    pub max_deliveries: u64,
+    /// Delay before a failed message is redelivered (default 1 s doubling to 60 s).
+    pub retry_backoff: Backoff,
+    /// How long JetStream waits for an ack before redelivering (default 30 s).
+    pub ack_wait: Duration,
+    /// Messages delivered and not yet acknowledged, at most (default 1,000).
+    pub max_ack_pending: usize,
+    /// How long inbox rows are kept (default 7 days); must outlast any redelivery.
+    pub inbox_retention: Duration,
+    /// Acknowledge and count, rather than dead-letter, messages of an event
+    /// type or version no handler takes (default: dead-letter).
+    pub skip_unhandled: bool,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        Self {
+            max_in_flight: 8,
+            max_deliveries: 5,
+            retry_backoff: Backoff {
+                initial: Duration::from_secs(1),
+                max: Duration::from_secs(60),
+            },
+            ack_wait: Duration::from_secs(30),
+            max_ack_pending: 1_000,
+            inbox_retention: Duration::from_secs(7 * 24 * 3600),
+            skip_unhandled: false,
+        }
+    }
+}
+
+/// Why a consumer could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConsumerError {
+    /// No handler was registered.
+    #[error("consumer `{0}` has no handlers")]
+    NoHandlers(String),
+    /// Two handlers claim one event type and version.
+    #[error(transparent)]
+    DuplicateHandler(#[from] DuplicateHandler),
+    /// The handlers' event types live in several streams; name one with `stream`.
+    #[error(
+        "consumer `{consumer}` handles events of several streams ({streams}); one consumer reads one stream"
+    )]
+    SeveralStreams {
+        /// The consumer.
+        consumer: String,
+        /// The streams, comma-separated.
+        streams: String,
+    },
+    /// The stream does not exist or cannot be read.
+    #[error("stream `{stream}` is not available (provision it first): {error}")]
+    Stream {
+        /// The stream.
+        stream: String,
+        /// What JetStream said.
+        error: String,
+    },
+    /// JetStream refused to create or look up the durable consumer.
+    #[error("cannot create consumer `{consumer}` on stream `{stream}`: {error}")]
+    Consumer {
+        /// The consumer.
+        consumer: String,
+        /// The stream.
+        stream: String,
+        /// What JetStream said.
+        error: String,
+    },
+    /// The consumer task panicked.
+    #[error("consumer task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Builds a [`Consumer`]: name it, add handlers, then [`spawn`](Self::spawn) it.
+#[derive(Debug)]
+pub struct ConsumerBuilder {
+    client: async_nats::Client,
+    db: DatabaseConnection,
+    name: String,
+    stream: Option<String>,
+    namespace: Option<String>,
+    filter_subjects: Vec<String>,
+    handlers: Handlers,
+    errors: Vec<DuplicateHandler>,
+    config: ConsumerConfig,
+}
+
+/// A durable JetStream consumer feeding the inbox (see the [module docs](self)).
+#[derive(Debug)]
+pub struct Consumer;
+
+impl Consumer {
+    /// A consumer named `name`: its JetStream durable name and its key in the
+    /// inbox, so keep it stable across deployments.
+    pub fn builder(
+        client: async_nats::Client,
+        db: DatabaseConnection,
+        name: impl Into<String>,
+    ) -> ConsumerBuilder {
+        ConsumerBuilder {
+            client,
+            db,
+            name: name.into(),
+            stream: None,
+            namespace: None,
+            filter_subjects: Vec::new(),
+            handlers: Handlers::new(),
+            errors: Vec::new(),
+            config: ConsumerConfig::default(),
+        }
+    }
+}
+
+impl ConsumerBuilder {
+    /// Handles events of type `E` (every event type an enum carries) at `E::VERSION`
+    /// with `handler`: an `async fn(E, Metadata, &DatabaseTransaction) -> Result<(), Err>`
+    /// or a type implementing [`Handler<E>`].
+    pub fn on<E, H>(mut self, handler: H) -> Self
+    where
+        E: OutboxEvent,
+        H: Handler<E>,
+    {
+        if let Err(error) = self.handlers.insert::<E, H>(handler) {
+            self.errors.push(error);
+        }
+        self
+    }
+
+    /// The stream to read (default: the stream of the handled event types).
+    pub fn stream(mut self, stream: impl Into<String>) -> Self {
+        self.stream = Some(stream.into());
+        self
+    }
+
+    /// Reads the stream and subjects the relay's publisher wrote under this
+    /// namespace (see `JetStreamPublisher::namespace`).
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = Some(namespace.into());
+        self
+    }
+
+    /// Receives only messages on these subjects (without namespace; wildcards
+    /// allowed). More than one needs nats-server 2.10 or later.
+    pub fn filter_subjects<S: Into<String>>(
+        mut self,
+        subjects: impl IntoIterator<Item = S>,
+    ) -> Self {
+        self.filter_subjects = subjects.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Messages handled at once.
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.config.max_in_flight = n.max(1);
+        self
+    }
+
+    /// Deliveries of a failing message before it is dead-lettered.
+    pub fn max_deliveries(mut self, n: u64) -> Self {
+        self.config.max_deliveries = n.max(1);
+        self
+    }
+
+    /// The delay before a failed message is redelivered.
+    pub fn retry_backoff(mut self, backoff: Backoff) -> Self {
+        self.config.retry_backoff = backoff;
+        self
+    }
+
+    /// How long JetStream waits for an ack before redelivering.
+    pub fn ack_wait(mut self, ack_wait: Duration) -> Self {
+        self.config.ack_wait = ack_wait;
+        self
+    }
+
+    /// How long inbox rows are kept before they are deleted.
+    pub fn inbox_retention(mut self, retention: Duration) -> Self {
+        self.config.inbox_retention = retention;
+        self
+    }
+
+    /// Acknowledges and counts (metric `outbox_inbox_messages_total{outcome="skipped"}`)
+    /// messages whose event type or version no handler takes, instead of dead-lettering them.
+    pub fn skip_unhandled(mut self) -> Self {
+        self.config.skip_unhandled = true;
+        self
+    }
+
+    /// Creates the durable consumer (or finds it) and starts handling messages.
+    pub async fn spawn(self) -> Result<ConsumerHandle, ConsumerError> {
+        if let Some(error) = self.errors.into_iter().next() {
+            return Err(error.into());
+        }
+        if self.handlers.is_empty() {
+            return Err(ConsumerError::NoHandlers(self.name));
+        }
+        let stream = match self.stream {
+            Some(stream) => stream,
+            None => single_stream(&self.name, &self.handlers)?,
+        };
+        let ns = self.namespace.as_deref();
+        let stream = stream_name(&stream, ns);
+        let filters: Vec<String> = (self.filter_subjects.iter())
+            .map(|subject| namespaced(subject, ns))
+            .collect();
+        let context = jetstream::new(self.client.clone());
+        let consumer = durable(&context, &stream, &self.name, &filters, &self.config).await?;
+        let (stop, stopped) = watch::channel(false);
+        let worker = worker::Worker {
+            client: self.client,
+            consumer,
+            db: self.db,
+            handlers: self.handlers,
+            name: self.name,
+            stream,
+            namespace: self.namespace,
+            config: self.config,
+        };
+        let task = tokio::spawn(worker.run(stopped));
+        Ok(ConsumerHandle { stop, task })
+    }
+}
+
+fn single_stream(consumer: &str, handlers: &Handlers) -> Result<String, ConsumerError> {
+    let streams = handlers.streams();
+    match streams.iter().next() {
+        Some(stream) if streams.len() == 1 => Ok((*stream).to_owned()),
+        _ => Err(ConsumerError::SeveralStreams {
+            consumer: consumer.to_owned(),
+            streams: streams.iter().copied().collect::<Vec<_>>().join(", "),
+        }),
+    }
+}
+
+async fn durable(
+    context: &Context,
+    stream: &str,
+    name: &str,
+    filters: &[String],
+    config: &ConsumerConfig,
+) -> Result<jetstream::consumer::Consumer<pull::Config>, ConsumerError> {
+    let stream_handle = context
+        .get_stream(stream)
+        .await
+        .map_err(|e| ConsumerError::Stream {
+            stream: stream.to_owned(),
+            error: e.to_string(),
+        })?;
+    let mut consumer_config = pull::Config {
+        durable_name: Some(name.to_owned()),
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: config.ack_wait,
+        // The consumer counts deliveries itself and dead-letters past its
+        // bound; a server-side bound would stop redelivering silently.
+        max_deliver: -1,
+        max_ack_pending: i64::try_from(config.max_ack_pending).unwrap_or(i64::MAX),
+        ..Default::default()
+    };
+    match filters {
+        [] => {}
+        [one] => consumer_config.filter_subject = one.clone(),
+        many => consumer_config.filter_subjects = many.to_vec(),
+    }
+    stream_handle
+        .get_or_create_consumer(name, consumer_config)
+        .await
+        .map_err(|e| ConsumerError::Consumer {
+            consumer: name.to_owned(),
+            stream: stream.to_owned(),
+            error: e.to_string(),
+        })
+}
+
+/// A running consumer. Dropping it leaves the consumer running; call
+/// [`shutdown`](Self::shutdown) to stop it cleanly.
+#[derive(Debug)]
+pub struct ConsumerHandle {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl ConsumerHandle {
+    /// Stops taking messages, lets the handlers in flight finish (commit and
+    /// ack), returns the messages not started to JetStream for redelivery,
+    /// then stops.
+    pub async fn shutdown(self) -> Result<(), ConsumerError> {
+        let _ = self.stop.send(true);
+        Ok(self.task.await?)
+    }
+}
