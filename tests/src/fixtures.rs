@@ -36,6 +36,15 @@ pub enum AppError {
     Rejected,
 }
 
+impl std::fmt::Display for AppError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AppError::Outbox(error) => error.fmt(f),
+            AppError::Rejected => f.write_str("rejected by the business rule"),
+        }
+    }
+}
+
 impl From<outbox_core::Error> for AppError {
     fn from(error: outbox_core::Error) -> Self {
         AppError::Outbox(error)

@@ -95,12 +95,20 @@ pub struct PrivateNats {
     pub url: String,
     port: u16,
     store: tempfile::TempDir,
+    /// A configuration file (`-c`), for servers with users and permissions.
+    config: Option<PathBuf>,
     child: Option<Child>,
 }
 
 impl PrivateNats {
     /// Starts `nats-server` from PATH (or /usr/sbin).
     pub async fn start() -> Self {
+        Self::start_with_config(None).await
+    }
+
+    /// Starts `nats-server` with `config` (nats-server configuration syntax)
+    /// added to its command line flags.
+    pub async fn start_with_config(config: Option<&str>) -> Self {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
@@ -109,8 +117,14 @@ impl PrivateNats {
             url: format!("nats://127.0.0.1:{port}"),
             port,
             store: tempfile::tempdir().expect("store directory"),
+            config: None,
             child: None,
         };
+        if let Some(config) = config {
+            let path = server.store.path().join("nats-server.conf");
+            std::fs::write(&path, config).expect("write nats-server.conf");
+            server.config = Some(path);
+        }
         server.restart().await;
         server
     }
@@ -125,7 +139,11 @@ impl PrivateNats {
     /// Starts the server again on the same port and store.
     pub async fn restart(&mut self) {
         self.stop().await;
-        let child = Command::new(binary())
+        let mut command = Command::new(binary());
+        if let Some(config) = &self.config {
+            command.arg("-c").arg(config);
+        }
+        let child = command
             .args([
                 "-js",
                 "-a",

@@ -139,7 +139,7 @@ impl Handlers {
     ) -> Processed {
         let (run, event) = match self.decode(&meta, payload) {
             Ok(found) => found,
-            Err((reason, error)) => return Processed::Unhandled { reason, error },
+            Err(unhandled) => return unhandled,
         };
         match self.in_transaction(db, consumer, run, event, meta).await {
             Ok(processed) => processed,
@@ -151,7 +151,8 @@ impl Handlers {
         &self,
         meta: &Metadata,
         payload: &[u8],
-    ) -> Result<(Arc<Run>, Box<dyn Any + Send>), (DeadLetterReason, String)> {
+    ) -> Result<(Arc<Run>, Box<dyn Any + Send>), Processed> {
+        let unhandled = |reason, error| Processed::Unhandled { reason, error };
         let (name, version) = (meta.event_type.as_str(), meta.version);
         let Some(run) = self.by_type.get(&(name, version)) else {
             let versions: Vec<u16> = (self.by_type.keys())
@@ -160,20 +161,20 @@ impl Handlers {
                 .collect();
             return Err(if versions.is_empty() {
                 let error = format!("no handler for event type `{name}`");
-                (DeadLetterReason::UnknownType, error)
+                unhandled(DeadLetterReason::UnknownType, error)
             } else {
                 let error = format!(
                     "event `{name}` version {version} is not handled (handled versions: {versions:?})"
                 );
-                (DeadLetterReason::UnsupportedVersion, error)
+                unhandled(DeadLetterReason::UnsupportedVersion, error)
             });
         };
         let Some(descriptor) = crate::registry().get(name, version) else {
             let error = format!("event `{name}` version {version} is not in the registry");
-            return Err((DeadLetterReason::UnknownType, error));
+            return Err(unhandled(DeadLetterReason::UnknownType, error));
         };
         let event = (descriptor.decode)(payload)
-            .map_err(|error| (DeadLetterReason::Undecodable, error.to_string()))?;
+            .map_err(|error| unhandled(DeadLetterReason::Undecodable, error.to_string()))?;
         Ok((Arc::clone(run), event))
     }
 

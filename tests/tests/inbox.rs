@@ -1,0 +1,719 @@
+//! The inbox consumer against real PostgreSQL and NATS JetStream; each test
+//! has its own schema and its own namespace of streams.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream;
+use chrono::Utc;
+use outbox_core::entity::{inbox_dead_letter, inbox_message, outbox_message};
+use outbox_core::inbox::{self, Handler, Metadata};
+use outbox_core::relay::{Backoff, Relay};
+use outbox_core::{OutboxEvent, emit, transactional};
+use outbox_nats::{Consumer, ConsumerBuilder, provision};
+use outbox_tests::TestDb;
+use outbox_tests::fixtures::{AppError, OrderCreated, order};
+use outbox_tests::nats::{PrivateNats, TestNats};
+use sea_orm::{
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, DatabaseConnection, DatabaseTransaction,
+    EntityTrait, PaginatorTrait, QueryFilter, TransactionTrait,
+};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Serialize, Deserialize, OutboxEvent)]
+#[outbox(exchange = "orders", routing_key = "seq.{key}", key = key)]
+struct Sequenced {
+    key: String,
+    n: u32,
+}
+
+/// Emitted by a consumer's handler; its exchange has no stream in these tests,
+/// so it stays in the outbox where the test reads it.
+#[derive(Debug, Serialize, Deserialize, OutboxEvent)]
+#[outbox(exchange = "stock", routing_key = "reserved", key = order_id)]
+struct StockReserved {
+    order_id: i64,
+}
+
+/// Quick retries, so that tests do not wait seconds for redeliveries.
+const FAST_RETRY: Backoff = Backoff {
+    initial: Duration::from_millis(20),
+    max: Duration::from_millis(100),
+};
+
+#[transactional]
+async fn emit_one<E: OutboxEvent>(db: &DatabaseConnection, event: E) -> Result<(), AppError> {
+    emit!(event);
+    Ok(())
+}
+
+/// A test's database and NATS namespace, with the `ORDERS` stream provisioned.
+struct Setup {
+    test: TestDb,
+    nats: TestNats,
+    stream: String,
+}
+
+impl Setup {
+    async fn new(test: TestDb, nats: TestNats) -> Self {
+        let spec = nats.stream("ORDERS", "orders");
+        provision(
+            nats.publisher().context(),
+            std::slice::from_ref(&spec),
+            Duration::from_secs(120),
+        )
+        .await
+        .expect("provision the stream");
+        Self {
+            test,
+            nats,
+            stream: spec.name,
+        }
+    }
+
+    async fn postgres() -> Self {
+        Self::new(TestDb::postgres().await, TestNats::shared().await).await
+    }
+
+    fn db(&self) -> &DatabaseConnection {
+        &self.test.db
+    }
+
+    /// Emits `event` and relays the outbox to the stream.
+    async fn publish<E: OutboxEvent>(&self, event: E) {
+        emit_one(self.db(), event).await.expect("commit the event");
+        self.relay().await;
+    }
+
+    /// Relays everything in the outbox once.
+    async fn relay(&self) {
+        let relay = Relay::builder(self.db().clone(), self.nats.publisher()).build();
+        while relay.process_batch().await.expect("relay").claimed > 0 {}
+    }
+
+    /// Publishes a message straight to the stream, with the given outbox headers.
+    async fn publish_raw(&self, subject: &str, headers: &[(&str, &str)], payload: &'static [u8]) {
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            map.insert(*name, *value);
+        }
+        let subject = format!("{}.{subject}", self.nats.namespace);
+        jetstream::new(self.nats.client.clone())
+            .publish_with_headers(subject, map, payload.into())
+            .await
+            .expect("publish")
+            .await
+            .expect("stored");
+    }
+
+    fn consumer(&self, name: &str) -> ConsumerBuilder {
+        Consumer::builder(self.nats.client.clone(), self.db().clone(), name)
+            .namespace(self.nats.namespace.clone())
+            .retry_backoff(FAST_RETRY)
+    }
+
+    /// Waits until `consumer` has acknowledged (or terminated) every message of the stream.
+    async fn settled(&self, consumer: &str) {
+        settled(&self.nats.client, &self.stream, consumer).await;
+    }
+
+    async fn finish(self) {
+        self.nats.finish().await;
+        self.test.finish().await;
+    }
+}
+
+async fn settled(client: &async_nats::Client, stream: &str, consumer: &str) {
+    let stream = jetstream::new(client.clone())
+        .get_stream(stream)
+        .await
+        .expect("stream");
+    eventually("the consumer acknowledges every message", async || {
+        let info = stream.consumer_info(consumer).await.expect("consumer info");
+        info.num_pending == 0 && info.num_ack_pending == 0
+    })
+    .await;
+}
+
+/// Polls `check` for up to 20 s.
+async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn orders(db: &DatabaseConnection) -> u64 {
+    order::Entity::find().count(db).await.expect("count orders")
+}
+
+async fn inbox_rows(db: &DatabaseConnection) -> u64 {
+    inbox_message::Entity::find()
+        .count(db)
+        .await
+        .expect("count inbox rows")
+}
+
+async fn dead_letters(db: &DatabaseConnection, consumer: &str) -> Vec<inbox_dead_letter::Model> {
+    inbox_dead_letter::Entity::find()
+        .filter(inbox_dead_letter::Column::Consumer.eq(consumer))
+        .all(db)
+        .await
+        .expect("read dead letters")
+}
+
+/// Inserts the order; counts its calls and the delivery counts it saw.
+#[derive(Default, Clone)]
+struct InsertOrder {
+    calls: Arc<AtomicU32>,
+    deliveries: Arc<Mutex<Vec<u64>>>,
+    /// Fails while the delivery count is below this.
+    succeed_from_delivery: u64,
+    /// Always fails for this order.
+    poison: Option<i64>,
+}
+
+impl Handler<OrderCreated> for InsertOrder {
+    type Error = AppError;
+
+    async fn handle(
+        &self,
+        event: OrderCreated,
+        meta: Metadata,
+        db: &DatabaseTransaction,
+    ) -> Result<(), AppError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.deliveries
+            .lock()
+            .expect("lock")
+            .push(meta.delivery_count);
+        if meta.delivery_count < self.succeed_from_delivery || self.poison == Some(event.order_id) {
+            return Err(AppError::Rejected);
+        }
+        order::ActiveModel {
+            id: Set(event.order_id),
+            total_cents: Set(event.total_cents),
+        }
+        .insert(db)
+        .await?;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redelivery_after_commit_before_ack_changes_the_database_once() {
+    // The fault — a commit whose ack never arrives — is real: the server
+    // denies the first consumer's user publishing to `$JS.ACK.>`, so its acks
+    // are dropped and JetStream redelivers what it already committed.
+    let server = PrivateNats::start_with_config(Some(
+        r#"authorization {
+             users = [
+               { user: admin, password: admin }
+               { user: noack, password: noack, permissions: { publish: { deny: ["$JS.ACK.>"] } } }
+             ]
+           }"#,
+    ))
+    .await;
+    let connect = |user: &'static str| {
+        async_nats::ConnectOptions::with_user_and_password(user.into(), user.into())
+            .connect(server.url.clone())
+    };
+    let admin = connect("admin").await.expect("connect as admin");
+    let nats = TestNats {
+        client: admin.clone(),
+        namespace: "inbox".to_owned(),
+    };
+    let setup = Setup::new(TestDb::postgres().await, nats).await;
+    let db = setup.db();
+    setup
+        .publish(OrderCreated {
+            order_id: 1,
+            total_cents: 100,
+        })
+        .await;
+
+    let handler = InsertOrder::default();
+    let lossy = connect("noack").await.expect("connect as noack");
+    let first = Consumer::builder(lossy, db.clone(), "billing")
+        .namespace("inbox")
+        .ack_wait(Duration::from_secs(1))
+        .on::<OrderCreated, _>(handler.clone())
+        .spawn()
+        .await
+        .expect("start the consumer");
+    let stream = jetstream::new(admin.clone())
+        .get_stream(&setup.stream)
+        .await
+        .expect("stream");
+    eventually("the lost ack causes a redelivery", async || {
+        let info = stream.consumer_info("billing").await.expect("info");
+        info.num_redelivered >= 1 && handler.deliveries.lock().expect("lock").len() == 1
+    })
+    .await;
+    assert_eq!(orders(db).await, 1, "the first delivery committed");
+    first.shutdown().await.expect("stop");
+
+    let second = Consumer::builder(admin.clone(), db.clone(), "billing")
+        .namespace("inbox")
+        .on::<OrderCreated, _>(handler.clone())
+        .spawn()
+        .await
+        .expect("restart the consumer");
+    settled(&admin, &setup.stream, "billing").await;
+    second.shutdown().await.expect("stop");
+
+    let deliveries = handler.deliveries.lock().expect("lock").clone();
+    assert_eq!(
+        handler.calls.load(Ordering::SeqCst),
+        1,
+        "the handler ran once"
+    );
+    assert_eq!(deliveries, vec![1]);
+    assert_eq!(orders(db).await, 1, "the effect happened once");
+    assert_eq!(inbox_rows(db).await, 1);
+    assert!(dead_letters(db, "billing").await.is_empty());
+    setup.test.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_failing_twice_then_succeeding_applies_once() {
+    let setup = Setup::postgres().await;
+    let db = setup.db();
+    setup
+        .publish(OrderCreated {
+            order_id: 7,
+            total_cents: 700,
+        })
+        .await;
+    let handler = InsertOrder {
+        succeed_from_delivery: 3,
+        ..InsertOrder::default()
+    };
+    let consumer = setup
+        .consumer("billing")
+        .on::<OrderCreated, _>(handler.clone())
+        .spawn()
+        .await
+        .expect("start the consumer");
+    setup.settled("billing").await;
+    consumer.shutdown().await.expect("stop");
+
+    let deliveries = handler.deliveries.lock().expect("lock").clone();
+    assert_eq!(
+        deliveries,
+        vec![1, 2, 3],
+        "the handler sees each delivery's count"
+    );
+    assert_eq!(orders(db).await, 1);
+    assert_eq!(inbox_rows(db).await, 1);
+    assert!(dead_letters(db, "billing").await.is_empty());
+    setup.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_and_undecodable_messages_are_dead_lettered_and_later_ones_continue() {
+    let setup = Setup::postgres().await;
+    let db = setup.db();
+    setup
+        .publish(OrderCreated {
+            order_id: 13,
+            total_cents: 1300,
+        })
+        .await;
+    let id = |n: u8| format!("00000000-0000-7000-8000-0000000000{n:02}");
+    let (undecodable, unknown, unsupported) = (id(1), id(2), id(3));
+    let outbox = |id: &str, event_type: &'static str, version: &'static str| {
+        [
+            ("Nats-Msg-Id", id.to_owned()),
+            ("Outbox-Event-Type", event_type.to_owned()),
+            ("Outbox-Event-Version", version.to_owned()),
+        ]
+    };
+    for (headers, payload) in [
+        (outbox(&undecodable, "OrderCreated", "1"), &b"not json"[..]),
+        (outbox(&unknown, "Mystery", "1"), b"{}"),
+        (outbox(&unsupported, "OrderCreated", "9"), b"{}"),
+    ] {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        setup.publish_raw("orders.odd", &headers, payload).await;
+    }
+    setup.publish_raw("orders.odd", &[], b"no headers").await;
+    setup
+        .publish(OrderCreated {
+            order_id: 14,
+            total_cents: 1400,
+        })
+        .await;
+
+    let handler = InsertOrder {
+        poison: Some(13),
+        ..InsertOrder::default()
+    };
+    let strict = setup
+        .consumer("strict")
+        .max_deliveries(2)
+        .on::<OrderCreated, _>(handler.clone())
+        .spawn()
+        .await
+        .expect("start the consumer");
+    setup.settled("strict").await;
+    strict.shutdown().await.expect("stop");
+
+    let letters = dead_letters(db, "strict").await;
+    let by_reason: HashMap<&str, &inbox_dead_letter::Model> =
+        letters.iter().map(|l| (l.reason.as_str(), l)).collect();
+    assert_eq!(letters.len(), 5, "{letters:#?}");
+    let poison = by_reason["handler_failed"];
+    assert_eq!(poison.deliveries, 2);
+    assert_eq!(poison.error, "rejected by the business rule");
+    assert_eq!(
+        serde_json::from_slice::<OrderCreated>(&poison.payload).expect("payload kept"),
+        OrderCreated {
+            order_id: 13,
+            total_cents: 1300
+        }
+    );
+    assert_eq!(by_reason["undecodable"].payload, b"not json");
+    assert_eq!(
+        by_reason["undecodable"].event_id.map(|i| i.to_string()),
+        Some(undecodable)
+    );
+    assert!(
+        by_reason["undecodable"]
+            .error
+            .contains("cannot decode event `OrderCreated` version 1")
+    );
+    assert_eq!(
+        by_reason["unknown_type"].event_type.as_deref(),
+        Some("Mystery")
+    );
+    assert_eq!(by_reason["unsupported_version"].event_version, Some(9));
+    assert_eq!(by_reason["malformed"].payload, b"no headers");
+    assert!(
+        by_reason["malformed"].error.contains("Nats-Msg-Id"),
+        "{}",
+        by_reason["malformed"].error
+    );
+    let rows = order::Entity::find().all(db).await.expect("orders");
+    assert_eq!(
+        rows.iter().map(|o| o.id).collect::<Vec<_>>(),
+        vec![14],
+        "the later message was handled"
+    );
+
+    // Configured to skip them, another consumer acks unknown types and
+    // versions without a dead letter; undecodable and poison ones still get one.
+    let lenient = setup
+        .consumer("lenient")
+        .max_deliveries(2)
+        .skip_unhandled()
+        .on::<OrderCreated, _>(InsertOrder {
+            poison: Some(13),
+            ..InsertOrder::default()
+        })
+        .spawn()
+        .await
+        .expect("start the consumer");
+    setup.settled("lenient").await;
+    lenient.shutdown().await.expect("stop");
+    let reasons: BTreeSet<String> = dead_letters(db, "lenient")
+        .await
+        .into_iter()
+        .map(|l| l.reason)
+        .collect();
+    assert_eq!(
+        reasons,
+        BTreeSet::from(["handler_failed", "malformed", "undecodable"].map(str::to_owned))
+    );
+    setup.finish().await;
+}
+
+/// Emits `StockReserved` and fails for orders with a negative total.
+#[transactional]
+async fn reserve_stock(
+    event: OrderCreated,
+    _meta: Metadata,
+    db: &DatabaseTransaction,
+) -> Result<(), AppError> {
+    emit!(StockReserved {
+        order_id: event.order_id
+    });
+    if event.total_cents < 0 {
+        return Err(AppError::Rejected);
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_emitted_by_a_handler_reach_the_outbox_only_when_it_commits() {
+    let setup = Setup::postgres().await;
+    let db = setup.db();
+    for (order_id, total_cents) in [(1, 100), (2, -1)] {
+        setup
+            .publish(OrderCreated {
+                order_id,
+                total_cents,
+            })
+            .await;
+    }
+    let consumer = setup
+        .consumer("inventory")
+        .max_deliveries(3)
+        .on::<OrderCreated, _>(reserve_stock)
+        .spawn()
+        .await
+        .expect("start the consumer");
+    setup.settled("inventory").await;
+    consumer.shutdown().await.expect("stop");
+
+    let emitted = outbox_message::Entity::find()
+        .filter(outbox_message::Column::EventType.eq("StockReserved"))
+        .all(db)
+        .await
+        .expect("read the outbox");
+    assert_eq!(
+        emitted.len(),
+        1,
+        "three failed attempts for order 2 emitted nothing"
+    );
+    assert_eq!(emitted[0].partition_key.as_deref(), Some("1"));
+    let letters = dead_letters(db, "inventory").await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].deliveries, 3);
+    setup.finish().await;
+}
+
+/// Records each key's handled events; fails the first delivery of some;
+/// tracks how many handlers ran at once.
+#[derive(Default, Clone)]
+struct Recorder {
+    handled: Arc<Mutex<HashMap<String, Vec<u32>>>>,
+    running: Arc<AtomicUsize>,
+    most_running: Arc<AtomicUsize>,
+}
+
+impl Handler<Sequenced> for Recorder {
+    type Error = String;
+
+    async fn handle(
+        &self,
+        event: Sequenced,
+        meta: Metadata,
+        _db: &DatabaseTransaction,
+    ) -> Result<(), String> {
+        let running = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most_running.fetch_max(running, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(u64::from(event.n % 4) * 2)).await;
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        if event.n % 7 == 3 && meta.delivery_count == 1 {
+            return Err(format!("{} #{} fails once", event.key, event.n));
+        }
+        let mut handled = self.handled.lock().expect("lock");
+        handled.entry(event.key).or_default().push(event.n);
+        Ok(())
+    }
+}
+
+#[transactional]
+async fn emit_round(db: &DatabaseConnection, n: u32, keys: u32) -> Result<(), AppError> {
+    for k in 0..keys {
+        emit!(Sequenced {
+            key: format!("k{k}"),
+            n
+        });
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_key_order_holds_with_8_in_flight_over_20_keys() {
+    let setup = Setup::postgres().await;
+    let (keys, per_key) = (20, 20);
+    for n in 0..per_key {
+        emit_round(setup.db(), n, keys).await.expect("commit");
+    }
+    setup.relay().await;
+    let recorder = Recorder::default();
+    let consumer = setup
+        .consumer("ledger")
+        .max_in_flight(8)
+        .on::<Sequenced, _>(recorder.clone())
+        .spawn()
+        .await
+        .expect("start the consumer");
+    setup.settled("ledger").await;
+    consumer.shutdown().await.expect("stop");
+
+    let handled = recorder.handled.lock().expect("lock").clone();
+    assert_eq!(handled.len(), 20);
+    for (key, ns) in &handled {
+        assert_eq!(
+            ns,
+            &(0..per_key).collect::<Vec<_>>(),
+            "key {key} out of order"
+        );
+    }
+    let most = recorder.most_running.load(Ordering::SeqCst);
+    assert!((2..=8).contains(&most), "{most} handlers ran at once");
+    assert_eq!(inbox_rows(setup.db()).await, u64::from(keys * per_key));
+    setup.finish().await;
+}
+
+/// Signals when it starts, then takes a while.
+#[derive(Clone)]
+struct Slow {
+    started: Arc<tokio::sync::Notify>,
+}
+
+impl Handler<OrderCreated> for Slow {
+    type Error = AppError;
+
+    async fn handle(
+        &self,
+        event: OrderCreated,
+        _meta: Metadata,
+        db: &DatabaseTransaction,
+    ) -> Result<(), AppError> {
+        self.started.notify_one();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        order::ActiveModel {
+            id: Set(event.order_id),
+            total_cents: Set(event.total_cents),
+        }
+        .insert(db)
+        .await?;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_the_handler_in_flight_and_acks_it() {
+    let setup = Setup::postgres().await;
+    setup
+        .publish(OrderCreated {
+            order_id: 3,
+            total_cents: 300,
+        })
+        .await;
+    let started = Arc::new(tokio::sync::Notify::new());
+    let consumer = setup
+        .consumer("billing")
+        .on::<OrderCreated, _>(Slow {
+            started: Arc::clone(&started),
+        })
+        .spawn()
+        .await
+        .expect("start the consumer");
+    started.notified().await;
+    consumer.shutdown().await.expect("stop");
+    assert_eq!(
+        orders(setup.db()).await,
+        1,
+        "the handler in flight committed"
+    );
+    let info = jetstream::new(setup.nats.client.clone())
+        .get_stream(&setup.stream)
+        .await
+        .expect("stream")
+        .consumer_info("billing")
+        .await
+        .expect("info")
+        .clone();
+    assert_eq!(
+        (info.num_pending, info.num_ack_pending),
+        (0, 0),
+        "and it was acknowledged"
+    );
+    setup.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbox_rows_are_deleted_after_the_retention_window() {
+    let setup = Setup::postgres().await;
+    let db = setup.db();
+    setup
+        .publish(OrderCreated {
+            order_id: 4,
+            total_cents: 400,
+        })
+        .await;
+    let handler = InsertOrder::default();
+    let consumer = setup
+        .consumer("billing")
+        .inbox_retention(Duration::from_secs(1))
+        .on::<OrderCreated, _>(handler.clone())
+        .spawn()
+        .await
+        .expect("start the consumer");
+    setup.settled("billing").await;
+    assert_eq!(orders(db).await, 1);
+    eventually("the inbox row is purged", async || {
+        inbox_rows(db).await == 0
+    })
+    .await;
+    consumer.shutdown().await.expect("stop");
+    setup.finish().await;
+}
+
+#[tokio::test]
+async fn a_consumer_without_handlers_or_with_two_for_one_type_does_not_start() {
+    let nats = TestNats::shared().await;
+    let test = TestDb::sqlite().await;
+    let builder = || Consumer::builder(nats.client.clone(), test.db.clone(), "c");
+    let error = builder().spawn().await.expect_err("no handlers");
+    assert_eq!(error.to_string(), "consumer `c` has no handlers");
+    let error = builder()
+        .on::<OrderCreated, _>(InsertOrder::default())
+        .on::<OrderCreated, _>(reserve_stock)
+        .spawn()
+        .await
+        .expect_err("two handlers");
+    assert_eq!(
+        error.to_string(),
+        "two handlers for event `OrderCreated` version 1 on one consumer"
+    );
+    let error = builder()
+        .namespace(nats.namespace.clone())
+        .on::<OrderCreated, _>(InsertOrder::default())
+        .spawn()
+        .await
+        .expect_err("no stream");
+    assert!(
+        error
+            .to_string()
+            .contains("is not available (provision it first)"),
+        "{error}"
+    );
+    test.finish().await;
+}
+
+async fn inbox_records_once_and_purges_by_age(db: &DatabaseConnection) {
+    let id = uuid::Uuid::now_v7();
+    let txn = db.begin().await.expect("begin");
+    assert!(inbox::record(&txn, "a", id).await.expect("record"));
+    assert!(!inbox::record(&txn, "a", id).await.expect("record again"));
+    assert!(
+        inbox::record(&txn, "b", id)
+            .await
+            .expect("another consumer")
+    );
+    txn.commit().await.expect("commit");
+    let later = Utc::now() + chrono::Duration::seconds(1);
+    assert_eq!(
+        inbox::purge(db, "a", Utc::now() - chrono::Duration::hours(1))
+            .await
+            .expect("purge"),
+        0
+    );
+    assert_eq!(inbox::purge(db, "a", later).await.expect("purge"), 1);
+    assert_eq!(inbox_rows(db).await, 1, "only consumer a's row went");
+}
+
+outbox_tests::on_each_backend!(inbox_records_once_and_purges_by_age);
