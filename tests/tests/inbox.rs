@@ -18,8 +18,8 @@ use outbox_tests::TestDb;
 use outbox_tests::fixtures::{AppError, OrderCreated, order};
 use outbox_tests::nats::{PrivateNats, TestNats};
 use sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, ColumnTrait, DatabaseConnection, DatabaseTransaction,
-    EntityTrait, PaginatorTrait, QueryFilter, TransactionTrait,
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection,
+    DatabaseTransaction, EntityTrait, PaginatorTrait, QueryFilter, TransactionTrait,
 };
 use serde::{Deserialize, Serialize};
 
@@ -432,6 +432,51 @@ async fn poison_and_undecodable_messages_are_dead_lettered_and_later_ones_contin
         reasons,
         BTreeSet::from(["handler_failed", "malformed", "undecodable"].map(str::to_owned))
     );
+    setup.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_failure_is_retried_and_never_dead_letters() {
+    let setup = Setup::postgres().await;
+    let db = setup.db();
+    setup
+        .publish(OrderCreated {
+            order_id: 5,
+            total_cents: 500,
+        })
+        .await;
+    // A real failure of the inbox statement: its table is gone for a while.
+    db.execute_unprepared("ALTER TABLE outbox_inbox RENAME TO outbox_inbox_away")
+        .await
+        .expect("hide the inbox table");
+    let handler = InsertOrder::default();
+    let consumer = setup
+        .consumer("billing")
+        .max_deliveries(2)
+        .on::<OrderCreated, _>(handler.clone())
+        .spawn()
+        .await
+        .expect("start the consumer");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    db.execute_unprepared("ALTER TABLE outbox_inbox_away RENAME TO outbox_inbox")
+        .await
+        .expect("restore the inbox table");
+    setup.settled("billing").await;
+    consumer.shutdown().await.expect("stop");
+
+    let deliveries = handler.deliveries.lock().expect("lock").clone();
+    assert_eq!(
+        deliveries.len(),
+        1,
+        "the handler ran once the database was back"
+    );
+    assert!(
+        deliveries[0] > 2,
+        "after more failed deliveries ({}) than max_deliveries",
+        deliveries[0]
+    );
+    assert_eq!(orders(db).await, 1);
+    assert!(dead_letters(db, "billing").await.is_empty());
     setup.finish().await;
 }
 

@@ -20,9 +20,11 @@ pub enum Processed {
     Handled,
     /// The inbox already held the event: the handler was skipped; acknowledge.
     Duplicate,
-    /// The handler failed, panicked, or the database did: nothing committed;
-    /// deliver again later.
+    /// The handler failed or panicked: nothing committed; deliver again later.
     Failed(String),
+    /// The database failed around the handler (begin, inbox row, commit):
+    /// nothing committed; deliver again later, without blaming the message.
+    Unavailable(String),
     /// No handler can take the message; nothing ran. Redelivery would not
     /// help: dead-letter it (or skip it, if so configured).
     Unhandled {
@@ -143,7 +145,7 @@ impl Handlers {
         };
         match self.in_transaction(db, consumer, run, event, meta).await {
             Ok(processed) => processed,
-            Err(error) => Processed::Failed(error.to_string()),
+            Err(error) => Processed::Unavailable(error.to_string()),
         }
     }
 

@@ -85,12 +85,17 @@ impl<T> KeyQueues<T> {
         ready
     }
 
-    /// Queued messages received before `before` (they need their ack deadline extended).
-    pub(super) fn waiting_since(&self, before: Instant) -> impl Iterator<Item = &T> {
-        (self.keys.values())
-            .flat_map(|k| k.queue.values())
-            .filter(move |(_, received)| *received < before)
-            .map(|(message, _)| message)
+    /// Queued messages received (or last extended) before `before`: their
+    /// ack deadline needs extending, which the caller does; each is stamped `now`.
+    pub(super) fn due_for_extension(&mut self, before: Instant, now: Instant) -> Vec<&T> {
+        let mut due = Vec::new();
+        for (message, stamp) in self.keys.values_mut().flat_map(|k| k.queue.values_mut()) {
+            if *stamp < before {
+                *stamp = now;
+                due.push(&*message);
+            }
+        }
+        due
     }
 
     /// Empties every queue (at shutdown).
@@ -182,9 +187,13 @@ mod tests {
         keys.push("a", 2, "a2", now);
         keys.push("a", 2, "a2 again", now + Duration::from_secs(1));
         assert_eq!(keys.queued(), 1);
-        assert_eq!(
-            keys.waiting_since(now + Duration::from_millis(1)).count(),
-            0
+        let later = now + Duration::from_secs(1);
+        assert!(keys.due_for_extension(later, later).is_empty());
+        let after = later + Duration::from_millis(1);
+        assert_eq!(keys.due_for_extension(after, after), vec![&"a2 again"]);
+        assert!(
+            keys.due_for_extension(after, later).is_empty(),
+            "stamped when extended"
         );
         assert_eq!(keys.drain(), vec!["a2 again"]);
         assert_eq!(keys.queued(), 0);

@@ -109,8 +109,10 @@ impl Worker {
                     for message in keys.expire(now) {
                         shared.start(&mut tasks, message);
                     }
-                    for message in keys.waiting_since(now - config.ack_wait / 2) {
-                        let _ = message.ack_with(AckKind::Progress).await;
+                    if let Some(before) = now.checked_sub(config.ack_wait / 2) {
+                        for message in keys.due_for_extension(before, now) {
+                            let _ = message.ack_with(AckKind::Progress).await;
+                        }
                     }
                     if now >= next_purge {
                         shared.purge().await;
@@ -194,15 +196,6 @@ impl Worker {
             }
         };
         let span = tracing::debug_span!("outbox.handle", consumer = %self.name, event_type = %meta.event_type, event_id = %meta.id, delivery = position.delivered);
-        if position.delivered > config.max_deliveries {
-            let error = format!(
-                "delivered {} times, more than the consumer's bound of {}",
-                position.delivered, config.max_deliveries
-            );
-            return self
-                .dead_letter(message, position, DeadLetterReason::HandlerFailed, error)
-                .await;
-        }
         let processed = tracing::Instrument::instrument(
             self.handlers
                 .process(&self.db, &self.name, meta, &message.payload),
@@ -226,11 +219,19 @@ impl Worker {
             }
             Processed::Failed(error) => {
                 self.count("failed");
-                let failures = u32::try_from(position.delivered).unwrap_or(u32::MAX);
-                let delay = config.retry_backoff.delay(failures);
-                tracing::warn!(consumer = %self.name, sequence = position.stream_sequence, delivery = position.delivered, retry_in = ?delay, %error, "handler failed; the message will be redelivered");
-                self.ack(message, AckKind::Nak(Some(delay))).await;
-                Some(delay)
+                Some(
+                    self.retry(message, position, "handler failed", &error)
+                        .await,
+                )
+            }
+            // Not the message's fault: it does not move towards a dead letter,
+            // however often JetStream has delivered it.
+            Processed::Unavailable(error) => {
+                self.count("unavailable");
+                Some(
+                    self.retry(message, position, "database failed", &error)
+                        .await,
+                )
             }
             Processed::Unhandled { reason, error }
                 if config.skip_unhandled && reason.is_unhandled_type() =>
@@ -277,15 +278,28 @@ impl Worker {
                 None
             }
             Err(error) => {
-                let delay = self
-                    .config
-                    .retry_backoff
-                    .delay(u32::try_from(position.delivered).unwrap_or(u32::MAX));
-                tracing::warn!(consumer = %self.name, %error, retry_in = ?delay, "cannot store the dead letter; the message will be redelivered");
-                self.ack(message, AckKind::Nak(Some(delay))).await;
-                Some(delay)
+                let error = error.to_string();
+                Some(
+                    self.retry(message, position, "storing the dead letter failed", &error)
+                        .await,
+                )
             }
         }
+    }
+
+    /// Negatively acknowledges with the backoff delay of its delivery count; returns the delay.
+    async fn retry(
+        &self,
+        message: &Message,
+        position: Position,
+        what: &str,
+        error: &str,
+    ) -> Duration {
+        let failures = u32::try_from(position.delivered).unwrap_or(u32::MAX);
+        let delay = self.config.retry_backoff.delay(failures);
+        tracing::warn!(consumer = %self.name, sequence = position.stream_sequence, delivery = position.delivered, retry_in = ?delay, %error, "{what}; the message will be redelivered");
+        self.ack(message, AckKind::Nak(Some(delay))).await;
+        delay
     }
 
     async fn ack(&self, message: &Message, kind: AckKind) {
