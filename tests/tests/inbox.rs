@@ -480,6 +480,60 @@ async fn a_database_failure_is_retried_and_never_dead_letters() {
     setup.finish().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_consumer_rides_out_a_nats_restart() {
+    let mut server = PrivateNats::start().await;
+    let client = async_nats::connect(&server.url).await.expect("connect");
+    let nats = TestNats {
+        client,
+        namespace: "outage".to_owned(),
+    };
+    let setup = Setup::new(TestDb::postgres().await, nats).await;
+    let publish = async |orders: std::ops::Range<i64>| {
+        for order_id in orders {
+            let total_cents = order_id * 100;
+            emit_one(
+                setup.db(),
+                OrderCreated {
+                    order_id,
+                    total_cents,
+                },
+            )
+            .await
+            .expect("commit");
+        }
+        setup.relay().await;
+    };
+    publish(0..5).await;
+    let handler = InsertOrder::default();
+    // A killed server may come back without the acks it had not yet written
+    // to disk: it redelivers those messages after `ack_wait`, and the inbox
+    // skips them.
+    let consumer = setup
+        .consumer("billing")
+        .ack_wait(Duration::from_secs(2))
+        .on::<OrderCreated, _>(handler.clone())
+        .spawn()
+        .await
+        .expect("start the consumer");
+    setup.settled("billing").await;
+
+    server.stop().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    server.restart().await;
+    publish(5..10).await;
+    setup.settled("billing").await;
+    consumer.shutdown().await.expect("stop");
+
+    assert_eq!(orders(setup.db()).await, 10);
+    assert_eq!(
+        handler.calls.load(Ordering::SeqCst),
+        10,
+        "each event handled once"
+    );
+    setup.test.finish().await;
+}
+
 /// Emits `StockReserved` and fails for orders with a negative total.
 #[transactional]
 async fn reserve_stock(
