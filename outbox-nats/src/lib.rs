@@ -4,6 +4,8 @@
 //!   `outbox_core::relay`, with pipelined acknowledgements and the event id as
 //!   `Nats-Msg-Id`, so that JetStream drops re-published copies.
 //! - [`provision`] creates or checks the stream of each exchange.
+//! - [`Consumer`] feeds JetStream messages to typed handlers through the
+//!   inbox (`outbox_core::inbox`), so that each handler's effect happens once per event.
 //! - The `outbox` command (feature `cli`, on by default) runs a relay as its own process.
 //!
 //! ```no_run

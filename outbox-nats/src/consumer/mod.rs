@@ -1,33 +1,5 @@
 //! The inbox consumer: a JetStream durable pull consumer whose handlers take
 //! effect once per event.
-//!
-//! Each message is handled by [`outbox_core::inbox::Handlers`] in one database
-//! transaction that records `(consumer, event id)` in `outbox_inbox` before
-//! the handler runs; the message is acknowledged only after that commit. A
-//! redelivery (after a crash between commit and ack, say) finds the inbox row
-//! and is acknowledged without running the handler again.
-//!
-//! ```no_run
-//! # use outbox_core::{OutboxEvent, inbox::Metadata};
-//! # use sea_orm::{DatabaseConnection, DatabaseTransaction, DbErr};
-//! # #[derive(serde::Serialize, serde::Deserialize, OutboxEvent)]
-//! # #[outbox(exchange = "orders", routing_key = "created", key = order_id)]
-//! # struct OrderCreated { order_id: i64 }
-//! async fn reserve_stock(event: OrderCreated, meta: Metadata, db: &DatabaseTransaction) -> Result<(), DbErr> {
-//!     // Writes through `db` commit with the inbox row: once per event.
-//!     Ok(())
-//! }
-//!
-//! # async fn run(db: DatabaseConnection) -> Result<(), Box<dyn std::error::Error>> {
-//! let client = async_nats::connect("127.0.0.1:4222").await?;
-//! let consumer = outbox_nats::Consumer::builder(client, db, "inventory")
-//!     .on::<OrderCreated, _>(reserve_stock)
-//!     .spawn()
-//!     .await?;
-//! // ...
-//! consumer.shutdown().await?;
-//! # Ok(()) }
-//! ```
 
 mod keys;
 mod message;
@@ -140,7 +112,36 @@ pub struct ConsumerBuilder {
     config: ConsumerConfig,
 }
 
-/// A durable JetStream consumer feeding the inbox (see the [module docs](self)).
+/// The inbox consumer: a JetStream durable pull consumer whose handlers take
+/// effect once per event.
+///
+/// Each message is handled by [`outbox_core::inbox::Handlers`] in one database
+/// transaction that records `(consumer, event id)` in `outbox_inbox` before
+/// the handler runs; the message is acknowledged only after that commit. A
+/// redelivery (after a crash between commit and ack, say) finds the inbox row
+/// and is acknowledged without running the handler again.
+///
+/// ```no_run
+/// # use outbox_core::{OutboxEvent, inbox::Metadata};
+/// # use sea_orm::{DatabaseConnection, DatabaseTransaction, DbErr};
+/// # #[derive(serde::Serialize, serde::Deserialize, OutboxEvent)]
+/// # #[outbox(exchange = "orders", routing_key = "created", key = order_id)]
+/// # struct OrderCreated { order_id: i64 }
+/// async fn reserve_stock(event: OrderCreated, meta: Metadata, db: &DatabaseTransaction) -> Result<(), DbErr> {
+///     // Writes through `db` commit with the inbox row: once per event.
+///     Ok(())
+/// }
+///
+/// # async fn run(db: DatabaseConnection) -> Result<(), Box<dyn std::error::Error>> {
+/// let client = async_nats::connect("127.0.0.1:4222").await?;
+/// let consumer = outbox_nats::Consumer::builder(client, db, "inventory")
+///     .on::<OrderCreated, _>(reserve_stock)
+///     .spawn()
+///     .await?;
+/// // ...
+/// consumer.shutdown().await?;
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct Consumer;
 
