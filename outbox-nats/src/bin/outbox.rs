@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use outbox_core::entity::dead_letter;
+use outbox_core::entity::{dead_letter, inbox_dead_letter};
 use outbox_core::relay::Relay;
 use outbox_nats::{JetStreamPublisher, StreamSpec, provision};
 use sea_orm::{Database, DatabaseConnection, EntityTrait, QueryOrder, QuerySelect};
@@ -35,6 +35,9 @@ enum Command {
         /// How many to list, newest first.
         #[arg(long, default_value_t = 20)]
         limit: u64,
+        /// List the consumers' dead letters (`outbox_inbox_dead_letters`) instead of the relay's.
+        #[arg(long)]
+        inbox: bool,
     },
 }
 
@@ -87,7 +90,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     match cli.command {
         Command::Relay(args) => relay(db, args).await,
         Command::Status => status(&db).await,
-        Command::DeadLetters { limit } => dead_letters(&db, limit).await,
+        Command::DeadLetters {
+            limit,
+            inbox: false,
+        } => dead_letters(&db, limit).await,
+        Command::DeadLetters { limit, inbox: true } => inbox_dead_letters(&db, limit).await,
     }
 }
 
@@ -172,5 +179,33 @@ async fn dead_letters(
         );
     }
     println!("{} dead letters shown", letters.len());
+    Ok(())
+}
+
+async fn inbox_dead_letters(
+    db: &DatabaseConnection,
+    limit: u64,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let letters = inbox_dead_letter::Entity::find()
+        .order_by_desc(inbox_dead_letter::Column::FailedAt)
+        .limit(limit)
+        .all(db)
+        .await?;
+    for letter in &letters {
+        println!(
+            "{} consumer={} {}#{} {} event={} reason={} deliveries={} failed_at={} error: {}",
+            letter.id,
+            letter.consumer,
+            letter.stream,
+            letter.stream_sequence,
+            letter.subject,
+            letter.event_type.as_deref().unwrap_or("?"),
+            letter.reason,
+            letter.deliveries,
+            letter.failed_at,
+            letter.error
+        );
+    }
+    println!("{} consumer dead letters shown", letters.len());
     Ok(())
 }
