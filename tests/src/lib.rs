@@ -1,6 +1,6 @@
 //! Shared helpers of the integration tests: an isolated database per test on
-//! the real services (`DATABASE_URL`, default `postgres://root@127.0.0.1/test`),
-//! or a fresh SQLite file.
+//! the real services (`DATABASE_URL`, default `postgres://root@127.0.0.1/test`;
+//! `MYSQL_URL`, default `mysql://root@127.0.0.1:3306`), or a fresh SQLite file.
 
 pub mod fixtures;
 pub mod nats;
@@ -10,6 +10,11 @@ use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection};
 /// The PostgreSQL server tests use.
 pub fn postgres_url() -> String {
     std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://root@127.0.0.1/test".to_owned())
+}
+
+/// The MariaDB/MySQL server tests use (without a database name).
+pub fn mysql_url() -> String {
+    std::env::var("MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".to_owned())
 }
 
 /// A migrated, empty database that only one test uses.
@@ -25,6 +30,10 @@ enum Isolation {
     Postgres {
         admin: DatabaseConnection,
         schema: String,
+    },
+    MySql {
+        admin: DatabaseConnection,
+        database: String,
     },
     /// Deleted with the directory when dropped.
     Sqlite { _dir: tempfile::TempDir },
@@ -53,6 +62,25 @@ impl TestDb {
         Self::migrated(db, Isolation::Postgres { admin, schema }).await
     }
 
+    /// A new database on the MariaDB/MySQL server.
+    pub async fn mysql() -> Self {
+        let url = mysql_url();
+        let admin = Database::connect(format!("{url}/test"))
+            .await
+            .unwrap_or_else(|e| panic!("MariaDB/MySQL at {url} is required: {e}"));
+        let database = format!("outbox_test_{}", uuid::Uuid::now_v7().simple());
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE {database}"))
+            .await
+            .expect("create test database");
+        let mut options = ConnectOptions::new(format!("{url}/{database}"));
+        options.max_connections(16).sqlx_logging(false);
+        let db = Database::connect(options)
+            .await
+            .expect("connect to test database");
+        Self::migrated(db, Isolation::MySql { admin, database }).await
+    }
+
     /// A new SQLite database file in a temporary directory.
     pub async fn sqlite() -> Self {
         let dir = tempfile::tempdir().expect("temporary directory");
@@ -79,16 +107,25 @@ impl TestDb {
     /// Drops what the test created (its schema; a SQLite file goes with its directory).
     pub async fn finish(self) {
         self.db.close().await.expect("close the test connection");
-        if let Isolation::Postgres { admin, schema } = self.isolation {
-            admin
-                .execute_unprepared(&format!("DROP SCHEMA {schema} CASCADE"))
-                .await
-                .expect("drop test schema");
+        match self.isolation {
+            Isolation::Postgres { admin, schema } => {
+                admin
+                    .execute_unprepared(&format!("DROP SCHEMA {schema} CASCADE"))
+                    .await
+                    .expect("drop test schema");
+            }
+            Isolation::MySql { admin, database } => {
+                admin
+                    .execute_unprepared(&format!("DROP DATABASE {database}"))
+                    .await
+                    .expect("drop test database");
+            }
+            Isolation::Sqlite { .. } => {}
         }
     }
 }
 
-/// Runs each listed `async fn(&DatabaseConnection)` as two tests, one per backend.
+/// Runs each listed `async fn(&DatabaseConnection)` as three tests, one per backend.
 #[macro_export]
 macro_rules! on_each_backend {
     ($($test:ident),* $(,)?) => {$(
@@ -96,6 +133,13 @@ macro_rules! on_each_backend {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn postgres() {
                 let test = $crate::TestDb::postgres().await;
+                super::$test(&test.db).await;
+                test.finish().await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn mysql() {
+                let test = $crate::TestDb::mysql().await;
                 super::$test(&test.db).await;
                 test.finish().await;
             }

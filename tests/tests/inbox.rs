@@ -78,6 +78,10 @@ impl Setup {
         Self::new(TestDb::postgres().await, TestNats::shared().await).await
     }
 
+    async fn mysql() -> Self {
+        Self::new(TestDb::mysql().await, TestNats::shared().await).await
+    }
+
     fn db(&self) -> &DatabaseConnection {
         &self.test.db
     }
@@ -282,9 +286,7 @@ async fn redelivery_after_commit_before_ack_changes_the_database_once() {
     setup.test.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_handler_failing_twice_then_succeeding_applies_once() {
-    let setup = Setup::postgres().await;
+async fn a_handler_failing_twice_then_succeeding_applies_once(setup: Setup) {
     let db = setup.db();
     setup
         .publish(OrderCreated {
@@ -317,9 +319,7 @@ async fn a_handler_failing_twice_then_succeeding_applies_once() {
     setup.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn poison_and_undecodable_messages_are_dead_lettered_and_later_ones_continue() {
-    let setup = Setup::postgres().await;
+async fn poison_and_undecodable_messages_are_dead_lettered_and_later_ones_continue(setup: Setup) {
     let db = setup.db();
     setup
         .publish(OrderCreated {
@@ -435,9 +435,7 @@ async fn poison_and_undecodable_messages_are_dead_lettered_and_later_ones_contin
     setup.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_database_failure_is_retried_and_never_dead_letters() {
-    let setup = Setup::postgres().await;
+async fn a_database_failure_is_retried_and_never_dead_letters(setup: Setup) {
     let db = setup.db();
     setup
         .publish(OrderCreated {
@@ -550,9 +548,7 @@ async fn reserve_stock(
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn events_emitted_by_a_handler_reach_the_outbox_only_when_it_commits() {
-    let setup = Setup::postgres().await;
+async fn events_emitted_by_a_handler_reach_the_outbox_only_when_it_commits(setup: Setup) {
     let db = setup.db();
     for (order_id, total_cents) in [(1, 100), (2, -1)] {
         setup
@@ -631,9 +627,7 @@ async fn emit_round(db: &DatabaseConnection, n: u32, keys: u32) -> Result<(), Ap
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn per_key_order_holds_with_8_in_flight_over_20_keys() {
-    let setup = Setup::postgres().await;
+async fn per_key_order_holds_with_8_in_flight_over_20_keys(setup: Setup) {
     let (keys, per_key) = (20, 20);
     for n in 0..per_key {
         emit_round(setup.db(), n, keys).await.expect("commit");
@@ -816,3 +810,28 @@ async fn inbox_records_once_and_purges_by_age(db: &DatabaseConnection) {
 }
 
 outbox_tests::on_each_backend!(inbox_records_once_and_purges_by_age);
+
+/// Runs each listed `async fn(Setup)` on PostgreSQL and on MariaDB/MySQL.
+macro_rules! on_postgres_and_mysql {
+    ($($test:ident),* $(,)?) => {$(
+        mod $test {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$test(super::Setup::postgres().await).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn mysql() {
+                super::$test(super::Setup::mysql().await).await;
+            }
+        }
+    )*};
+}
+
+on_postgres_and_mysql!(
+    a_handler_failing_twice_then_succeeding_applies_once,
+    poison_and_undecodable_messages_are_dead_lettered_and_later_ones_continue,
+    a_database_failure_is_retried_and_never_dead_letters,
+    events_emitted_by_a_handler_reach_the_outbox_only_when_it_commits,
+    per_key_order_holds_with_8_in_flight_over_20_keys,
+);

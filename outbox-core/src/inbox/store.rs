@@ -2,7 +2,10 @@
 
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::OnConflict;
-use sea_orm::{ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter};
+use sea_orm::{
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, DbBackend, EntityTrait,
+    Insert, QueryFilter, QueryTrait,
+};
 use uuid::Uuid;
 
 use crate::Error;
@@ -22,18 +25,11 @@ pub async fn record(
         event_id: Set(event_id),
         processed_at: Set(Utc::now()),
     };
-    let inserted = inbox_message::Entity::insert(row)
-        .on_conflict(
-            OnConflict::columns([
-                inbox_message::Column::Consumer,
-                inbox_message::Column::EventId,
-            ])
-            .do_nothing()
-            .to_owned(),
-        )
-        .exec_without_returning(conn)
-        .await?;
-    Ok(inserted == 1)
+    let key = [
+        inbox_message::Column::Consumer,
+        inbox_message::Column::EventId,
+    ];
+    insert_once(conn, inbox_message::Entity::insert(row), key).await
 }
 
 /// Deletes `consumer`'s inbox rows processed before `before`; returns how many.
@@ -59,17 +55,34 @@ pub async fn dead_letter(
     conn: &impl ConnectionTrait,
     letter: inbox_dead_letter::Model,
 ) -> Result<bool, Error> {
-    let inserted = inbox_dead_letter::Entity::insert(inbox_dead_letter::ActiveModel::from(letter))
-        .on_conflict(
-            OnConflict::columns([
-                inbox_dead_letter::Column::Consumer,
-                inbox_dead_letter::Column::Stream,
-                inbox_dead_letter::Column::StreamSequence,
-            ])
-            .do_nothing()
-            .to_owned(),
-        )
-        .exec_without_returning(conn)
-        .await?;
-    Ok(inserted == 1)
+    let key = [
+        inbox_dead_letter::Column::Consumer,
+        inbox_dead_letter::Column::Stream,
+        inbox_dead_letter::Column::StreamSequence,
+    ];
+    let insert = inbox_dead_letter::Entity::insert(inbox_dead_letter::ActiveModel::from(letter));
+    insert_once(conn, insert, key).await
+}
+
+/// Inserts one row unless one with the same `key` exists; returns whether it did.
+///
+/// MySQL has no `ON CONFLICT DO NOTHING`, and its no-op `ON DUPLICATE KEY
+/// UPDATE` reports a found row as affected, so it gets `INSERT IGNORE`.
+async fn insert_once<A, const N: usize>(
+    conn: &impl ConnectionTrait,
+    mut insert: Insert<A>,
+    key: [<A::Entity as EntityTrait>::Column; N],
+) -> Result<bool, Error>
+where
+    A: ActiveModelTrait,
+{
+    let backend = conn.get_database_backend();
+    if backend != DbBackend::MySql {
+        insert = insert.on_conflict(OnConflict::columns(key).do_nothing().to_owned());
+    }
+    let mut statement = insert.build(backend);
+    if backend == DbBackend::MySql {
+        statement.sql = statement.sql.replacen("INSERT ", "INSERT IGNORE ", 1);
+    }
+    Ok(conn.execute_raw(statement).await?.rows_affected() == 1)
 }
