@@ -153,3 +153,22 @@ macro_rules! on_each_backend {
         }
     )*};
 }
+
+/// Runs each listed `async fn(Setup)` on PostgreSQL and on MariaDB/MySQL;
+/// the calling test file defines `Setup` with `postgres()` and `mysql()`.
+#[macro_export]
+macro_rules! on_postgres_and_mysql {
+    ($($test:ident),* $(,)?) => {$(
+        mod $test {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$test(super::Setup::postgres().await).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn mysql() {
+                super::$test(super::Setup::mysql().await).await;
+            }
+        }
+    )*};
+}

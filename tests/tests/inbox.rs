@@ -519,6 +519,10 @@ async fn the_consumer_rides_out_a_nats_restart() {
     server.stop().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     server.restart().await;
+    eventually("the client reconnects", async || {
+        setup.nats.client.connection_state() == async_nats::connection::State::Connected
+    })
+    .await;
     publish(5..10).await;
     setup.settled("billing").await;
     consumer.shutdown().await.expect("stop");
@@ -811,24 +815,7 @@ async fn inbox_records_once_and_purges_by_age(db: &DatabaseConnection) {
 
 outbox_tests::on_each_backend!(inbox_records_once_and_purges_by_age);
 
-/// Runs each listed `async fn(Setup)` on PostgreSQL and on MariaDB/MySQL.
-macro_rules! on_postgres_and_mysql {
-    ($($test:ident),* $(,)?) => {$(
-        mod $test {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() {
-                super::$test(super::Setup::postgres().await).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn mysql() {
-                super::$test(super::Setup::mysql().await).await;
-            }
-        }
-    )*};
-}
-
-on_postgres_and_mysql!(
+outbox_tests::on_postgres_and_mysql!(
     a_handler_failing_twice_then_succeeding_applies_once,
     poison_and_undecodable_messages_are_dead_lettered_and_later_ones_continue,
     a_database_failure_is_retried_and_never_dead_letters,

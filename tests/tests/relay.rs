@@ -111,7 +111,7 @@ async fn provision_orders(nats: &TestNats) -> String {
     spec.name
 }
 
-/// A test's own PostgreSQL schema and NATS namespace, with the orders stream provisioned.
+/// A test's own PostgreSQL schema (or MariaDB database) and NATS namespace, with the orders stream provisioned.
 struct Setup {
     test: TestDb,
     nats: TestNats,
@@ -126,6 +126,10 @@ impl Setup {
 
     async fn postgres() -> Self {
         Self::new(TestDb::postgres().await, TestNats::shared().await).await
+    }
+
+    async fn mysql() -> Self {
+        Self::new(TestDb::mysql().await, TestNats::shared().await).await
     }
 
     async fn finish(self) {
@@ -233,9 +237,7 @@ impl Publisher for CrashAfterPublish {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn crash_between_publish_and_delete_is_deduplicated() {
-    let setup = Setup::postgres().await;
+async fn crash_between_publish_and_delete_is_deduplicated(setup: Setup) {
     let (db, nats, stream) = (&setup.test.db, &setup.nats, &setup.stream);
     emit_round(db, 0, 100).await.expect("commit");
 
@@ -271,9 +273,7 @@ async fn crash_between_publish_and_delete_is_deduplicated() {
     setup.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_relays_keep_per_key_commit_order() {
-    let setup = Setup::postgres().await;
+async fn three_relays_keep_per_key_commit_order(setup: Setup) {
     let (db, nats, stream) = (&setup.test.db, &setup.nats, &setup.stream);
     let relays: Vec<_> = (0..3)
         .map(|_| fast(db, nats.publisher()).batch_size(200).spawn())
@@ -299,9 +299,7 @@ async fn three_relays_keep_per_key_commit_order() {
     setup.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_relays_keep_one_hot_key_in_order() {
-    let setup = Setup::postgres().await;
+async fn three_relays_keep_one_hot_key_in_order(setup: Setup) {
     let (db, nats, stream) = (&setup.test.db, &setup.nats, &setup.stream);
     let relays: Vec<_> = (0..3)
         .map(|_| fast(db, nats.publisher()).batch_size(100).spawn())
@@ -320,9 +318,8 @@ async fn three_relays_keep_one_hot_key_in_order() {
     setup.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn poison_events_are_dead_lettered_and_the_rest_delivered() {
-    let setup = Setup::postgres().await; // nothing captures `nowhere.>`
+async fn poison_events_are_dead_lettered_and_the_rest_delivered(setup: Setup) {
+    // Nothing captures `nowhere.>`.
     let (db, nats, stream) = (&setup.test.db, &setup.nats, &setup.stream);
     emit_one(
         db,
@@ -446,9 +443,7 @@ async fn incompatible_streams_are_refused_at_start() {
     nats.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_mid_delivery_loses_nothing_and_leaves_nothing_claimed() {
-    let setup = Setup::postgres().await;
+async fn shutdown_mid_delivery_loses_nothing_and_leaves_nothing_claimed(setup: Setup) {
     let (db, nats, stream) = (&setup.test.db, &setup.nats, &setup.stream);
     for n in 0..30 {
         emit_round(db, n, 100).await.expect("commit");
@@ -537,9 +532,7 @@ async fn postgres_notify_wakes_a_relay_across_processes() {
     setup.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kept_deliveries_are_marked_not_resent_then_cleaned_up() {
-    let setup = Setup::postgres().await;
+async fn kept_deliveries_are_marked_not_resent_then_cleaned_up(setup: Setup) {
     let (db, nats, stream) = (&setup.test.db, &setup.nats, &setup.stream);
     emit_round(db, 0, 10).await.expect("commit");
     let relay = fast(db, nats.publisher())
@@ -604,3 +597,12 @@ async fn batches_larger_than_the_in_flight_bound_are_published_in_chunks() {
     assert_each_once(&nats.messages(stream).await, 100);
     setup.finish().await;
 }
+
+outbox_tests::on_postgres_and_mysql!(
+    crash_between_publish_and_delete_is_deduplicated,
+    three_relays_keep_per_key_commit_order,
+    three_relays_keep_one_hot_key_in_order,
+    poison_events_are_dead_lettered_and_the_rest_delivered,
+    shutdown_mid_delivery_loses_nothing_and_leaves_nothing_claimed,
+    kept_deliveries_are_marked_not_resent_then_cleaned_up,
+);

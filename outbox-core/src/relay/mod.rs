@@ -32,7 +32,7 @@ mod worker;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, TransactionTrait};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, IsolationLevel, TransactionTrait};
 use tracing::Instrument;
 
 pub use backoff::Backoff;
@@ -208,8 +208,19 @@ impl<P: Publisher> Relay<P> {
     }
 
     /// Every transaction of a round starts here, so that `async_commit` applies to all of them.
+    ///
+    /// On MySQL it runs at READ COMMITTED: under InnoDB's default REPEATABLE
+    /// READ the claim's locking read also locks the gaps of the index ranges
+    /// it scans, and handlers inserting events into those gaps deadlock with it.
     async fn begin(&self) -> Result<sea_orm::DatabaseTransaction, sea_orm::DbErr> {
-        let txn = self.db.begin().await?;
+        let txn = match self.db.get_database_backend() {
+            DbBackend::MySql => {
+                (self.db)
+                    .begin_with_config(Some(IsolationLevel::ReadCommitted), None)
+                    .await?
+            }
+            _ => self.db.begin().await?,
+        };
         if self.config.async_commit && txn.get_database_backend() == DbBackend::Postgres {
             txn.execute_unprepared("SET LOCAL synchronous_commit = off")
                 .await?;
