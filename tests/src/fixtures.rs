@@ -1,7 +1,7 @@
 //! The business model, events and error type the tests share.
 
-use outbox_core::OutboxEvent;
-use sea_orm::DbErr;
+use outbox_core::{OutboxEvent, emit, transactional};
+use sea_orm::{DatabaseConnection, DbErr};
 use serde::{Deserialize, Serialize};
 
 /// The business table the handlers under test write.
@@ -27,6 +27,26 @@ pub mod order {
 pub struct OrderCreated {
     pub order_id: i64,
     pub total_cents: i64,
+}
+
+/// An event of a numbered sequence per key, for ordering tests.
+#[derive(Debug, PartialEq, Serialize, Deserialize, OutboxEvent)]
+#[outbox(exchange = "orders", routing_key = "seq.{key}", key = key)]
+pub struct Sequenced {
+    pub key: String,
+    pub n: u32,
+}
+
+/// One transaction emitting `n` for each of `keys` keys (`k0`, `k1`, …), in key order.
+#[transactional]
+pub async fn emit_round(db: &DatabaseConnection, n: u32, keys: u32) -> Result<(), AppError> {
+    for k in 0..keys {
+        emit!(Sequenced {
+            key: format!("k{k}"),
+            n
+        });
+    }
+    Ok(())
 }
 
 /// The error type of the handlers under test: an outbox error, or a business rejection.

@@ -4,6 +4,9 @@
 
 pub mod fixtures;
 pub mod nats;
+mod setup;
+
+pub use setup::{FAST_RETRY, Setup, emit_one, eventually, settled};
 
 use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection};
 
@@ -154,20 +157,19 @@ macro_rules! on_each_backend {
     )*};
 }
 
-/// Runs each listed `async fn(Setup)` on PostgreSQL and on MariaDB/MySQL;
-/// the calling test file defines `Setup` with `postgres()` and `mysql()`.
+/// Runs each listed `async fn(Setup)` on PostgreSQL and on MariaDB/MySQL.
 #[macro_export]
 macro_rules! on_postgres_and_mysql {
     ($($test:ident),* $(,)?) => {$(
         mod $test {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn postgres() {
-                super::$test(super::Setup::postgres().await).await;
+                super::$test($crate::Setup::postgres().await).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn mysql() {
-                super::$test(super::Setup::mysql().await).await;
+                super::$test($crate::Setup::mysql().await).await;
             }
         }
     )*};

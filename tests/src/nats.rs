@@ -50,6 +50,20 @@ impl TestNats {
         StreamSpec::for_exchange(stream, exchange, Some(&self.namespace))
     }
 
+    /// Creates this namespace's `ORDERS` stream (`orders.>`, a 120 s
+    /// duplicate window) and returns its full name.
+    pub async fn provision_orders(&self) -> String {
+        let spec = self.stream("ORDERS", "orders");
+        outbox_nats::provision(
+            self.publisher().context(),
+            std::slice::from_ref(&spec),
+            Duration::from_secs(120),
+        )
+        .await
+        .expect("provision the orders stream");
+        spec.name
+    }
+
     /// Every message of `stream` (a full name), in stream order.
     pub async fn messages(&self, stream: &str) -> Vec<StreamMessage> {
         let context = jetstream::new(self.client.clone());

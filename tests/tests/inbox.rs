@@ -6,29 +6,20 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::HeaderMap;
 use async_nats::jetstream;
 use chrono::Utc;
 use outbox_core::entity::{inbox_dead_letter, inbox_message, outbox_message};
 use outbox_core::inbox::{self, Handler, Metadata};
-use outbox_core::relay::{Backoff, Relay};
 use outbox_core::{OutboxEvent, emit, transactional};
-use outbox_nats::{Consumer, ConsumerBuilder, provision};
-use outbox_tests::TestDb;
-use outbox_tests::fixtures::{AppError, OrderCreated, order};
+use outbox_nats::Consumer;
+use outbox_tests::fixtures::{AppError, OrderCreated, Sequenced, emit_round, order};
 use outbox_tests::nats::{PrivateNats, TestNats};
+use outbox_tests::{Setup, TestDb, emit_one, eventually, settled};
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection,
     DatabaseTransaction, EntityTrait, PaginatorTrait, QueryFilter, TransactionTrait,
 };
 use serde::{Deserialize, Serialize};
-
-#[derive(Debug, Serialize, Deserialize, OutboxEvent)]
-#[outbox(exchange = "orders", routing_key = "seq.{key}", key = key)]
-struct Sequenced {
-    key: String,
-    n: u32,
-}
 
 /// Emitted by a consumer's handler; its exchange has no stream in these tests,
 /// so it stays in the outbox where the test reads it.
@@ -36,122 +27,6 @@ struct Sequenced {
 #[outbox(exchange = "stock", routing_key = "reserved", key = order_id)]
 struct StockReserved {
     order_id: i64,
-}
-
-/// Quick retries, so that tests do not wait seconds for redeliveries.
-const FAST_RETRY: Backoff = Backoff {
-    initial: Duration::from_millis(20),
-    max: Duration::from_millis(100),
-};
-
-#[transactional]
-async fn emit_one<E: OutboxEvent>(db: &DatabaseConnection, event: E) -> Result<(), AppError> {
-    emit!(event);
-    Ok(())
-}
-
-/// A test's database and NATS namespace, with the `ORDERS` stream provisioned.
-struct Setup {
-    test: TestDb,
-    nats: TestNats,
-    stream: String,
-}
-
-impl Setup {
-    async fn new(test: TestDb, nats: TestNats) -> Self {
-        let spec = nats.stream("ORDERS", "orders");
-        provision(
-            nats.publisher().context(),
-            std::slice::from_ref(&spec),
-            Duration::from_secs(120),
-        )
-        .await
-        .expect("provision the stream");
-        Self {
-            test,
-            nats,
-            stream: spec.name,
-        }
-    }
-
-    async fn postgres() -> Self {
-        Self::new(TestDb::postgres().await, TestNats::shared().await).await
-    }
-
-    async fn mysql() -> Self {
-        Self::new(TestDb::mysql().await, TestNats::shared().await).await
-    }
-
-    fn db(&self) -> &DatabaseConnection {
-        &self.test.db
-    }
-
-    /// Emits `event` and relays the outbox to the stream.
-    async fn publish<E: OutboxEvent>(&self, event: E) {
-        emit_one(self.db(), event).await.expect("commit the event");
-        self.relay().await;
-    }
-
-    /// Relays everything in the outbox once.
-    async fn relay(&self) {
-        let relay = Relay::builder(self.db().clone(), self.nats.publisher()).build();
-        while relay.process_batch().await.expect("relay").claimed > 0 {}
-    }
-
-    /// Publishes a message straight to the stream, with the given outbox headers.
-    async fn publish_raw(&self, subject: &str, headers: &[(&str, &str)], payload: &'static [u8]) {
-        let mut map = HeaderMap::new();
-        for (name, value) in headers {
-            map.insert(*name, *value);
-        }
-        let subject = format!("{}.{subject}", self.nats.namespace);
-        jetstream::new(self.nats.client.clone())
-            .publish_with_headers(subject, map, payload.into())
-            .await
-            .expect("publish")
-            .await
-            .expect("stored");
-    }
-
-    fn consumer(&self, name: &str) -> ConsumerBuilder {
-        Consumer::builder(self.nats.client.clone(), self.db().clone(), name)
-            .namespace(self.nats.namespace.clone())
-            .retry_backoff(FAST_RETRY)
-    }
-
-    /// Waits until `consumer` has acknowledged (or terminated) every message of the stream.
-    async fn settled(&self, consumer: &str) {
-        settled(&self.nats.client, &self.stream, consumer).await;
-    }
-
-    async fn finish(self) {
-        self.nats.finish().await;
-        self.test.finish().await;
-    }
-}
-
-async fn settled(client: &async_nats::Client, stream: &str, consumer: &str) {
-    let stream = jetstream::new(client.clone())
-        .get_stream(stream)
-        .await
-        .expect("stream");
-    eventually("the consumer acknowledges every message", async || {
-        let info = stream.consumer_info(consumer).await.expect("consumer info");
-        info.num_pending == 0 && info.num_ack_pending == 0
-    })
-    .await;
-}
-
-/// Polls `check` for up to 20 s.
-async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn orders(db: &DatabaseConnection) -> u64 {
@@ -298,14 +173,9 @@ async fn a_handler_failing_twice_then_succeeding_applies_once(setup: Setup) {
         succeed_from_delivery: 3,
         ..InsertOrder::default()
     };
-    let consumer = setup
-        .consumer("billing")
-        .on::<OrderCreated, _>(handler.clone())
-        .spawn()
-        .await
-        .expect("start the consumer");
-    setup.settled("billing").await;
-    consumer.shutdown().await.expect("stop");
+    setup
+        .consume("billing", |c| c.on::<OrderCreated, _>(handler.clone()))
+        .await;
 
     let deliveries = handler.deliveries.lock().expect("lock").clone();
     assert_eq!(
@@ -356,15 +226,11 @@ async fn poison_and_undecodable_messages_are_dead_lettered_and_later_ones_contin
         poison: Some(13),
         ..InsertOrder::default()
     };
-    let strict = setup
-        .consumer("strict")
-        .max_deliveries(2)
-        .on::<OrderCreated, _>(handler.clone())
-        .spawn()
-        .await
-        .expect("start the consumer");
-    setup.settled("strict").await;
-    strict.shutdown().await.expect("stop");
+    setup
+        .consume("strict", |c| {
+            c.max_deliveries(2).on::<OrderCreated, _>(handler.clone())
+        })
+        .await;
 
     let letters = dead_letters(db, "strict").await;
     let by_reason: HashMap<&str, &inbox_dead_letter::Model> =
@@ -562,15 +428,11 @@ async fn events_emitted_by_a_handler_reach_the_outbox_only_when_it_commits(setup
             })
             .await;
     }
-    let consumer = setup
-        .consumer("inventory")
-        .max_deliveries(3)
-        .on::<OrderCreated, _>(reserve_stock)
-        .spawn()
-        .await
-        .expect("start the consumer");
-    setup.settled("inventory").await;
-    consumer.shutdown().await.expect("stop");
+    setup
+        .consume("inventory", |c| {
+            c.max_deliveries(3).on::<OrderCreated, _>(reserve_stock)
+        })
+        .await;
 
     let emitted = outbox_message::Entity::find()
         .filter(outbox_message::Column::EventType.eq("StockReserved"))
@@ -620,17 +482,6 @@ impl Handler<Sequenced> for Recorder {
     }
 }
 
-#[transactional]
-async fn emit_round(db: &DatabaseConnection, n: u32, keys: u32) -> Result<(), AppError> {
-    for k in 0..keys {
-        emit!(Sequenced {
-            key: format!("k{k}"),
-            n
-        });
-    }
-    Ok(())
-}
-
 async fn per_key_order_holds_with_8_in_flight_over_20_keys(setup: Setup) {
     let (keys, per_key) = (20, 20);
     for n in 0..per_key {
@@ -638,15 +489,11 @@ async fn per_key_order_holds_with_8_in_flight_over_20_keys(setup: Setup) {
     }
     setup.relay().await;
     let recorder = Recorder::default();
-    let consumer = setup
-        .consumer("ledger")
-        .max_in_flight(8)
-        .on::<Sequenced, _>(recorder.clone())
-        .spawn()
-        .await
-        .expect("start the consumer");
-    setup.settled("ledger").await;
-    consumer.shutdown().await.expect("stop");
+    setup
+        .consume("ledger", |c| {
+            c.max_in_flight(8).on::<Sequenced, _>(recorder.clone())
+        })
+        .await;
 
     let handled = recorder.handled.lock().expect("lock").clone();
     assert_eq!(handled.len(), 20);

@@ -9,20 +9,13 @@ use outbox_core::entity::dead_letter;
 use outbox_core::relay::{Backoff, Delivery, Publisher, Relay, RelayBuilder};
 use outbox_core::{OutboxEvent, emit, transactional};
 use outbox_nats::{JetStreamPublisher, ProvisionError, provision};
-use outbox_tests::TestDb;
-use outbox_tests::fixtures::{AppError, OrderCreated};
+use outbox_tests::fixtures::{AppError, OrderCreated, Sequenced, emit_round};
 use outbox_tests::nats::{PrivateNats, TestNats};
+use outbox_tests::{Setup, TestDb, emit_one};
 use sea_orm::{ConnectionTrait, DatabaseConnection, EntityTrait, QueryOrder, TransactionTrait};
 use serde::{Deserialize, Serialize};
 
 const WINDOW: Duration = Duration::from_secs(120);
-
-#[derive(Debug, PartialEq, Serialize, Deserialize, OutboxEvent)]
-#[outbox(exchange = "orders", routing_key = "seq.{key}", key = key)]
-struct Sequenced {
-    key: String,
-    n: u32,
-}
 
 /// Larger than NATS accepts (1 MiB by default) when `data` is.
 #[derive(Serialize, Deserialize, OutboxEvent)]
@@ -54,18 +47,6 @@ async fn place_order<C: TransactionTrait>(
     Ok(())
 }
 
-/// One transaction emitting `n` for each of `keys` keys, in key order.
-#[transactional]
-async fn emit_round(db: &DatabaseConnection, n: u32, keys: u32) -> Result<(), AppError> {
-    for k in 0..keys {
-        emit!(Sequenced {
-            key: format!("k{k}"),
-            n
-        });
-    }
-    Ok(())
-}
-
 /// Events `from..to` of one key, in one transaction.
 #[transactional]
 async fn emit_run(db: &DatabaseConnection, key: &str, from: u32, to: u32) -> Result<(), AppError> {
@@ -75,12 +56,6 @@ async fn emit_run(db: &DatabaseConnection, key: &str, from: u32, to: u32) -> Res
             n
         });
     }
-    Ok(())
-}
-
-#[transactional]
-async fn emit_one<E: OutboxEvent>(db: &DatabaseConnection, event: E) -> Result<(), AppError> {
-    emit!(event);
     Ok(())
 }
 
@@ -97,45 +72,6 @@ fn fast<P: Publisher>(db: &DatabaseConnection, publisher: P) -> RelayBuilder<P> 
             initial: Duration::from_millis(50),
             max: Duration::from_millis(500),
         })
-}
-
-async fn provision_orders(nats: &TestNats) -> String {
-    let spec = nats.stream("ORDERS", "orders");
-    provision(
-        nats.publisher().context(),
-        std::slice::from_ref(&spec),
-        WINDOW,
-    )
-    .await
-    .expect("provision the orders stream");
-    spec.name
-}
-
-/// A test's own PostgreSQL schema (or MariaDB database) and NATS namespace, with the orders stream provisioned.
-struct Setup {
-    test: TestDb,
-    nats: TestNats,
-    stream: String,
-}
-
-impl Setup {
-    async fn new(test: TestDb, nats: TestNats) -> Self {
-        let stream = provision_orders(&nats).await;
-        Self { test, nats, stream }
-    }
-
-    async fn postgres() -> Self {
-        Self::new(TestDb::postgres().await, TestNats::shared().await).await
-    }
-
-    async fn mysql() -> Self {
-        Self::new(TestDb::mysql().await, TestNats::shared().await).await
-    }
-
-    async fn finish(self) {
-        self.nats.finish().await;
-        self.test.finish().await;
-    }
 }
 
 /// Waits until the outbox is empty; the bound only keeps a broken relay from hanging the run.
@@ -181,7 +117,7 @@ outbox_tests::on_each_backend!(delivers_committed_events_with_their_headers);
 
 async fn delivers_committed_events_with_their_headers(db: &DatabaseConnection) {
     let nats = TestNats::shared().await;
-    let stream = &provision_orders(&nats).await;
+    let stream = &nats.provision_orders().await;
     let relay = fast(db, nats.publisher()).spawn();
     place_order(db, 7, 1250).await.expect("commit");
     assert!(place_order(db, 8, -1).await.is_err(), "rolled back");
