@@ -278,7 +278,11 @@ async fn drain_only(args: &Args, schema: &str, namespace: &str) -> Result<(), Bo
         drained += report.published;
     }
     let rate = drained as f64 / started.elapsed().as_secs_f64();
-    let figures = serde_json::json!({ "relay_drain_eps": rate, "relay_rss_mib": peak_rss_mib() });
+    let figures = serde_json::json!({
+        "relay_drain_eps": rate,
+        "relay_rss_mib": peak_rss_mib(),
+        "relay_cpu_s": own_cpu_seconds(),
+    });
     println!("{figures}");
     Ok(())
 }
@@ -346,12 +350,34 @@ impl Bench {
         }
 
         figures.insert("async_commit".into(), self.args.async_commit.into());
+        let services = ServiceCpu::now();
+        let own = own_cpu_seconds();
         let raw = self.raw_jetstream(false).await?;
+        let raw_cpu = services.since().total() + (own_cpu_seconds() - own);
         let raw_headers = self.raw_jetstream(true).await?;
         eprintln!("raw JetStream: {raw:.0} events/s ({raw_headers:.0} with the relay's headers)");
         self.backlog(self.args.events).await?;
-        let (drain, rss) = self.relay_drain().await?;
+        let services = ServiceCpu::now();
+        let (drain, rss, relay_cpu) = self.relay_drain().await?;
+        let drain_cpu = services.since();
         eprintln!("relay drain: {drain:.0} events/s, peak RSS {rss:.1} MiB");
+        // CPU time per event of every process involved: on a machine where
+        // they share the cores, this bounds the rate more than any latency.
+        let per_event = |seconds: f64| round3(seconds * 1e6 / self.args.events as f64);
+        let drain_total = drain_cpu.total() + relay_cpu;
+        for (name, value) in [
+            ("raw_cpu_us_per_event", per_event(raw_cpu)),
+            ("drain_cpu_us_per_event", per_event(drain_total)),
+            ("drain_cpu_us_nats", per_event(drain_cpu.nats)),
+            ("drain_cpu_us_postgres", per_event(drain_cpu.postgres)),
+            ("drain_cpu_us_relay", per_event(relay_cpu)),
+            (
+                "cpu_bound_drain_eps",
+                round(cores() * 1e6 / (drain_total * 1e6 / self.args.events as f64)),
+            ),
+        ] {
+            figures.insert(name.into(), value.into());
+        }
         figures.insert("raw_jetstream_eps".into(), round(raw).into());
         figures.insert("relay_drain_eps".into(), round(drain).into());
         figures.insert("drain_ratio".into(), round3(drain / raw).into());
@@ -463,8 +489,8 @@ impl Bench {
     }
 
     /// One relay, in a process of its own, drains the backlog; returns its
-    /// events/s and its peak RSS.
-    async fn relay_drain(&self) -> Result<(f64, f64), BoxError> {
+    /// events/s, its peak RSS and its CPU seconds.
+    async fn relay_drain(&self) -> Result<(f64, f64, f64), BoxError> {
         let mut child = tokio::process::Command::new(std::env::current_exe()?);
         child
             .args(["--drain-only", &self.schema, &self.namespace])
@@ -491,7 +517,11 @@ impl Bench {
                 .as_f64()
                 .ok_or_else(|| format!("the drain process printed no {name}"))
         };
-        Ok((get("relay_drain_eps")?, get("relay_rss_mib")?))
+        Ok((
+            get("relay_drain_eps")?,
+            get("relay_rss_mib")?,
+            get("relay_cpu_s")?,
+        ))
     }
 
     /// The design outbox articles show: 100 rows, one publish and ack at a time, one delete each.
@@ -620,6 +650,73 @@ fn peak_rss_mib() -> f64 {
             line.split_whitespace().nth(1)?.parse::<f64>().ok()
         })
         .map_or(f64::NAN, |kib| kib / 1024.0)
+}
+
+/// CPU seconds (user + system) used so far by the processes named
+/// `nats-server` and `postgres` (every backend), read from /proc; NaN elsewhere.
+#[derive(Debug, Clone, Copy)]
+struct ServiceCpu {
+    nats: f64,
+    postgres: f64,
+}
+
+impl ServiceCpu {
+    fn now() -> Self {
+        let mut cpu = Self {
+            nats: 0.0,
+            postgres: 0.0,
+        };
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Self {
+                nats: f64::NAN,
+                postgres: f64::NAN,
+            };
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(name) = std::fs::read_to_string(path.join("comm")) else {
+                continue;
+            };
+            let slot = match name.trim() {
+                "nats-server" => &mut cpu.nats,
+                "postgres" => &mut cpu.postgres,
+                _ => continue,
+            };
+            *slot += cpu_seconds(&path.join("stat")).unwrap_or(0.0);
+        }
+        cpu
+    }
+
+    /// What was used since `self` was taken.
+    fn since(self) -> Self {
+        let now = Self::now();
+        Self {
+            nats: now.nats - self.nats,
+            postgres: now.postgres - self.postgres,
+        }
+    }
+
+    fn total(self) -> f64 {
+        self.nats + self.postgres
+    }
+}
+
+/// User + system CPU seconds of one process, from its `/proc/<pid>/stat`
+/// (fields 14 and 15, in clock ticks of 1/100 s on Linux).
+fn cpu_seconds(stat: &std::path::Path) -> Option<f64> {
+    let stat = std::fs::read_to_string(stat).ok()?;
+    // The command name may hold spaces; the fields after it start at field 3.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i)?.parse::<f64>().ok();
+    Some((ticks(11)? + ticks(12)?) / 100.0)
+}
+
+fn own_cpu_seconds() -> f64 {
+    cpu_seconds(std::path::Path::new("/proc/self/stat")).unwrap_or(f64::NAN)
+}
+
+fn cores() -> f64 {
+    std::thread::available_parallelism().map_or(f64::NAN, |n| n.get() as f64)
 }
 
 fn round(x: f64) -> f64 {
