@@ -233,15 +233,15 @@ async fn nested_events_commit_with_the_outer_transaction(db: &DatabaseConnection
 }
 
 #[derive(Serialize, Deserialize, OutboxEvent)]
-#[outbox(exchange = "orders", routing_key = "sequence")]
-struct Sequenced {
+#[outbox(exchange = "orders", routing_key = "numbered")]
+struct Numbered {
     n: u32,
 }
 
 #[transactional]
 async fn emit_many(db: &DatabaseConnection, count: u32) -> Result<(), AppError> {
     for n in 0..count {
-        emit!(Sequenced { n });
+        emit!(Numbered { n });
     }
     Ok(())
 }
@@ -252,7 +252,7 @@ async fn persisted_sequence(db: &DatabaseConnection, count: u32) {
         .await
         .iter()
         .map(|e| {
-            serde_json::from_slice::<Sequenced>(&e.payload)
+            serde_json::from_slice::<Numbered>(&e.payload)
                 .expect("payload")
                 .n
         })
@@ -415,7 +415,13 @@ fn every_event_type_of_this_program_is_registered() {
         })
     );
     let names: Vec<_> = registry.iter().map(|d| d.name).collect();
-    for name in ["Audit", "OrderCreated", "OrderShipped", "Sequenced"] {
+    for name in [
+        "Audit",
+        "Numbered",
+        "OrderCreated",
+        "OrderShipped",
+        "Sequenced",
+    ] {
         assert!(names.contains(&name), "{name} missing from {names:?}");
     }
 }
