@@ -379,6 +379,85 @@ async fn incompatible_streams_are_refused_at_start() {
     nats.finish().await;
 }
 
+/// Rejects the first attempt at key `hot`'s first event and publishes the rest.
+/// An injected fault: no real broker rejects one chosen event on cue.
+struct RejectHotOnce {
+    inner: JetStreamPublisher,
+    rejected: std::sync::atomic::AtomicBool,
+}
+
+impl Publisher for RejectHotOnce {
+    async fn publish(
+        &self,
+        events: &[&outbox_core::entity::outbox_message::Model],
+    ) -> Vec<Delivery> {
+        let is_target = |e: &outbox_core::entity::outbox_message::Model| {
+            let event: Sequenced = serde_json::from_slice(&e.payload).expect("payload");
+            event.key == "hot" && event.n == 0
+        };
+        let target = events.iter().position(|e| is_target(e));
+        let reject = target.is_some()
+            && !self
+                .rejected
+                .swap(true, std::sync::atomic::Ordering::SeqCst);
+        let rest: Vec<_> = (events.iter().enumerate())
+            .filter(|(i, _)| !(reject && Some(*i) == target))
+            .map(|(_, e)| *e)
+            .collect();
+        let mut published = self.inner.publish(&rest).await.into_iter();
+        (0..events.len())
+            .map(|i| match reject && Some(i) == target {
+                true => Delivery::Rejected("rejected once on purpose".into()),
+                false => published.next().expect("a delivery per event"),
+            })
+            .collect()
+    }
+}
+
+/// Key `hot` gets every `spacing`-th event; rounds of 10 overlap.
+async fn a_failure_holds_back_its_key_in_overlapping_rounds(spacing: u32) {
+    let setup = Setup::postgres().await;
+    let (db, nats, stream) = (&setup.test.db, &setup.nats, &setup.stream);
+    for n in 0..20 {
+        emit_one(
+            db,
+            Sequenced {
+                key: "hot".into(),
+                n,
+            },
+        )
+        .await
+        .expect("commit");
+        emit_round(db, n, spacing - 1).await.expect("commit");
+    }
+    let publisher = RejectHotOnce {
+        inner: nats.publisher(),
+        rejected: false.into(),
+    };
+    let relay = fast(db, publisher).batch_size(10).spawn();
+    drained(db, Duration::from_secs(30)).await;
+    relay.shutdown().await.expect("relay stops");
+    let hot: Vec<u32> = sequenced(&nats.messages(stream).await)
+        .into_iter()
+        .filter(|e| e.key == "hot")
+        .map(|e| e.n)
+        .collect();
+    assert_eq!(hot, (0..20).collect::<Vec<_>>());
+    setup.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_holds_back_its_key_in_the_next_round() {
+    // The round claimed while the first publishes holds `hot` #1, right behind the rejected #0.
+    a_failure_holds_back_its_key_in_overlapping_rounds(10).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_holds_back_its_key_in_the_round_after_next() {
+    // `hot` #1 lands two rounds later, claimed while the rejected #0's round settles.
+    a_failure_holds_back_its_key_in_overlapping_rounds(25).await;
+}
+
 async fn shutdown_mid_delivery_loses_nothing_and_leaves_nothing_claimed(setup: Setup) {
     let (db, nats, stream) = (&setup.test.db, &setup.nats, &setup.stream);
     for n in 0..30 {
