@@ -271,7 +271,7 @@ async fn drain_only(args: &Args, schema: &str, namespace: &str) -> Result<(), Bo
     let started = Instant::now();
     let mut drained = 0;
     loop {
-        let report = relay.process_rounds(16).await?;
+        let report = relay.process_batch().await?;
         if report.claimed == 0 {
             break;
         }

@@ -414,8 +414,8 @@ impl Publisher for RejectHotOnce {
     }
 }
 
-/// Key `hot` gets every `spacing`-th event; rounds of 10 overlap.
-async fn a_failure_holds_back_its_key_in_overlapping_rounds(spacing: u32) {
+/// Key `hot` gets every `spacing`-th event, in rounds of 10.
+async fn a_rejected_event_holds_back_its_key_in_later_rounds(spacing: u32) {
     let setup = Setup::postgres().await;
     let (db, nats, stream) = (&setup.test.db, &setup.nats, &setup.stream);
     for n in 0..20 {
@@ -447,15 +447,15 @@ async fn a_failure_holds_back_its_key_in_overlapping_rounds(spacing: u32) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failure_holds_back_its_key_in_the_next_round() {
-    // The round claimed while the first publishes holds `hot` #1, right behind the rejected #0.
-    a_failure_holds_back_its_key_in_overlapping_rounds(10).await;
+async fn a_rejected_event_holds_back_its_key_in_the_next_round() {
+    // Every round of 10 holds one `hot` event, the first round the rejected #0.
+    a_rejected_event_holds_back_its_key_in_later_rounds(10).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failure_holds_back_its_key_in_the_round_after_next() {
-    // `hot` #1 lands two rounds later, claimed while the rejected #0's round settles.
-    a_failure_holds_back_its_key_in_overlapping_rounds(25).await;
+async fn a_rejected_event_holds_back_its_key_two_rounds_later() {
+    // `hot` #1 lands two rounds after the rejected #0.
+    a_rejected_event_holds_back_its_key_in_later_rounds(25).await;
 }
 
 async fn shutdown_mid_delivery_loses_nothing_and_leaves_nothing_claimed(setup: Setup) {

@@ -23,16 +23,11 @@ use uuid::Uuid;
 use crate::entity::outbox_message::{Column, Entity, Model};
 
 /// The publishable events among the oldest `limit` due ones, in id (emit) order.
-///
-/// `in_flight` holds the events of this relay's earlier rounds that are
-/// still locked: an event right behind one of them counts as publishable,
-/// and the caller holds it back if that earlier event is not stored.
 pub(super) async fn claim<C: ConnectionTrait>(
     conn: &C,
     limit: usize,
     now: DateTime<Utc>,
     keep_delivered: bool,
-    in_flight: &HashSet<Uuid>,
 ) -> Result<Vec<Model>, DbErr> {
     let statement = claim_statement(conn.get_database_backend(), limit, now, keep_delivered);
     let mut held: HashSet<Uuid> = HashSet::new();
@@ -41,8 +36,7 @@ pub(super) async fn claim<C: ConnectionTrait>(
         let event = Model::from_query_result(&row, "")?;
         let previous: Option<Uuid> = row.try_get("", PREVIOUS)?;
         let publishable = event.partition_key.is_none()
-            || previous
-                .is_none_or(|previous| held.contains(&previous) || in_flight.contains(&previous));
+            || previous.is_none_or(|previous| held.contains(&previous));
         if publishable {
             held.insert(event.id);
             batch.push(event);

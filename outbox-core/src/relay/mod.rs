@@ -24,20 +24,23 @@ mod claim;
 #[cfg(feature = "postgres")]
 pub mod notify;
 mod publisher;
-mod rounds;
 mod settle;
 mod stats;
 mod waves;
 mod worker;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use chrono::Utc;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, IsolationLevel, TransactionTrait};
+use tracing::Instrument;
 
 pub use backoff::Backoff;
 pub use publisher::{Delivery, Publisher};
 pub use stats::{OutboxStats, stats};
 pub use worker::RelayHandle;
+
+use crate::Error;
 
 /// How a relay batches, retries and keeps delivered events.
 #[derive(Debug, Clone)]
@@ -117,20 +120,6 @@ pub struct BatchReport {
     pub last_error: Option<String>,
 }
 
-impl BatchReport {
-    /// Adds another round's counts to these.
-    fn add(&mut self, other: BatchReport) {
-        self.claimed += other.claimed;
-        self.published += other.published;
-        self.duplicates += other.duplicates;
-        self.retried += other.retried;
-        self.dead_lettered += other.dead_lettered;
-        self.unavailable += other.unavailable;
-        self.held_back += other.held_back;
-        self.last_error = other.last_error.or(self.last_error.take());
-    }
-}
-
 /// Delivers committed events through a [`Publisher`].
 #[derive(Debug)]
 pub struct Relay<P> {
@@ -160,6 +149,62 @@ impl<P: Publisher> Relay<P> {
     /// The relay's settings.
     pub fn config(&self) -> &RelayConfig {
         &self.config
+    }
+
+    /// Runs one round: claim, publish, settle. The background task calls it in
+    /// a loop; call it yourself to drive a relay step by step.
+    ///
+    /// Fails with [`Error::Database`] when the database fails, and with
+    /// [`Error::BrokerUnavailable`] when no event of the batch reached the broker.
+    pub async fn process_batch(&self) -> Result<BatchReport, Error> {
+        let started = Instant::now();
+        let now = Utc::now();
+        let keep = self.config.keep_delivered.is_some();
+        // Where rows can be locked, the claim's transaction holds them until
+        // settled; SQLite runs one relay and keeps no write lock while publishing.
+        let locking = self.db.get_database_backend() != DbBackend::Sqlite;
+        let claim_txn = if locking {
+            Some(self.begin().await?)
+        } else {
+            None
+        };
+        let claimed = async {
+            match &claim_txn {
+                Some(txn) => claim::claim(txn, self.config.batch_size, now, keep).await,
+                None => claim::claim(&self.db, self.config.batch_size, now, keep).await,
+            }
+        };
+        let batch = claimed
+            .instrument(tracing::debug_span!("outbox.claim"))
+            .await?;
+        if batch.is_empty() {
+            if let Some(txn) = claim_txn {
+                txn.commit().await?;
+            }
+            return Ok(BatchReport::default());
+        }
+        let deliveries = waves::publish(&self.publisher, &batch)
+            .instrument(tracing::debug_span!("outbox.publish", events = batch.len()))
+            .await;
+        let txn = match claim_txn {
+            Some(txn) => txn,
+            None => self.begin().await?,
+        };
+        let settled = async {
+            let report = settle::settle(&txn, batch, deliveries, &self.config, now).await?;
+            txn.commit().await?;
+            Ok::<_, sea_orm::DbErr>(report)
+        };
+        let report = settled
+            .instrument(tracing::debug_span!("outbox.settle"))
+            .await?;
+        stats::record_batch(&report, started.elapsed());
+        if report.published == 0 && report.unavailable > 0 {
+            return Err(Error::BrokerUnavailable(
+                report.last_error.unwrap_or_default(),
+            ));
+        }
+        Ok(report)
     }
 
     /// Every transaction of a round starts here, so that `async_commit` applies to all of them.

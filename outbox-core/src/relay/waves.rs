@@ -13,13 +13,8 @@ use std::collections::{HashMap, HashSet};
 use super::publisher::{Delivery, Publisher};
 use crate::entity::outbox_message::Model;
 
-/// Each event's delivery, or `None` when it was held back behind a failure
-/// of its key, in this batch or (`blocked`) in an earlier round still in flight.
-pub(super) async fn publish<P: Publisher>(
-    publisher: &P,
-    batch: &[Model],
-    blocked: &HashSet<String>,
-) -> Vec<Option<Delivery>> {
+/// Each event's delivery, or `None` when it was held back behind a failure of its key.
+pub(super) async fn publish<P: Publisher>(publisher: &P, batch: &[Model]) -> Vec<Option<Delivery>> {
     let mut waves: Vec<Vec<usize>> = Vec::new();
     let mut position: HashMap<&str, usize> = HashMap::new();
     for (index, event) in batch.iter().enumerate() {
@@ -38,7 +33,7 @@ pub(super) async fn publish<P: Publisher>(
     }
 
     let mut outcome: Vec<Option<Delivery>> = vec![None; batch.len()];
-    let mut blocked: HashSet<&str> = blocked.iter().map(String::as_str).collect();
+    let mut blocked: HashSet<&str> = HashSet::new();
     for wave in waves {
         let members: Vec<usize> = wave
             .into_iter()

@@ -9,9 +9,6 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::{Publisher, Relay, stats};
-
-/// Rounds run back to back before the task looks at shutdown again.
-const ROUNDS_PER_CALL: usize = 16;
 use crate::CommitSignal;
 use crate::entity::outbox_message;
 
@@ -53,12 +50,7 @@ async fn run<P: Publisher>(relay: Relay<P>, mut stopped: watch::Receiver<bool>) 
             next_housekeeping = Instant::now() + config.stats_interval;
         }
         let span = tracing::debug_span!("relay_batch");
-        let wait = match tracing::Instrument::instrument(
-            relay.process_rounds(ROUNDS_PER_CALL),
-            span,
-        )
-        .await
-        {
+        let wait = match tracing::Instrument::instrument(relay.process_batch(), span).await {
             Ok(report) => {
                 if failures > 0 {
                     tracing::info!(failed_rounds = failures, "relay recovered");
