@@ -606,6 +606,62 @@ async fn inbox_rows_are_deleted_after_the_retention_window() {
     setup.finish().await;
 }
 
+/// One enum, two event types.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, OutboxEvent)]
+#[outbox(exchange = "orders", key = order_id)]
+enum Shipment {
+    #[outbox(routing_key = "shipment.{order_id}.packed", name = "ShipmentPacked")]
+    Packed { order_id: i64 },
+    #[outbox(routing_key = "shipment.{order_id}.sent", name = "ShipmentSent")]
+    Sent { order_id: i64, carrier: String },
+}
+
+#[derive(Default, Clone)]
+struct Shipments(Arc<Mutex<Vec<(String, Shipment)>>>);
+
+impl Handler<Shipment> for Shipments {
+    type Error = String;
+
+    async fn handle(
+        &self,
+        event: Shipment,
+        meta: Metadata,
+        _db: &DatabaseTransaction,
+    ) -> Result<(), String> {
+        let mut seen = self.0.lock().expect("lock");
+        seen.push((meta.event_type, event));
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_handler_takes_every_event_type_of_an_enum() {
+    let setup = Setup::postgres().await;
+    let sent = Shipment::Sent {
+        order_id: 8,
+        carrier: "rail".into(),
+    };
+    setup.publish(Shipment::Packed { order_id: 8 }).await;
+    setup.publish(sent.clone()).await;
+    let shipments = Shipments::default();
+    setup
+        .consume("shipping", |c| c.on::<Shipment, _>(shipments.clone()))
+        .await;
+    let seen = shipments.0.lock().expect("lock").clone();
+    assert_eq!(
+        seen,
+        vec![
+            (
+                "ShipmentPacked".to_owned(),
+                Shipment::Packed { order_id: 8 }
+            ),
+            ("ShipmentSent".to_owned(), sent),
+        ]
+    );
+    assert!(dead_letters(setup.db(), "shipping").await.is_empty());
+    setup.finish().await;
+}
+
 #[tokio::test]
 async fn a_consumer_without_handlers_or_with_two_for_one_type_does_not_start() {
     let nats = TestNats::shared().await;

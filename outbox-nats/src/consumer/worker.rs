@@ -58,26 +58,27 @@ impl Worker {
         let mut keys: KeyQueues<Message> = KeyQueues::new();
         let mut messages: Option<pull::Stream> = None;
         let mut failures = 0_u32;
+        let mut resume_pulling = Instant::now();
         let mut tick = tokio::time::interval(TICK);
         let purge_every =
             (config.inbox_retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(600));
         let mut next_purge = Instant::now();
         tracing::info!(consumer = %shared.name, stream = %shared.stream, "consumer started");
         loop {
-            if messages.is_none() {
+            // While NATS fails, pulling pauses; finished handlers are still settled.
+            if messages.is_none() && Instant::now() >= resume_pulling {
                 match shared.open().await {
                     Ok(stream) => messages = Some(stream),
                     Err(error) => {
                         failures += 1;
                         tracing::warn!(consumer = %shared.name, %error, "cannot pull messages; retrying");
-                        tokio::select! {
-                            _ = stopped.changed() => break,
-                            () = tokio::time::sleep(RECONNECT.delay(failures)) => continue,
-                        }
+                        resume_pulling = Instant::now() + RECONNECT.delay(failures);
                     }
                 }
             }
-            let room = tasks.len() < config.max_in_flight && keys.queued() < config.max_ack_pending;
+            let room = tasks.len() < config.max_in_flight
+                && keys.queued() < config.max_ack_pending
+                && Instant::now() >= resume_pulling;
             tokio::select! {
                 _ = stopped.changed() => break,
                 Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
@@ -100,7 +101,7 @@ impl Worker {
                         if matches!(error.kind(), MessagesErrorKind::ConsumerDeleted | MessagesErrorKind::NoResponders) {
                             messages = None;
                         }
-                        tokio::time::sleep(RECONNECT.delay(failures)).await;
+                        resume_pulling = Instant::now() + RECONNECT.delay(failures);
                     }
                     None => messages = None,
                 },
