@@ -579,6 +579,29 @@ async fn shutdown_finishes_the_handler_in_flight_and_acks_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_handle_leaves_the_consumer_running() {
+    let setup = Setup::postgres().await;
+    let handler = InsertOrder::default();
+    drop(
+        setup
+            .consumer("billing")
+            .on::<OrderCreated, _>(handler.clone())
+            .spawn()
+            .await
+            .expect("start the consumer"),
+    );
+    setup
+        .publish(OrderCreated {
+            order_id: 6,
+            total_cents: 600,
+        })
+        .await;
+    setup.settled("billing").await;
+    assert_eq!(orders(setup.db()).await, 1);
+    setup.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inbox_rows_are_deleted_after_the_retention_window() {
     let setup = Setup::postgres().await;
     let db = setup.db();

@@ -73,7 +73,8 @@ async fn run<P: Publisher>(relay: Relay<P>, mut stopped: watch::Receiver<bool>) 
             () = commits.committed(), if failures == 0 => {}
             () = notified.notified(), if failures == 0 => {}
             () = tokio::time::sleep(wait) => {}
-            _ = stopped.changed() => {}
+            // Err: the handle was dropped, which leaves the relay running.
+            Ok(()) = stopped.changed() => {}
         }
     }
     if let Some(listener) = listener {

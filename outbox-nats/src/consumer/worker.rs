@@ -80,7 +80,8 @@ impl Worker {
                 && keys.queued() < config.max_ack_pending
                 && Instant::now() >= resume_pulling;
             tokio::select! {
-                _ = stopped.changed() => break,
+                // Err: the handle was dropped, which leaves the consumer running.
+                Ok(()) = stopped.changed() => break,
                 Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
                     // Tasks catch their own panics, so a join error is a cancellation.
                     let Ok(finished) = joined else { continue };
