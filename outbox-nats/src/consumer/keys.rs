@@ -48,7 +48,7 @@ impl<T> KeyQueues<T> {
         if state.queue.insert(sequence, (message, now)).is_none() {
             self.queued += 1;
         }
-        self.next(key).map(|(_, message)| message)
+        self.next(key)
     }
 
     /// Marks the running message of `key` finished. With `redelivery`, it is
@@ -65,7 +65,7 @@ impl<T> KeyQueues<T> {
         if let Some(deadline) = redelivery {
             state.awaiting = Some((sequence, deadline));
         }
-        self.next(key).map(|(_, message)| message)
+        self.next(key)
     }
 
     /// Stops waiting for redeliveries overdue at `now` (another consumer
@@ -80,7 +80,7 @@ impl<T> KeyQueues<T> {
             if let Some(state) = self.keys.get_mut(&key) {
                 state.awaiting = None;
             }
-            ready.extend(self.next(&key).map(|(_, message)| message));
+            ready.extend(self.next(&key));
         }
         ready
     }
@@ -108,7 +108,7 @@ impl<T> KeyQueues<T> {
 
     /// Starts the key's earliest message if the key is free and not waiting
     /// for an earlier redelivery; forgets keys with nothing left to track.
-    fn next(&mut self, key: &str) -> Option<(u64, T)> {
+    fn next(&mut self, key: &str) -> Option<T> {
         let state = self.keys.get_mut(key)?;
         if state.running {
             return None;
@@ -127,7 +127,7 @@ impl<T> KeyQueues<T> {
         let (message, _) = state.queue.remove(&first)?;
         state.running = true;
         self.queued -= 1;
-        Some((first, message))
+        Some(message)
     }
 }
 

@@ -108,7 +108,8 @@ pub struct ConsumerBuilder {
     namespace: Option<String>,
     filter_subjects: Vec<String>,
     handlers: Handlers,
-    errors: Vec<DuplicateHandler>,
+    /// The first conflict `on` met, reported by `spawn`.
+    conflict: Option<DuplicateHandler>,
     config: ConsumerConfig,
 }
 
@@ -161,7 +162,7 @@ impl Consumer {
             namespace: None,
             filter_subjects: Vec::new(),
             handlers: Handlers::new(),
-            errors: Vec::new(),
+            conflict: None,
             config: ConsumerConfig::default(),
         }
     }
@@ -177,7 +178,7 @@ impl ConsumerBuilder {
         H: Handler<E>,
     {
         if let Err(error) = self.handlers.insert::<E, H>(handler) {
-            self.errors.push(error);
+            self.conflict.get_or_insert(error);
         }
         self
     }
@@ -244,7 +245,7 @@ impl ConsumerBuilder {
 
     /// Creates the durable consumer (or finds it) and starts handling messages.
     pub async fn spawn(self) -> Result<ConsumerHandle, ConsumerError> {
-        if let Some(error) = self.errors.into_iter().next() {
+        if let Some(error) = self.conflict {
             return Err(error.into());
         }
         if self.handlers.is_empty() {
