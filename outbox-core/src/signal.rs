@@ -11,6 +11,11 @@ pub(crate) fn committed() {
     COMMITS.send_modify(|n| *n = n.wrapping_add(1));
 }
 
+/// How many commits with events this process has counted so far.
+pub(crate) fn count() -> u64 {
+    *COMMITS.borrow()
+}
+
 /// A subscription to commits of outbox events made in this process.
 ///
 /// A relay waits on it instead of polling, so events leave the outbox as soon

@@ -193,6 +193,7 @@ impl Handlers {
             txn.rollback().await?;
             return Ok(Processed::Duplicate);
         }
+        let commits_before = signal::count();
         // A panicking handler is a failed delivery, not a dead consumer; the
         // transaction is dropped with the unwound future, which rolls it back.
         let outcome = AssertUnwindSafe(run(event, meta, &txn))
@@ -202,9 +203,13 @@ impl Handlers {
         match result {
             Ok(()) => {
                 txn.commit().await?;
-                // The handler's own #[transactional] scope signalled at its
-                // savepoint; its events are visible only now.
-                signal::committed();
+                // A #[transactional] handler signals at its savepoint, before
+                // its events are visible: signal again now that they are. A
+                // handler that emitted nothing wakes no relay (a concurrent
+                // one's events may cause a spare wake-up, which is harmless).
+                if signal::count() != commits_before {
+                    signal::committed();
+                }
                 Ok(Processed::Handled)
             }
             Err(error) => {
