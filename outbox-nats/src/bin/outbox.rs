@@ -157,55 +157,70 @@ async fn status(db: &DatabaseConnection) -> Result<(), Box<dyn std::error::Error
     Ok(())
 }
 
+/// Prints the newest `limit` rows of a dead-letter table, one line each.
+async fn list_newest<E: EntityTrait>(
+    db: &DatabaseConnection,
+    failed_at: E::Column,
+    limit: u64,
+    what: &str,
+    line: impl Fn(&E::Model) -> String,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let rows = E::find()
+        .order_by_desc(failed_at)
+        .limit(limit)
+        .all(db)
+        .await?;
+    for row in &rows {
+        println!("{}", line(row));
+    }
+    println!("{} {what} shown", rows.len());
+    Ok(())
+}
+
 async fn dead_letters(
     db: &DatabaseConnection,
     limit: u64,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let letters = dead_letter::Entity::find()
-        .order_by_desc(dead_letter::Column::FailedAt)
-        .limit(limit)
-        .all(db)
-        .await?;
-    for letter in &letters {
-        println!(
-            "{} {} v{} {} attempts={} failed_at={} error: {}",
-            letter.id,
-            letter.event_type,
-            letter.event_version,
-            letter.subject,
-            letter.attempts,
-            letter.failed_at,
-            letter.last_error
-        );
-    }
-    println!("{} dead letters shown", letters.len());
-    Ok(())
+    list_newest::<dead_letter::Entity>(
+        db,
+        dead_letter::Column::FailedAt,
+        limit,
+        "dead letters",
+        |l| {
+            format!(
+                "{} {} v{} {} attempts={} failed_at={} error: {}",
+                l.id,
+                l.event_type,
+                l.event_version,
+                l.subject,
+                l.attempts,
+                l.failed_at,
+                l.last_error
+            )
+        },
+    )
+    .await
 }
 
 async fn inbox_dead_letters(
     db: &DatabaseConnection,
     limit: u64,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let letters = inbox_dead_letter::Entity::find()
-        .order_by_desc(inbox_dead_letter::Column::FailedAt)
-        .limit(limit)
-        .all(db)
-        .await?;
-    for letter in &letters {
-        println!(
+    let failed_at = inbox_dead_letter::Column::FailedAt;
+    list_newest::<inbox_dead_letter::Entity>(db, failed_at, limit, "consumer dead letters", |l| {
+        format!(
             "{} consumer={} {}#{} {} event={} reason={} deliveries={} failed_at={} error: {}",
-            letter.id,
-            letter.consumer,
-            letter.stream,
-            letter.stream_sequence,
-            letter.subject,
-            letter.event_type.as_deref().unwrap_or("?"),
-            letter.reason,
-            letter.deliveries,
-            letter.failed_at,
-            letter.error
-        );
-    }
-    println!("{} consumer dead letters shown", letters.len());
-    Ok(())
+            l.id,
+            l.consumer,
+            l.stream,
+            l.stream_sequence,
+            l.subject,
+            l.event_type.as_deref().unwrap_or("?"),
+            l.reason,
+            l.deliveries,
+            l.failed_at,
+            l.error
+        )
+    })
+    .await
 }
