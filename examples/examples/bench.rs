@@ -214,9 +214,19 @@ struct Bench {
 
 type BoxError = Box<dyn std::error::Error>;
 
-#[tokio::main]
-async fn main() -> Result<(), BoxError> {
-    let mut args = Args::parse();
+fn main() -> Result<(), BoxError> {
+    let args = Args::parse();
+    // The draining relay runs on one thread, as the `outbox` binary does; the
+    // rest (with the in-process relay of the latency run) as an application would.
+    let mut runtime = if args.drain_only.is_some() {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    runtime.enable_all().build()?.block_on(run(args))
+}
+
+async fn run(mut args: Args) -> Result<(), BoxError> {
     if args.smoke {
         args.events = 3_000;
         args.naive_events = args.naive_events.min(300);
@@ -353,8 +363,10 @@ impl Bench {
         let services = ServiceCpu::now();
         let own = own_cpu_seconds();
         let raw = self.raw_jetstream(false).await?;
-        let raw_cpu = services.since().total() + (own_cpu_seconds() - own);
+        let (raw_services, raw_publisher) = (services.since(), own_cpu_seconds() - own);
+        let services = ServiceCpu::now();
         let raw_headers = self.raw_jetstream(true).await?;
+        let raw_headers_nats = services.since().nats;
         eprintln!("raw JetStream: {raw:.0} events/s ({raw_headers:.0} with the relay's headers)");
         self.backlog(self.args.events).await?;
         let services = ServiceCpu::now();
@@ -366,7 +378,13 @@ impl Bench {
         let per_event = |seconds: f64| round3(seconds * 1e6 / self.args.events as f64);
         let drain_total = drain_cpu.total() + relay_cpu;
         for (name, value) in [
-            ("raw_cpu_us_per_event", per_event(raw_cpu)),
+            (
+                "raw_cpu_us_per_event",
+                per_event(raw_services.total() + raw_publisher),
+            ),
+            ("raw_cpu_us_nats", per_event(raw_services.nats)),
+            ("raw_cpu_us_publisher", per_event(raw_publisher)),
+            ("raw_all_headers_cpu_us_nats", per_event(raw_headers_nats)),
             ("drain_cpu_us_per_event", per_event(drain_total)),
             ("drain_cpu_us_nats", per_event(drain_cpu.nats)),
             ("drain_cpu_us_postgres", per_event(drain_cpu.postgres)),
@@ -701,14 +719,16 @@ impl ServiceCpu {
     }
 }
 
-/// User + system CPU seconds of one process, from its `/proc/<pid>/stat`
-/// (fields 14 and 15, in clock ticks of 1/100 s on Linux).
+/// User + system CPU seconds of one process and of its children that have
+/// exited (so that a PostgreSQL backend that closed counts, through the
+/// postmaster that reaped it), from `/proc/<pid>/stat` (fields 14 to 17, in
+/// clock ticks of 1/100 s on Linux).
 fn cpu_seconds(stat: &std::path::Path) -> Option<f64> {
     let stat = std::fs::read_to_string(stat).ok()?;
     // The command name may hold spaces; the fields after it start at field 3.
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     let ticks = |i: usize| fields.get(i)?.parse::<f64>().ok();
-    Some((ticks(11)? + ticks(12)?) / 100.0)
+    Some((ticks(11)? + ticks(12)? + ticks(13)? + ticks(14)?) / 100.0)
 }
 
 fn own_cpu_seconds() -> f64 {

@@ -23,6 +23,7 @@
 //! ```
 #![deny(missing_docs)]
 
+mod acks;
 mod consumer;
 mod publisher;
 mod streams;

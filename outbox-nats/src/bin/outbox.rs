@@ -75,7 +75,11 @@ fn parse_stream(value: &str) -> Result<(String, String), String> {
     }
 }
 
-#[tokio::main]
+// One thread: the relay is a loop waiting on the database and the broker in
+// turn, and on a multi-threaded runtime each hand-over between its task and
+// the connections' tasks is a cross-thread wake-up; the benchmark measured
+// the relay's CPU per event about a quarter lower this way.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
         .with_env_filter(

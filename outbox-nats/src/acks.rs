@@ -1,0 +1,114 @@
+//! JetStream's answers to the publishes of one chunk, matched by reply
+//! subject (`<inbox>.<index in the chunk>`) and turned into [`Delivery`]s.
+
+use std::time::Duration;
+
+use async_nats::StatusCode;
+use async_nats::client::{PublishError, PublishErrorKind};
+use outbox_core::relay::Delivery;
+use serde::Deserialize;
+
+/// The outcome of each event of a chunk, as its answer comes in.
+pub(crate) struct Acks {
+    outcome: Vec<Option<Delivery>>,
+    awaited: usize,
+}
+
+/// The parts of a JetStream publish answer the relay needs: a stored message
+/// has a stream sequence, a refused one an error.
+#[derive(Deserialize)]
+struct Answer {
+    seq: Option<u64>,
+    #[serde(default)]
+    duplicate: bool,
+    error: Option<AnswerError>,
+}
+
+#[derive(Deserialize)]
+struct AnswerError {
+    #[serde(default)]
+    code: u16,
+    #[serde(default)]
+    description: String,
+}
+
+impl Acks {
+    pub(crate) fn new(events: usize) -> Self {
+        Self {
+            outcome: vec![None; events],
+            awaited: events,
+        }
+    }
+
+    /// Events still without an answer.
+    pub(crate) fn awaited(&self) -> usize {
+        self.awaited
+    }
+
+    /// The event at `index` was never sent.
+    pub(crate) fn failed(&mut self, index: usize, error: &PublishError) {
+        let delivery = match error.kind() {
+            PublishErrorKind::MaxPayloadExceeded => Delivery::Oversized(error.to_string()),
+            PublishErrorKind::InvalidSubject => Delivery::Rejected(error.to_string()),
+            _ => Delivery::Unavailable(error.to_string()),
+        };
+        self.settle(index, delivery);
+    }
+
+    /// Records an answer; one for no event of this chunk, or a second one, is ignored.
+    pub(crate) fn received(&mut self, reply: &async_nats::Message) {
+        let index = reply
+            .subject
+            .rsplit_once('.')
+            .and_then(|(_, index)| index.parse::<usize>().ok());
+        if let Some(index) = index {
+            self.settle(index, answer(reply));
+        }
+    }
+
+    fn settle(&mut self, index: usize, delivery: Delivery) {
+        if let Some(slot @ None) = self.outcome.get_mut(index) {
+            *slot = Some(delivery);
+            self.awaited -= 1;
+        }
+    }
+
+    /// Every event's delivery; those never answered are `Unavailable`, to be
+    /// tried again without counting an attempt (JetStream drops the copy if
+    /// the first one was stored after all).
+    pub(crate) fn into_deliveries(self, timeout: Duration) -> Vec<Delivery> {
+        self.outcome
+            .into_iter()
+            .map(|delivery| {
+                delivery.unwrap_or_else(|| {
+                    Delivery::Unavailable(format!(
+                        "no JetStream acknowledgement within {timeout:?}"
+                    ))
+                })
+            })
+            .collect()
+    }
+}
+
+fn answer(reply: &async_nats::Message) -> Delivery {
+    if reply.status == Some(StatusCode::NO_RESPONDERS) {
+        return Delivery::Rejected("no JetStream stream captures the subject".to_owned());
+    }
+    match serde_json::from_slice::<Answer>(&reply.payload) {
+        Ok(Answer {
+            error: Some(error), ..
+        }) => Delivery::Rejected(format!(
+            "JetStream refused the event: {} (code {})",
+            error.description, error.code
+        )),
+        Ok(Answer {
+            seq: Some(_),
+            duplicate,
+            ..
+        }) => Delivery::Stored { duplicate },
+        _ => Delivery::Rejected(format!(
+            "not a JetStream acknowledgement: {}",
+            String::from_utf8_lossy(&reply.payload)
+        )),
+    }
+}
