@@ -47,7 +47,7 @@ struct Args {
     #[arg(long, default_value_t = 256)]
     payload: usize,
     /// Events per relay round.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 2_000)]
     batch: usize,
     /// Publish acknowledgements in flight at once.
     #[arg(long, default_value_t = 4_096)]

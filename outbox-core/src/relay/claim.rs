@@ -1,23 +1,23 @@
-//! The claim: which committed events a relay may publish now, in one statement.
+//! The claim: which committed events a relay may publish now.
 //!
 //! It takes the oldest `limit` due events, locked `FOR UPDATE SKIP LOCKED`
-//! where the database can (so that relays never take the same row), each
-//! with the id of the previous undelivered event of its partition key (one
-//! backward probe of the `(partition_key, id)` index). An event is
-//! publishable when it has no key, or when its previous event is the one
-//! before it in this same claim, or there is none: a key is then published
-//! from its oldest event on, in order, and stops at the first event this
-//! relay does not hold (another relay's, one backing off, one not yet
-//! claimed). Several relays therefore split the keys between them without
-//! ever reordering one.
+//! where the database can (so that relays never take the same row). A keyed
+//! event is publishable when every undelivered event of its key before it is
+//! in this same claim: a key is then published from its oldest event on, in
+//! order, and stops at the first event this relay does not hold (another
+//! relay's, one backing off, one not yet claimed). Several relays therefore
+//! split the keys between them without ever reordering one.
+//!
+//! The events that stop a key are found by a second statement over the
+//! claimed keys (one index range per key), which returns nothing unless a key
+//! is held up: a correlated probe per claimed row, the first design, spent
+//! more time in PostgreSQL than the rest of the claim together.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
-use sea_orm::sea_query::{
-    Alias, Expr, ExprTrait, LockBehavior, LockType, Order, Query, SelectStatement,
-};
-use sea_orm::{ConnectionTrait, DbBackend, DbErr, FromQueryResult, Iterable};
+use sea_orm::sea_query::{Expr, ExprTrait, LockBehavior, LockType, Order, Query, SelectStatement};
+use sea_orm::{ConnectionTrait, DbBackend, DbErr, Iterable, QueryResult};
 use uuid::Uuid;
 
 use crate::entity::outbox_message::{Column, Entity, Model};
@@ -29,23 +29,84 @@ pub(super) async fn claim<C: ConnectionTrait>(
     now: DateTime<Utc>,
     keep_delivered: bool,
 ) -> Result<Vec<Model>, DbErr> {
-    let statement = claim_statement(conn.get_database_backend(), limit, now, keep_delivered);
-    let mut held: HashSet<Uuid> = HashSet::new();
-    let mut batch = Vec::new();
-    for row in conn.query_all(&statement).await? {
-        let event = Model::from_query_result(&row, "")?;
-        let previous: Option<Uuid> = row.try_get("", PREVIOUS)?;
-        let publishable = event.partition_key.is_none()
-            || previous.is_none_or(|previous| held.contains(&previous));
-        if publishable {
-            held.insert(event.id);
-            batch.push(event);
-        }
-    }
-    Ok(batch)
+    let backend = conn.get_database_backend();
+    let claimed = conn
+        .query_all(&claim_statement(backend, limit, now, keep_delivered))
+        .await?
+        .iter()
+        .map(decode)
+        .collect::<Result<Vec<Model>, DbErr>>()?;
+    let first_stop = stops(conn, &claimed, keep_delivered).await?;
+    Ok(claimed
+        .into_iter()
+        .filter(|event| {
+            event.partition_key.as_ref().is_none_or(|key| {
+                first_stop
+                    .get(key.as_str())
+                    .is_none_or(|stop| event.id < *stop)
+            })
+        })
+        .collect())
 }
 
-const PREVIOUS: &str = "previous_id";
+/// The oldest undelivered event of each claimed key that is older than a
+/// claimed event of that key but not claimed itself, by key.
+async fn stops<C: ConnectionTrait>(
+    conn: &C,
+    claimed: &[Model],
+    keep_delivered: bool,
+) -> Result<HashMap<String, Uuid>, DbErr> {
+    let mut keys = HashSet::new();
+    let mut ids = Vec::new();
+    for event in claimed {
+        if let Some(key) = &event.partition_key {
+            keys.insert(key.as_str());
+            ids.push(event.id);
+        }
+    }
+    let Some(&newest) = ids.last() else {
+        return Ok(HashMap::new());
+    };
+    let mut query = Query::select();
+    query
+        .columns([Column::PartitionKey, Column::Id])
+        .from(Entity)
+        .and_where(Expr::col(Column::PartitionKey).is_in(keys))
+        .and_where(Expr::col(Column::Id).lt(newest))
+        .and_where(Expr::col(Column::Id).is_not_in(ids));
+    if keep_delivered {
+        query.and_where(Expr::col(Column::DeliveredAt).is_null());
+    }
+    let mut first_stop: HashMap<String, Uuid> = HashMap::new();
+    for row in conn.query_all(&query).await? {
+        let (key, id): (String, Uuid) = (row.try_get_by_index(0)?, row.try_get_by_index(1)?);
+        let stop = first_stop.entry(key).or_insert(id);
+        *stop = Ord::min(*stop, id);
+    }
+    Ok(first_stop)
+}
+
+/// A claimed row, read by position: the columns in [`Column::iter`] order,
+/// as selected. Reading by name cost a search of the column list per field,
+/// an eighth of the relay's CPU.
+fn decode(row: &QueryResult) -> Result<Model, DbErr> {
+    Ok(Model {
+        id: row.try_get_by_index(0)?,
+        event_type: row.try_get_by_index(1)?,
+        event_version: row.try_get_by_index(2)?,
+        exchange: row.try_get_by_index(3)?,
+        subject: row.try_get_by_index(4)?,
+        partition_key: row.try_get_by_index(5)?,
+        payload: row.try_get_by_index(6)?,
+        headers: row.try_get_by_index(7)?,
+        content_type: row.try_get_by_index(8)?,
+        created_at: row.try_get_by_index(9)?,
+        attempts: row.try_get_by_index(10)?,
+        next_attempt_at: row.try_get_by_index(11)?,
+        last_error: row.try_get_by_index(12)?,
+        delivered_at: row.try_get_by_index(13)?,
+    })
+}
 
 fn claim_statement(
     backend: DbBackend,
@@ -53,35 +114,50 @@ fn claim_statement(
     now: DateTime<Utc>,
     keep_delivered: bool,
 ) -> SelectStatement {
-    let earlier = Alias::new("earlier");
-    let mut previous = Query::select();
-    previous
-        .column((earlier.clone(), Column::Id))
-        .from_as(Entity, earlier.clone())
-        .and_where(
-            Expr::col((earlier.clone(), Column::PartitionKey))
-                .equals((Entity, Column::PartitionKey)),
-        )
-        .and_where(Expr::col((earlier.clone(), Column::Id)).lt(Expr::col((Entity, Column::Id))))
-        .order_by((earlier.clone(), Column::Id), Order::Desc)
-        .limit(1);
     let mut claim = Query::select();
     claim
-        .columns(Column::iter().map(|c| (Entity, c)))
+        .columns(Column::iter())
         .from(Entity)
-        .and_where(Expr::col((Entity, Column::NextAttemptAt)).lte(now))
-        .order_by((Entity, Column::Id), Order::Asc)
+        .and_where(Expr::col(Column::NextAttemptAt).lte(now))
+        .order_by(Column::Id, Order::Asc)
         .limit(u64::try_from(limit).unwrap_or(u64::MAX));
     if keep_delivered {
-        previous.and_where(Expr::col((earlier, Column::DeliveredAt)).is_null());
-        claim.and_where(Expr::col((Entity, Column::DeliveredAt)).is_null());
+        claim.and_where(Expr::col(Column::DeliveredAt).is_null());
     }
-    claim.expr_as(
-        Expr::SubQuery(None, Box::new(previous.into())),
-        Alias::new(PREVIOUS),
-    );
     if backend != DbBackend::Sqlite {
         claim.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
     }
     claim
+}
+
+#[cfg(test)]
+mod tests {
+    use sea_orm::{IdenStatic, Iterable};
+
+    use super::Column;
+
+    /// [`super::decode`] reads by position; this is the order it assumes.
+    #[test]
+    fn columns_are_selected_in_the_order_decode_reads_them() {
+        let selected: Vec<&str> = Column::iter().map(|c| c.as_str()).collect();
+        assert_eq!(
+            selected,
+            [
+                "id",
+                "event_type",
+                "event_version",
+                "exchange",
+                "subject",
+                "partition_key",
+                "payload",
+                "headers",
+                "content_type",
+                "created_at",
+                "attempts",
+                "next_attempt_at",
+                "last_error",
+                "delivered_at",
+            ]
+        );
+    }
 }

@@ -4,7 +4,7 @@
 //! # async fn run<P: outbox_core::relay::Publisher>(db: sea_orm::DatabaseConnection, publisher: P) {
 //! use outbox_core::relay::Relay;
 //!
-//! let relay = Relay::builder(db, publisher).batch_size(500).spawn();
+//! let relay = Relay::builder(db, publisher).batch_size(2_000).spawn();
 //! // ... serve ...
 //! relay.shutdown().await; // finishes the batch in flight, then stops
 //! # }
@@ -42,10 +42,18 @@ pub use worker::RelayHandle;
 
 use crate::Error;
 
+/// The largest batch a relay claims: the claim binds up to two values per
+/// event, and databases cap the values of one statement (65,535 on
+/// PostgreSQL and MySQL, 32,766 on SQLite).
+pub const MAX_BATCH_SIZE: usize = 10_000;
+
 /// How a relay batches, retries and keeps delivered events.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
-    /// Events claimed and published per round (default 500).
+    /// Events claimed and published per round (default 2,000; at most
+    /// [`MAX_BATCH_SIZE`]). Larger rounds cost the broker less per event: the
+    /// benchmark drained 0.36-0.40 of raw JetStream's rate at 500 and
+    /// 0.47-0.51 at 2,000, with little more beyond.
     pub batch_size: usize,
     /// How often to look for events when nothing wakes the relay (default 1 s).
     pub poll_interval: Duration,
@@ -72,7 +80,7 @@ pub struct RelayConfig {
 impl Default for RelayConfig {
     fn default() -> Self {
         Self {
-            batch_size: 500,
+            batch_size: 2_000,
             poll_interval: Duration::from_secs(1),
             stats_interval: Duration::from_secs(15),
             max_attempts: 10,
@@ -160,6 +168,7 @@ impl<P: Publisher> Relay<P> {
         let started = Instant::now();
         let now = Utc::now();
         let keep = self.config.keep_delivered.is_some();
+        let limit = self.config.batch_size.clamp(1, MAX_BATCH_SIZE);
         // Where rows can be locked, the claim's transaction holds them until
         // settled; SQLite runs one relay and keeps no write lock while publishing.
         let locking = self.db.get_database_backend() != DbBackend::Sqlite;
@@ -170,8 +179,8 @@ impl<P: Publisher> Relay<P> {
         };
         let claimed = async {
             match &claim_txn {
-                Some(txn) => claim::claim(txn, self.config.batch_size, now, keep).await,
-                None => claim::claim(&self.db, self.config.batch_size, now, keep).await,
+                Some(txn) => claim::claim(txn, limit, now, keep).await,
+                None => claim::claim(&self.db, limit, now, keep).await,
             }
         };
         let batch = claimed
@@ -235,9 +244,9 @@ impl<P: Publisher> Relay<P> {
 }
 
 impl<P: Publisher> RelayBuilder<P> {
-    /// Events claimed and published per round.
+    /// Events claimed and published per round, from 1 to [`MAX_BATCH_SIZE`].
     pub fn batch_size(mut self, batch_size: usize) -> Self {
-        self.relay.config.batch_size = batch_size.max(1);
+        self.relay.config.batch_size = batch_size.clamp(1, MAX_BATCH_SIZE);
         self
     }
 

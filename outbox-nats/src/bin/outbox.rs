@@ -54,7 +54,7 @@ struct RelayArgs {
     #[arg(long, env = "OUTBOX_NAMESPACE")]
     namespace: Option<String>,
     /// Events per round.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 2_000)]
     batch_size: usize,
     /// Attempts before a rejected event is dead-lettered.
     #[arg(long, default_value_t = 10)]
