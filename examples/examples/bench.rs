@@ -278,6 +278,10 @@ async fn drain_only(args: &Args, schema: &str, namespace: &str) -> Result<(), Bo
         .batch_size(args.batch)
         .async_commit(args.async_commit)
         .build();
+    // The services' CPU is read here, while this relay's database sessions
+    // are open: once they close, a backend's time is lost to /proc until the
+    // postmaster has reaped it.
+    let (services, own) = (ServiceCpu::now(), own_cpu_seconds());
     let started = Instant::now();
     let mut drained = 0;
     loop {
@@ -288,10 +292,13 @@ async fn drain_only(args: &Args, schema: &str, namespace: &str) -> Result<(), Bo
         drained += report.published;
     }
     let rate = drained as f64 / started.elapsed().as_secs_f64();
+    let services = services.since();
     let figures = serde_json::json!({
         "relay_drain_eps": rate,
         "relay_rss_mib": peak_rss_mib(),
-        "relay_cpu_s": own_cpu_seconds(),
+        "relay_cpu_s": own_cpu_seconds() - own,
+        "nats_cpu_s": services.nats,
+        "postgres_cpu_s": services.postgres,
     });
     println!("{figures}");
     Ok(())
@@ -369,9 +376,7 @@ impl Bench {
         let raw_headers_nats = services.since().nats;
         eprintln!("raw JetStream: {raw:.0} events/s ({raw_headers:.0} with the relay's headers)");
         self.backlog(self.args.events).await?;
-        let services = ServiceCpu::now();
-        let (drain, rss, relay_cpu) = self.relay_drain().await?;
-        let drain_cpu = services.since();
+        let (drain, rss, relay_cpu, drain_cpu) = self.relay_drain().await?;
         eprintln!("relay drain: {drain:.0} events/s, peak RSS {rss:.1} MiB");
         // CPU time per event of every process involved: on a machine where
         // they share the cores, this bounds the rate more than any latency.
@@ -507,8 +512,8 @@ impl Bench {
     }
 
     /// One relay, in a process of its own, drains the backlog; returns its
-    /// events/s, its peak RSS and its CPU seconds.
-    async fn relay_drain(&self) -> Result<(f64, f64, f64), BoxError> {
+    /// events/s, its peak RSS, its CPU seconds and those of the services.
+    async fn relay_drain(&self) -> Result<(f64, f64, f64, ServiceCpu), BoxError> {
         let mut child = tokio::process::Command::new(std::env::current_exe()?);
         child
             .args(["--drain-only", &self.schema, &self.namespace])
@@ -535,10 +540,15 @@ impl Bench {
                 .as_f64()
                 .ok_or_else(|| format!("the drain process printed no {name}"))
         };
+        let services = ServiceCpu {
+            nats: get("nats_cpu_s")?,
+            postgres: get("postgres_cpu_s")?,
+        };
         Ok((
             get("relay_drain_eps")?,
             get("relay_rss_mib")?,
             get("relay_cpu_s")?,
+            services,
         ))
     }
 
