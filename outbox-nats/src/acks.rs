@@ -1,5 +1,6 @@
 //! JetStream's answers to the publishes of one chunk, matched by reply
-//! subject (`<inbox>.<index in the chunk>`) and turned into [`Delivery`]s.
+//! subject (`<inbox>.<chunk number>.<index in the chunk>`) and turned into
+//! [`Delivery`]s.
 
 use std::time::Duration;
 
@@ -10,6 +11,7 @@ use serde::Deserialize;
 
 /// The outcome of each event of a chunk, as its answer comes in.
 pub(crate) struct Acks {
+    chunk: u64,
     outcome: Vec<Option<Delivery>>,
     awaited: usize,
 }
@@ -33,8 +35,10 @@ struct AnswerError {
 }
 
 impl Acks {
-    pub(crate) fn new(events: usize) -> Self {
+    /// Awaits the answers to chunk number `chunk`, of `events` events.
+    pub(crate) fn new(chunk: u64, events: usize) -> Self {
         Self {
+            chunk,
             outcome: vec![None; events],
             awaited: events,
         }
@@ -55,13 +59,15 @@ impl Acks {
         self.settle(index, delivery);
     }
 
-    /// Records an answer; one for no event of this chunk, or a second one, is ignored.
+    /// Records an answer, which came on `<inbox>.<chunk>.<index>`; one for
+    /// another chunk (a late ack), or a second one, is ignored.
     pub(crate) fn received(&mut self, reply: &async_nats::Message) {
-        let index = reply
-            .subject
-            .rsplit_once('.')
-            .and_then(|(_, index)| index.parse::<usize>().ok());
-        if let Some(index) = index {
+        let mut parts = reply.subject.rsplitn(3, '.');
+        let index = parts.next().and_then(|index| index.parse::<usize>().ok());
+        let chunk = parts.next().and_then(|chunk| chunk.parse::<u64>().ok());
+        if let (Some(index), Some(chunk)) = (index, chunk)
+            && chunk == self.chunk
+        {
             self.settle(index, answer(reply));
         }
     }

@@ -6,10 +6,11 @@ use std::time::Duration;
 
 use async_nats::connection::State;
 use async_nats::jetstream::{self, Context};
-use async_nats::{HeaderMap, HeaderName};
+use async_nats::{HeaderMap, HeaderName, Subscriber};
 use futures::{FutureExt, StreamExt};
 use outbox_core::entity::outbox_message;
 use outbox_core::relay::{Delivery, Publisher};
+use tokio::sync::Mutex;
 
 use crate::acks::Acks;
 
@@ -22,7 +23,7 @@ use crate::acks::Acks;
 /// let relay = outbox_core::relay::Relay::builder(db, publisher).spawn();
 /// # Ok(()) }
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct JetStreamPublisher {
     client: async_nats::Client,
     context: Context,
@@ -30,6 +31,32 @@ pub struct JetStreamPublisher {
     ack_timeout: Duration,
     /// Acks in flight at most: a batch is published in chunks of this many.
     max_in_flight: usize,
+    /// Where the acks come back, opened at the first publish and kept (a
+    /// subscription per chunk cost a relay round about a millisecond more).
+    replies: Mutex<Option<Replies>>,
+}
+
+/// One subscription to `<inbox>.*.*`; chunk `n`'s `i`-th event asks for its
+/// ack on `<inbox>.<n>.<i>`, so that a late ack of an earlier chunk is told apart.
+#[derive(Debug)]
+struct Replies {
+    inbox: String,
+    subscriber: Subscriber,
+    chunk: u64,
+}
+
+/// A clone shares the client and settings, and opens its own ack subscription.
+impl Clone for JetStreamPublisher {
+    fn clone(&self) -> Self {
+        Self {
+            client: self.client.clone(),
+            context: self.context.clone(),
+            namespace: self.namespace.clone(),
+            ack_timeout: self.ack_timeout,
+            max_in_flight: self.max_in_flight,
+            replies: Mutex::new(None),
+        }
+    }
 }
 
 impl JetStreamPublisher {
@@ -55,6 +82,7 @@ impl JetStreamPublisher {
             namespace: None,
             ack_timeout,
             max_in_flight: max_in_flight.max(1),
+            replies: Mutex::new(None),
         }
     }
 
@@ -134,26 +162,37 @@ impl Publisher for JetStreamPublisher {
 }
 
 impl JetStreamPublisher {
-    /// Sends every event of `chunk` with a reply subject of its own under one
-    /// fresh inbox, then collects the acks from that one subscription: one
-    /// round trip, and per event neither a oneshot channel nor a timer, which
-    /// is what async-nats' `send_publish` costs (a third of the relay's CPU).
+    /// Sends every event of `chunk` with a reply subject of its own, then
+    /// collects the acks from the publisher's one subscription: one round
+    /// trip, and per event neither a oneshot channel nor a timer, which is
+    /// what async-nats' `send_publish` costs (a third of the relay's CPU).
     async fn publish_chunk(&self, chunk: &[&outbox_message::Model]) -> Vec<Delivery> {
-        let inbox = self.client.new_inbox();
-        let mut replies = match self.client.subscribe(format!("{inbox}.*")).await {
-            Ok(replies) => replies,
-            Err(error) => {
-                let error = format!("cannot subscribe to JetStream acks: {error}");
-                return vec![Delivery::Unavailable(error); chunk.len()];
+        let mut open = self.replies.lock().await;
+        let replies = match open.as_mut() {
+            Some(replies) => replies,
+            None => {
+                let inbox = self.client.new_inbox();
+                match self.client.subscribe(format!("{inbox}.*.*")).await {
+                    Ok(subscriber) => open.insert(Replies {
+                        inbox,
+                        subscriber,
+                        chunk: 0,
+                    }),
+                    Err(error) => {
+                        let error = format!("cannot subscribe to JetStream acks: {error}");
+                        return vec![Delivery::Unavailable(error); chunk.len()];
+                    }
+                }
             }
         };
-        let mut acks = Acks::new(chunk.len());
+        replies.chunk += 1;
+        let mut acks = Acks::new(replies.chunk, chunk.len());
         for (index, event) in chunk.iter().enumerate() {
             let sent = self
                 .client
                 .publish_with_reply_and_headers(
                     self.subject(&event.subject),
-                    format!("{inbox}.{index}"),
+                    format!("{}.{}.{index}", replies.inbox, replies.chunk),
                     headers(event),
                     event.payload.clone().into(),
                 )
@@ -162,7 +201,7 @@ impl JetStreamPublisher {
                 acks.failed(index, &error);
             }
             // Take the acks already in, so that they never fill the subscription's buffer.
-            while let Some(Some(reply)) = replies.next().now_or_never() {
+            while let Some(Some(reply)) = replies.subscriber.next().now_or_never() {
                 acks.received(&reply);
             }
         }
@@ -170,9 +209,13 @@ impl JetStreamPublisher {
         tokio::pin!(deadline);
         while acks.awaited() > 0 {
             tokio::select! {
-                reply = replies.next() => match reply {
+                reply = replies.subscriber.next() => match reply {
                     Some(reply) => acks.received(&reply),
-                    None => break,
+                    None => {
+                        // The client is closed; a later publish subscribes anew.
+                        *open = None;
+                        break;
+                    }
                 },
                 () = &mut deadline => break,
             }
