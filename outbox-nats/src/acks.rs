@@ -118,3 +118,76 @@ fn answer(reply: &async_nats::Message) -> Delivery {
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use async_nats::{Message, StatusCode};
+    use outbox_core::relay::Delivery;
+
+    use super::Acks;
+
+    fn reply(subject: &str, payload: &str, status: Option<StatusCode>) -> Message {
+        Message {
+            subject: subject.into(),
+            reply: None,
+            payload: payload.to_owned().into_bytes().into(),
+            headers: None,
+            status,
+            description: None,
+            length: payload.len(),
+        }
+    }
+
+    const STORED: &str = r#"{"stream":"ORDERS","seq":7}"#;
+
+    #[test]
+    fn answers_become_deliveries_by_index() {
+        let mut acks = Acks::new(3, 5);
+        acks.received(&reply("_INBOX.x.3.0", STORED, None));
+        acks.received(&reply(
+            "_INBOX.x.3.1",
+            r#"{"stream":"ORDERS","seq":8,"duplicate":true}"#,
+            None,
+        ));
+        acks.received(&reply(
+            "_INBOX.x.3.2",
+            r#"{"error":{"code":503,"err_code":10077,"description":"maximum messages exceeded"}}"#,
+            None,
+        ));
+        acks.received(&reply("_INBOX.x.3.3", "", Some(StatusCode::NO_RESPONDERS)));
+        acks.received(&reply("_INBOX.x.3.4", "pong", None));
+        assert_eq!(acks.awaited(), 0);
+        let deliveries = acks.into_deliveries(Duration::from_secs(1));
+        assert_eq!(deliveries[0], Delivery::Stored { duplicate: false });
+        assert_eq!(deliveries[1], Delivery::Stored { duplicate: true });
+        assert!(
+            matches!(&deliveries[2], Delivery::Rejected(e) if e.contains("maximum messages exceeded")),
+            "{:?}",
+            deliveries[2]
+        );
+        assert!(
+            matches!(&deliveries[3], Delivery::Rejected(e) if e.contains("no JetStream stream"))
+        );
+        assert!(matches!(&deliveries[4], Delivery::Rejected(e) if e.contains("pong")));
+    }
+
+    #[test]
+    fn late_second_and_stray_answers_are_ignored_and_silence_is_unavailable() {
+        let mut acks = Acks::new(2, 2);
+        acks.received(&reply("_INBOX.x.1.0", STORED, None)); // an earlier chunk's
+        acks.received(&reply("_INBOX.x.2.9", STORED, None)); // no such event
+        acks.received(&reply("_INBOX.x.2.oops", STORED, None));
+        acks.received(&reply(
+            "_INBOX.x.2.0",
+            r#"{"error":{"code":500,"description":"first"}}"#,
+            None,
+        ));
+        acks.received(&reply("_INBOX.x.2.0", STORED, None)); // a second answer
+        assert_eq!(acks.awaited(), 1);
+        let deliveries = acks.into_deliveries(Duration::from_secs(5));
+        assert!(matches!(&deliveries[0], Delivery::Rejected(e) if e.contains("first")));
+        assert!(matches!(&deliveries[1], Delivery::Unavailable(e) if e.contains("5s")));
+    }
+}
