@@ -168,7 +168,6 @@ impl<P: Publisher> Relay<P> {
         let started = Instant::now();
         let now = Utc::now();
         let keep = self.config.keep_delivered.is_some();
-        let limit = self.config.batch_size.clamp(1, MAX_BATCH_SIZE);
         // Where rows can be locked, the claim's transaction holds them until
         // settled; SQLite runs one relay and keeps no write lock while publishing.
         let locking = self.db.get_database_backend() != DbBackend::Sqlite;
@@ -179,8 +178,8 @@ impl<P: Publisher> Relay<P> {
         };
         let claimed = async {
             match &claim_txn {
-                Some(txn) => claim::claim(txn, limit, now, keep).await,
-                None => claim::claim(&self.db, limit, now, keep).await,
+                Some(txn) => claim::claim(txn, self.config.batch_size, now, keep).await,
+                None => claim::claim(&self.db, self.config.batch_size, now, keep).await,
             }
         };
         let batch = claimed
