@@ -396,7 +396,7 @@ impl Bench {
             ("drain_cpu_us_relay", per_event(relay_cpu)),
             (
                 "cpu_bound_drain_eps",
-                round(cores() * 1e6 / (drain_total * 1e6 / self.args.events as f64)),
+                round(cores() * self.args.events as f64 / drain_total),
             ),
         ] {
             figures.insert(name.into(), value.into());
