@@ -67,6 +67,9 @@ struct Args {
     /// Let the relay commit its bookkeeping without waiting for the WAL flush.
     #[arg(long)]
     async_commit: bool,
+    /// Run the relay's rounds in turn instead of overlapping them.
+    #[arg(long)]
+    no_overlap: bool,
     /// Internal: drain the backlog of this schema and namespace, print events/s and peak RSS, exit.
     /// The parent runs the drain in such a child, so that the relay's memory is measured alone.
     #[arg(long, hide = true, num_args = 2, value_names = ["SCHEMA", "NAMESPACE"])]
@@ -277,20 +280,14 @@ async fn drain_only(args: &Args, schema: &str, namespace: &str) -> Result<(), Bo
     let relay = Relay::builder(db, publisher(client, args, namespace))
         .batch_size(args.batch)
         .async_commit(args.async_commit)
+        .overlap_rounds(!args.no_overlap)
         .build();
     // The services' CPU is read here, while this relay's database sessions
     // are open: once they close, a backend's time is lost to /proc until the
     // postmaster has reaped it.
     let (services, own) = (ServiceCpu::now(), own_cpu_seconds());
     let started = Instant::now();
-    let mut drained = 0;
-    loop {
-        let report = relay.process_batch().await?;
-        if report.claimed == 0 {
-            break;
-        }
-        drained += report.published;
-    }
+    let drained = relay.drain().await?.published;
     let rate = drained as f64 / started.elapsed().as_secs_f64();
     let services = services.since();
     let figures = serde_json::json!({
@@ -367,6 +364,7 @@ impl Bench {
         }
 
         figures.insert("async_commit".into(), self.args.async_commit.into());
+        figures.insert("overlap_rounds".into(), (!self.args.no_overlap).into());
         let services = ServiceCpu::now();
         let own = own_cpu_seconds();
         let raw = self.raw_jetstream(false).await?;
@@ -526,6 +524,9 @@ impl Bench {
         if self.args.async_commit {
             child.arg("--async-commit");
         }
+        if self.args.no_overlap {
+            child.arg("--no-overlap");
+        }
         let output = child.output().await?;
         if !output.status.success() {
             return Err(format!(
@@ -595,6 +596,7 @@ impl Bench {
             },
         )
         .batch_size(self.args.batch)
+        .overlap_rounds(!self.args.no_overlap)
         .spawn();
         let total = (u64::from(self.args.rate) * self.args.seconds) as usize;
         let period = Duration::from_secs(1) / self.args.rate.max(1);
@@ -759,8 +761,15 @@ fn round3(x: f64) -> f64 {
 
 fn print_table(args: &Args, figures: &Figures) {
     println!(
-        "\noutbox benchmark: {} events, {} B payloads, batch {}, {} acks in flight, {} keys, async commit {}",
-        args.events, args.payload, args.batch, args.in_flight, args.keys, args.async_commit
+        "\noutbox benchmark: {} events, {} B payloads, batch {}, {} acks in flight, {} keys, \
+         async commit {}, overlapped rounds {}",
+        args.events,
+        args.payload,
+        args.batch,
+        args.in_flight,
+        args.keys,
+        args.async_commit,
+        !args.no_overlap
     );
     println!("{:<24} {:>14}", "figure", "value");
     for (name, value) in figures {

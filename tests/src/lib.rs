@@ -20,6 +20,16 @@ pub fn mysql_url() -> String {
     std::env::var("MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".to_owned())
 }
 
+/// A pool of 16 connections on a PostgreSQL schema, without statement logs.
+fn schema_options(schema: &str) -> ConnectOptions {
+    let mut options = ConnectOptions::new(postgres_url());
+    options
+        .set_schema_search_path(schema.to_owned())
+        .max_connections(16)
+        .sqlx_logging(false);
+    options
+}
+
 /// A migrated, empty database that only one test uses.
 #[derive(Debug)]
 pub struct TestDb {
@@ -54,15 +64,29 @@ impl TestDb {
             .execute_unprepared(&format!("CREATE SCHEMA {schema}"))
             .await
             .expect("create test schema");
-        let mut options = ConnectOptions::new(url);
-        options
-            .set_schema_search_path(schema.clone())
-            .max_connections(16)
-            .sqlx_logging(false);
-        let db = Database::connect(options)
+        let db = Database::connect(schema_options(&schema))
             .await
             .expect("connect to test schema");
         Self::migrated(db, Isolation::Postgres { admin, schema }).await
+    }
+
+    /// Another pool on this test's PostgreSQL schema, configured by `configure`
+    /// (for tests of what a relay does with a small pool).
+    ///
+    /// # Panics
+    /// On a database other than PostgreSQL.
+    pub async fn postgres_pool(
+        &self,
+        configure: impl FnOnce(&mut ConnectOptions),
+    ) -> DatabaseConnection {
+        let Isolation::Postgres { schema, .. } = &self.isolation else {
+            panic!("postgres_pool needs a PostgreSQL test database");
+        };
+        let mut options = schema_options(schema);
+        configure(&mut options);
+        Database::connect(options)
+            .await
+            .expect("connect to test schema")
     }
 
     /// A new database on the MariaDB/MySQL server.

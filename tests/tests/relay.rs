@@ -458,6 +458,47 @@ async fn a_rejected_event_holds_back_its_key_two_rounds_later() {
     a_rejected_event_holds_back_its_key_in_later_rounds(25).await;
 }
 
+/// An overlapped claim needs a second connection, which a pool of one never
+/// gives: the relay waits out the acquire timeout once, settles the round it
+/// has published, and goes on with rounds in turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_of_one_connection_falls_back_to_rounds_in_turn() {
+    let setup = Setup::postgres().await;
+    let (nats, stream) = (&setup.nats, &setup.stream);
+    for n in 0..3 {
+        emit_round(setup.db(), n, 10).await.expect("commit");
+    }
+    let one = (setup.test)
+        .postgres_pool(|options| {
+            options
+                .max_connections(1)
+                .acquire_timeout(Duration::from_secs(1));
+        })
+        .await;
+    let relay = fast(&one, nats.publisher()).batch_size(10).build();
+    let within = Duration::from_secs(30);
+    let first = tokio::time::timeout(within, relay.drain()).await;
+    let first = first.expect("no hang").expect("first drain");
+    assert_eq!(
+        first.published, 10,
+        "the round published before the timeout"
+    );
+    let rest = tokio::time::timeout(within, relay.drain()).await;
+    assert_eq!(rest.expect("no hang").expect("second drain").published, 20);
+
+    let messages = nats.messages(stream).await;
+    assert_each_once(&messages, 30);
+    let mut per_key: HashMap<String, Vec<u32>> = HashMap::new();
+    for event in sequenced(&messages) {
+        per_key.entry(event.key).or_default().push(event.n);
+    }
+    for (key, ns) in per_key {
+        assert_eq!(ns, [0, 1, 2], "order of key {key}");
+    }
+    one.close().await.expect("close the pool of one");
+    setup.finish().await;
+}
+
 async fn shutdown_mid_delivery_loses_nothing_and_leaves_nothing_claimed(setup: Setup) {
     let (db, nats, stream) = (&setup.test.db, &setup.nats, &setup.stream);
     for n in 0..30 {

@@ -23,11 +23,16 @@ use uuid::Uuid;
 use crate::entity::outbox_message::{Column, Entity, Model};
 
 /// The publishable events among the oldest `limit` due ones, in id (emit) order.
+///
+/// `in_flight`: events of another round of this relay, being published now
+/// and settled before this claim's events are published; they do not stop
+/// their keys here (that round holds back what follows its failures).
 pub(super) async fn claim<C: ConnectionTrait>(
     conn: &C,
     limit: usize,
     now: DateTime<Utc>,
     keep_delivered: bool,
+    in_flight: &[Uuid],
 ) -> Result<Vec<Model>, DbErr> {
     let backend = conn.get_database_backend();
     let claimed = conn
@@ -36,7 +41,7 @@ pub(super) async fn claim<C: ConnectionTrait>(
         .iter()
         .map(decode)
         .collect::<Result<Vec<Model>, DbErr>>()?;
-    let first_stop = stops(conn, &claimed, keep_delivered).await?;
+    let first_stop = stops(conn, &claimed, keep_delivered, in_flight).await?;
     Ok(claimed
         .into_iter()
         .filter(|event| {
@@ -50,11 +55,12 @@ pub(super) async fn claim<C: ConnectionTrait>(
 }
 
 /// The oldest undelivered event of each claimed key that is older than a
-/// claimed event of that key but not claimed itself, by key.
+/// claimed event of that key but neither claimed itself nor in flight, by key.
 async fn stops<C: ConnectionTrait>(
     conn: &C,
     claimed: &[Model],
     keep_delivered: bool,
+    in_flight: &[Uuid],
 ) -> Result<HashMap<String, Uuid>, DbErr> {
     let mut keys = HashSet::new();
     let mut ids = Vec::new();
@@ -67,6 +73,7 @@ async fn stops<C: ConnectionTrait>(
     let Some(&newest) = ids.last() else {
         return Ok(HashMap::new());
     };
+    ids.extend(in_flight.iter().filter(|&&id| id < newest));
     let mut query = Query::select();
     query
         .columns([Column::PartitionKey, Column::Id])

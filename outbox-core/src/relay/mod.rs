@@ -18,22 +18,27 @@
 //! stored events are deleted (or marked delivered), rejected ones are
 //! rescheduled with exponential backoff, and ones that can never be delivered
 //! move to `outbox_dead_letters` with their last error.
+//!
+//! While events keep coming, rounds overlap: as one round is published, the
+//! previous one is settled and the next one claimed (see
+//! [`RelayConfig::overlap_rounds`]).
 
 mod backoff;
 mod claim;
 #[cfg(feature = "postgres")]
 pub mod notify;
+mod pipeline;
 mod publisher;
+mod round;
 mod settle;
 mod stats;
 mod waves;
 mod worker;
 
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
-use chrono::Utc;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, IsolationLevel, TransactionTrait};
-use tracing::Instrument;
 
 pub use backoff::Backoff;
 pub use publisher::{Delivery, Publisher};
@@ -75,6 +80,14 @@ pub struct RelayConfig {
     /// forget the last moments of deletions: those events are published again,
     /// and JetStream drops the copies within its duplicate window.
     pub async_commit: bool,
+    /// Overlap consecutive rounds (default on): while one round is published,
+    /// settle the previous one and claim the next, so that the database and
+    /// the broker work at the same time rather than in turn. The relay then
+    /// holds two connections of the pool; with a pool of one, the first
+    /// overlapped claim waits out the pool's acquire timeout, and the relay
+    /// goes on with rounds in turn. PostgreSQL only: on MySQL and SQLite
+    /// rounds always run in turn.
+    pub overlap_rounds: bool,
 }
 
 impl Default for RelayConfig {
@@ -95,6 +108,7 @@ impl Default for RelayConfig {
             keep_delivered: None,
             wake_on_notify: false,
             async_commit: false,
+            overlap_rounds: true,
         }
     }
 }
@@ -128,12 +142,30 @@ pub struct BatchReport {
     pub last_error: Option<String>,
 }
 
+impl BatchReport {
+    /// Adds up the rounds of a drain; the last broker error stays.
+    fn add(&mut self, round: BatchReport) {
+        self.claimed += round.claimed;
+        self.published += round.published;
+        self.duplicates += round.duplicates;
+        self.retried += round.retried;
+        self.dead_lettered += round.dead_lettered;
+        self.unavailable += round.unavailable;
+        self.held_back += round.held_back;
+        if round.last_error.is_some() {
+            self.last_error = round.last_error;
+        }
+    }
+}
+
 /// Delivers committed events through a [`Publisher`].
 #[derive(Debug)]
 pub struct Relay<P> {
     db: DatabaseConnection,
     publisher: P,
     config: RelayConfig,
+    /// Cleared when the pool could not give an overlapped claim its connection.
+    overlap: AtomicBool,
 }
 
 /// Configures a [`Relay`]; see [`RelayConfig`] for the defaults.
@@ -150,6 +182,7 @@ impl<P: Publisher> Relay<P> {
                 db,
                 publisher,
                 config: RelayConfig::default(),
+                overlap: AtomicBool::new(true),
             },
         }
     }
@@ -159,60 +192,40 @@ impl<P: Publisher> Relay<P> {
         &self.config
     }
 
-    /// Runs one round: claim, publish, settle. The background task calls it in
-    /// a loop; call it yourself to drive a relay step by step.
+    /// Runs one round: claim, publish, settle. Call it yourself to drive a
+    /// relay step by step; [`drain`](Self::drain) runs rounds until the
+    /// outbox is empty.
     ///
     /// Fails with [`Error::Database`] when the database fails, and with
     /// [`Error::BrokerUnavailable`] when no event of the batch reached the broker.
     pub async fn process_batch(&self) -> Result<BatchReport, Error> {
-        let started = Instant::now();
-        let now = Utc::now();
-        let keep = self.config.keep_delivered.is_some();
-        // Where rows can be locked, the claim's transaction holds them until
-        // settled; SQLite runs one relay and keeps no write lock while publishing.
-        let locking = self.db.get_database_backend() != DbBackend::Sqlite;
-        let claim_txn = if locking {
-            Some(self.begin().await?)
-        } else {
-            None
-        };
-        let claimed = async {
-            match &claim_txn {
-                Some(txn) => claim::claim(txn, self.config.batch_size, now, keep).await,
-                None => claim::claim(&self.db, self.config.batch_size, now, keep).await,
-            }
-        };
-        let batch = claimed
-            .instrument(tracing::debug_span!("outbox.claim"))
-            .await?;
-        if batch.is_empty() {
-            if let Some(txn) = claim_txn {
-                txn.commit().await?;
-            }
-            return Ok(BatchReport::default());
-        }
-        let deliveries = waves::publish(&self.publisher, &batch)
-            .instrument(tracing::debug_span!("outbox.publish", events = batch.len()))
-            .await;
-        let txn = match claim_txn {
-            Some(txn) => txn,
-            None => self.begin().await?,
-        };
-        let settled = async {
-            let report = settle::settle(&txn, batch, deliveries, &self.config, now).await?;
-            txn.commit().await?;
-            Ok::<_, sea_orm::DbErr>(report)
-        };
-        let report = settled
-            .instrument(tracing::debug_span!("outbox.settle"))
-            .await?;
-        stats::record_batch(&report, started.elapsed());
-        if report.published == 0 && report.unavailable > 0 {
-            return Err(Error::BrokerUnavailable(
-                report.last_error.unwrap_or_default(),
-            ));
-        }
-        Ok(report)
+        let round = self.claim_round(&[]).await?;
+        let published = self.publish_round(round, &round::Held::new()).await;
+        self.settle_round(published).await
+    }
+
+    /// Runs rounds, overlapped where [`RelayConfig::overlap_rounds`] allows,
+    /// until a claim finds nothing to publish or a round gets nothing stored
+    /// (its events wait for a retry or behind another relay's); returns their
+    /// reports added up. The background task drains whenever it wakes.
+    pub async fn drain(&self) -> Result<BatchReport, Error> {
+        pipeline::drain(self, None).await
+    }
+
+    /// Whether claimed rows stay locked until settled: everywhere but on SQLite.
+    fn locking(&self) -> bool {
+        self.db.get_database_backend() != DbBackend::Sqlite
+    }
+
+    /// Whether rounds overlap: configured, on PostgreSQL, and not given up on.
+    ///
+    /// Not on MySQL: InnoDB's `DELETE ... WHERE id IN (...)` may scan the
+    /// table and wait on every locked row it meets, among them the next
+    /// round's, which this relay releases only after that very delete.
+    fn overlapping(&self) -> bool {
+        self.config.overlap_rounds
+            && self.db.get_database_backend() == DbBackend::Postgres
+            && self.overlap.load(Ordering::Relaxed)
     }
 
     /// Every transaction of a round starts here, so that `async_commit` applies to all of them.
@@ -290,6 +303,12 @@ impl<P: Publisher> RelayBuilder<P> {
     #[cfg(feature = "postgres")]
     pub fn wake_on_notify(mut self) -> Self {
         self.relay.config.wake_on_notify = true;
+        self
+    }
+
+    /// Overlaps consecutive rounds (on by default); see [`RelayConfig::overlap_rounds`].
+    pub fn overlap_rounds(mut self, enabled: bool) -> Self {
+        self.relay.config.overlap_rounds = enabled;
         self
     }
 

@@ -7,18 +7,27 @@
 //! out the later waves, so its later events can never overtake it. A batch
 //! over many keys is one or two waves; a batch of one hot key is one wave per
 //! event, which is what ordering that key costs.
+//!
+//! An event newer than its key's entry in `held` (an event of the previous,
+//! overlapped round that was not stored) sits the whole batch out.
 
 use std::collections::{HashMap, HashSet};
 
 use super::publisher::{Delivery, Publisher};
+use super::round::Held;
 use crate::entity::outbox_message::Model;
 
 /// Each event's delivery, or `None` when it was held back behind a failure of its key.
-pub(super) async fn publish<P: Publisher>(publisher: &P, batch: &[Model]) -> Vec<Option<Delivery>> {
+pub(super) async fn publish<P: Publisher>(
+    publisher: &P,
+    batch: &[Model],
+    held: &Held,
+) -> Vec<Option<Delivery>> {
     let mut waves: Vec<Vec<usize>> = Vec::new();
     let mut position: HashMap<&str, usize> = HashMap::new();
     for (index, event) in batch.iter().enumerate() {
         let wave = match event.partition_key.as_deref() {
+            Some(key) if held.get(key).is_some_and(|oldest| *oldest < event.id) => continue,
             Some(key) => {
                 let next = position.entry(key).or_insert(0);
                 *next += 1;

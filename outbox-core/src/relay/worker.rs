@@ -1,6 +1,6 @@
-//! The relay's background task: rounds back to back while there is work;
-//! otherwise waits for a commit in this process or the poll interval; backs
-//! off while the database or broker is down, logging each change of state once.
+//! The relay's background task: drains while there is work; otherwise waits
+//! for a commit in this process or the poll interval; backs off while the
+//! database or broker is down, logging each change of state once.
 
 use chrono::Utc;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
@@ -8,7 +8,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::{Publisher, Relay, stats};
+use super::{Publisher, Relay, pipeline, stats};
 use crate::CommitSignal;
 use crate::entity::outbox_message;
 
@@ -49,15 +49,13 @@ async fn run<P: Publisher>(relay: Relay<P>, mut stopped: watch::Receiver<bool>) 
             housekeeping(&relay).await;
             next_housekeeping = Instant::now() + config.stats_interval;
         }
-        let span = tracing::debug_span!("relay_batch");
-        let wait = match tracing::Instrument::instrument(relay.process_batch(), span).await {
-            Ok(report) => {
+        let span = tracing::debug_span!("relay_drain");
+        let drained = pipeline::drain(&relay, Some(&stopped));
+        let wait = match tracing::Instrument::instrument(drained, span).await {
+            Ok(_) => {
                 if failures > 0 {
                     tracing::info!(failed_rounds = failures, "relay recovered");
                     failures = 0;
-                }
-                if report.claimed >= config.batch_size {
-                    continue; // more is waiting
                 }
                 config.poll_interval
             }
