@@ -637,39 +637,43 @@ impl Bench {
         Ok((pick(0.5), pick(0.99), pick(1.0), total))
     }
 
-    /// `#[transactional]` over the hand-written transaction, and over the business row alone.
-    /// Rounds alternate the three variants, so that drift hits each alike.
+    /// `#[transactional]` over the hand-written transaction, and over the
+    /// business row alone: the median over rounds of each round's ratio. A
+    /// round runs the three variants back to back, in an order that rotates,
+    /// so that drift, or a checkpoint landing in one round, does not weigh on
+    /// one variant (each call waits for a WAL flush, whose time varies most).
     async fn handler_overhead(&mut self) -> Result<(f64, f64), BoxError> {
-        let (mut macro_time, mut manual_time, mut plain_time) =
-            (Duration::ZERO, Duration::ZERO, Duration::ZERO);
-        let rounds = 10;
-        let per_round = self.args.handler_calls.div_ceil(rounds);
-        for _ in 0..rounds {
-            let started = Instant::now();
-            for _ in 0..per_round {
-                self.next_id += 1;
-                place_order(&self.db, self.next_id, self.args.payload).await?;
+        const ROUNDS: usize = 30;
+        let per_round = self.args.handler_calls.div_ceil(ROUNDS);
+        let (mut over_manual, mut over_plain) = (Vec::new(), Vec::new());
+        for round in 0..ROUNDS {
+            let mut took = [0.0; 3];
+            for offset in 0..3 {
+                let variant = (round + offset) % 3;
+                let started = Instant::now();
+                for _ in 0..per_round {
+                    self.next_id += 1;
+                    let (db, id) = (&self.db, self.next_id);
+                    match variant {
+                        0 => {
+                            place_order(db, id, self.args.payload).await?;
+                        }
+                        1 => place_order_by_hand(db, id, self.args.payload).await?,
+                        _ => place_order_plain(db, id).await?,
+                    }
+                }
+                took[variant] = started.elapsed().as_secs_f64();
             }
-            macro_time += started.elapsed();
-            let started = Instant::now();
-            for _ in 0..per_round {
-                self.next_id += 1;
-                place_order_by_hand(&self.db, self.next_id, self.args.payload).await?;
-            }
-            manual_time += started.elapsed();
-            let started = Instant::now();
-            for _ in 0..per_round {
-                self.next_id += 1;
-                place_order_plain(&self.db, self.next_id).await?;
-            }
-            plain_time += started.elapsed();
+            over_manual.push(took[0] / took[1]);
+            over_plain.push(took[0] / took[2]);
         }
-        let macro_secs = macro_time.as_secs_f64();
-        Ok((
-            macro_secs / manual_time.as_secs_f64(),
-            macro_secs / plain_time.as_secs_f64(),
-        ))
+        Ok((median(over_manual), median(over_plain)))
     }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
 }
 
 fn peak_rss_mib() -> f64 {
