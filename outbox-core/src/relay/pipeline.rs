@@ -20,6 +20,8 @@ use sea_orm::{ConnAcquireErr, DbErr};
 use tokio::sync::watch;
 
 use super::round::{Held, Published};
+#[cfg(doc)]
+use super::round::Round;
 use super::{BatchReport, Publisher, Relay};
 use crate::Error;
 
