@@ -19,9 +19,9 @@
 use sea_orm::{ConnAcquireErr, DbErr};
 use tokio::sync::watch;
 
-use super::round::{Held, Published};
 #[cfg(doc)]
 use super::round::Round;
+use super::round::{Held, Published};
 use super::{BatchReport, Publisher, Relay};
 use crate::Error;
 
