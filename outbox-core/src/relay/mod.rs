@@ -209,7 +209,7 @@ impl<P: Publisher> Relay<P> {
     /// (its events wait for a retry or behind another relay's); returns their
     /// reports added up. The background task drains whenever it wakes.
     pub async fn drain(&self) -> Result<BatchReport, Error> {
-        pipeline::drain(self, None).await
+        pipeline::drain(self, None, None).await
     }
 
     /// Whether claimed rows stay locked until settled: everywhere but on SQLite.

@@ -18,6 +18,7 @@
 
 use sea_orm::{ConnAcquireErr, DbErr};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 #[cfg(doc)]
 use super::round::Round;
@@ -26,12 +27,17 @@ use super::{BatchReport, Publisher, Relay};
 use crate::Error;
 
 /// Runs rounds until a claim comes back empty or a round gets nothing stored,
-/// or until `stop` turns true; returns their reports added up.
+/// or until `stop` turns true or `until` passes (no round is started after
+/// either); returns their reports added up.
 pub(super) async fn drain<P: Publisher>(
     relay: &Relay<P>,
     stop: Option<&watch::Receiver<bool>>,
+    until: Option<Instant>,
 ) -> Result<BatchReport, Error> {
-    let stopped = || stop.is_some_and(|stop| *stop.borrow());
+    let stopped = || {
+        stop.is_some_and(|stop| *stop.borrow())
+            || until.is_some_and(|until| Instant::now() >= until)
+    };
     let mut total = BatchReport::default();
     if !relay.overlapping() {
         loop {

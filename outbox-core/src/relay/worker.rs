@@ -50,12 +50,16 @@ async fn run<P: Publisher>(relay: Relay<P>, mut stopped: watch::Receiver<bool>) 
             next_housekeeping = Instant::now() + config.stats_interval;
         }
         let span = tracing::debug_span!("relay_drain");
-        let drained = pipeline::drain(&relay, Some(&stopped));
+        // A long drain pauses for housekeeping: the gauges matter most during a backlog.
+        let drained = pipeline::drain(&relay, Some(&stopped), Some(next_housekeeping));
         let wait = match tracing::Instrument::instrument(drained, span).await {
             Ok(_) => {
                 if failures > 0 {
                     tracing::info!(failed_rounds = failures, "relay recovered");
                     failures = 0;
+                }
+                if Instant::now() >= next_housekeeping {
+                    continue; // the drain paused for housekeeping; more may be waiting
                 }
                 config.poll_interval
             }
