@@ -107,6 +107,15 @@ fn sequenced(messages: &[StreamMessage]) -> Vec<Sequenced> {
         .collect()
 }
 
+/// The `Sequenced` numbers in the stream, by key, in stream order.
+fn per_key(messages: &[StreamMessage]) -> HashMap<String, Vec<u32>> {
+    let mut per_key: HashMap<String, Vec<u32>> = HashMap::new();
+    for event in sequenced(messages) {
+        per_key.entry(event.key).or_default().push(event.n);
+    }
+    per_key
+}
+
 fn assert_each_once(messages: &[StreamMessage], expected: usize) {
     let ids: HashSet<&str> = messages.iter().map(|m| header(m, "Nats-Msg-Id")).collect();
     assert_eq!(messages.len(), expected, "messages in the stream");
@@ -224,10 +233,7 @@ async fn three_relays_keep_per_key_commit_order(setup: Setup) {
 
     let messages = nats.messages(stream).await;
     assert_each_once(&messages, 10_000);
-    let mut per_key: HashMap<String, Vec<u32>> = HashMap::new();
-    for event in sequenced(&messages) {
-        per_key.entry(event.key).or_default().push(event.n);
-    }
+    let per_key = per_key(&messages);
     assert_eq!(per_key.len(), 100);
     for (key, ns) in per_key {
         assert_eq!(ns, (0..100).collect::<Vec<_>>(), "order of key {key}");
@@ -488,10 +494,7 @@ async fn a_pool_of_one_connection_falls_back_to_rounds_in_turn() {
 
     let messages = nats.messages(stream).await;
     assert_each_once(&messages, 30);
-    let mut per_key: HashMap<String, Vec<u32>> = HashMap::new();
-    for event in sequenced(&messages) {
-        per_key.entry(event.key).or_default().push(event.n);
-    }
+    let per_key = per_key(&messages);
     for (key, ns) in per_key {
         assert_eq!(ns, [0, 1, 2], "order of key {key}");
     }
