@@ -42,7 +42,7 @@ pub(super) async fn drain<P: Publisher>(
     if !relay.overlapping() {
         loop {
             let round = relay.process_batch().await?;
-            let more = round.claimed > 0 && round.published > 0;
+            let more = round.published > 0;
             total.add(round);
             if !more || stopped() {
                 return Ok(total);
