@@ -47,9 +47,10 @@ pub use worker::RelayHandle;
 
 use crate::Error;
 
-/// The largest batch a relay claims: the claim binds up to two values per
-/// event, and databases cap the values of one statement (65,535 on
-/// PostgreSQL and MySQL, 32,766 on SQLite).
+/// The largest batch a relay claims: the claim binds up to three values per
+/// event (its key and id, and the id of an event of the round in flight),
+/// and databases cap the values of one statement (65,535 on PostgreSQL and
+/// MySQL, 32,766 on SQLite).
 pub const MAX_BATCH_SIZE: usize = 10_000;
 
 /// How a relay batches, retries and keeps delivered events.
