@@ -185,22 +185,42 @@ async fn place_order_plain(db: &DatabaseConnection, id: i64) -> Result<(), Bench
     Ok(())
 }
 
-/// Records when each event's acknowledgement arrived (the wave's, to be exact).
+/// Records when each event's acknowledgement arrived (the batch's, to be exact).
 struct TimedPublisher {
     inner: JetStreamPublisher,
     acked: Arc<Mutex<HashMap<Uuid, Instant>>>,
 }
 
-impl Publisher for TimedPublisher {
-    async fn publish(&self, events: &[&outbox_message::Model]) -> Vec<Delivery> {
-        let deliveries = self.inner.publish(events).await;
+impl TimedPublisher {
+    fn record<'a>(
+        &self,
+        events: &[&outbox_message::Model],
+        deliveries: impl IntoIterator<Item = Option<&'a Delivery>>,
+    ) {
         let now = Instant::now();
         let mut acked = self.acked.lock().unwrap_or_else(|p| p.into_inner());
-        for (event, delivery) in events.iter().zip(&deliveries) {
-            if matches!(delivery, Delivery::Stored { .. }) {
+        for (event, delivery) in events.iter().zip(deliveries) {
+            if matches!(delivery, Some(Delivery::Stored { .. })) {
                 acked.insert(event.id, now);
             }
         }
+    }
+}
+
+impl Publisher for TimedPublisher {
+    async fn publish(&self, events: &[&outbox_message::Model]) -> Vec<Delivery> {
+        let deliveries = self.inner.publish(events).await;
+        self.record(events, deliveries.iter().map(Some));
+        deliveries
+    }
+
+    async fn publish_in_key_order(
+        &self,
+        events: &[&outbox_message::Model],
+        after: &[Option<usize>],
+    ) -> Vec<Option<Delivery>> {
+        let deliveries = self.inner.publish_in_key_order(events, after).await;
+        self.record(events, deliveries.iter().map(Option::as_ref));
         deliveries
     }
 }

@@ -1,18 +1,18 @@
-//! The relay's [`Publisher`] for JetStream: one publish per event, all acks
-//! of a chunk awaited together, `Nats-Msg-Id` set to the event id for
-//! deduplication.
+//! The relay's [`Publisher`] for JetStream: one publish per event, a window
+//! of acks in flight, each key's next event sent as its previous one's ack
+//! comes in, `Nats-Msg-Id` set to the event id for deduplication.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::connection::State;
 use async_nats::jetstream::{self, Context};
 use async_nats::{HeaderMap, HeaderName, Subscriber};
 use futures::{FutureExt, StreamExt};
 use outbox_core::entity::outbox_message;
-use outbox_core::relay::{Delivery, Publisher};
+use outbox_core::relay::{Delivery, KeyOrder, Publisher};
 use tokio::sync::Mutex;
 
-use crate::acks::Acks;
+use crate::acks;
 
 /// Publishes outbox events to JetStream.
 ///
@@ -29,20 +29,20 @@ pub struct JetStreamPublisher {
     context: Context,
     namespace: Option<String>,
     ack_timeout: Duration,
-    /// Acks in flight at most: a batch is published in chunks of this many.
+    /// Acks in flight at most: a window that slides as the acks come in.
     max_in_flight: usize,
     /// Where the acks come back, opened at the first publish and kept (a
     /// subscription per chunk cost a relay round about a millisecond more).
     replies: Mutex<Option<Replies>>,
 }
 
-/// One subscription to `<inbox>.*.*`; chunk `n`'s `i`-th event asks for its
-/// ack on `<inbox>.<n>.<i>`, so that a late ack of an earlier chunk is told apart.
+/// One subscription to `<inbox>.*.*`; batch `n`'s `i`-th event asks for its
+/// ack on `<inbox>.<n>.<i>`, so that a late ack of an earlier batch is told apart.
 #[derive(Debug)]
 struct Replies {
     inbox: String,
     subscriber: Subscriber,
-    chunk: u64,
+    batch: u64,
 }
 
 /// A clone shares the client and settings, and opens its own ack subscription.
@@ -149,24 +149,30 @@ fn extra_headers(json: &str) -> std::collections::BTreeMap<String, String> {
 
 impl Publisher for JetStreamPublisher {
     async fn publish(&self, events: &[&outbox_message::Model]) -> Vec<Delivery> {
-        if self.client.connection_state() != State::Connected {
-            let error = "not connected to NATS".to_owned();
-            return vec![Delivery::Unavailable(error); events.len()];
-        }
-        let mut deliveries = Vec::with_capacity(events.len());
-        for chunk in events.chunks(self.max_in_flight) {
-            deliveries.extend(self.publish_chunk(chunk).await);
-        }
-        deliveries
+        let unordered = vec![None; events.len()];
+        let deliveries = self.publish_in_key_order(events, &unordered).await;
+        // With no event waiting on another, every one is sent or abandoned.
+        (deliveries.into_iter())
+            .map(|d| d.unwrap_or_else(|| Delivery::Unavailable("not sent".to_owned())))
+            .collect()
     }
-}
 
-impl JetStreamPublisher {
-    /// Sends every event of `chunk` with a reply subject of its own, then
-    /// collects the acks from the publisher's one subscription: one round
-    /// trip, and per event neither a oneshot channel nor a timer, which is
-    /// what async-nats' `send_publish` costs (a third of the relay's CPU).
-    async fn publish_chunk(&self, chunk: &[&outbox_message::Model]) -> Vec<Delivery> {
+    /// Sends every ready event with a reply subject of its own, up to the
+    /// in-flight bound, and follows the acks on the publisher's one
+    /// subscription: an event's successor goes out as soon as its ack is in,
+    /// so that the broker is never left idle at the end of a wave. Per event
+    /// there is neither a oneshot channel nor a timer, which is what
+    /// async-nats' `send_publish` costs (a third of the relay's CPU).
+    async fn publish_in_key_order(
+        &self,
+        events: &[&outbox_message::Model],
+        after: &[Option<usize>],
+    ) -> Vec<Option<Delivery>> {
+        let mut order = KeyOrder::new(after);
+        if self.client.connection_state() != State::Connected {
+            order.abandon(&Delivery::Unavailable("not connected to NATS".to_owned()));
+            return order.into_outcome();
+        }
         let mut open = self.replies.lock().await;
         let replies = match open.as_mut() {
             Some(replies) => replies,
@@ -176,50 +182,80 @@ impl JetStreamPublisher {
                     Ok(subscriber) => open.insert(Replies {
                         inbox,
                         subscriber,
-                        chunk: 0,
+                        batch: 0,
                     }),
                     Err(error) => {
                         let error = format!("cannot subscribe to JetStream acks: {error}");
-                        return vec![Delivery::Unavailable(error); chunk.len()];
+                        order.abandon(&Delivery::Unavailable(error));
+                        return order.into_outcome();
                     }
                 }
             }
         };
-        replies.chunk += 1;
-        let mut acks = Acks::new(replies.chunk, chunk.len());
-        for (index, event) in chunk.iter().enumerate() {
-            let sent = self
-                .client
-                .publish_with_reply_and_headers(
-                    self.subject(&event.subject),
-                    format!("{}.{}.{index}", replies.inbox, replies.chunk),
-                    headers(event),
-                    event.payload.clone().into(),
-                )
-                .await;
-            if let Err(error) = sent {
-                acks.failed(index, &error);
-            }
-            // Take the acks already in, so that they never fill the subscription's buffer.
-            while let Some(Some(reply)) = replies.subscriber.next().now_or_never() {
-                acks.received(&reply);
-            }
-        }
+        replies.batch += 1;
+        let batch = replies.batch;
+        // An ack resets the clock by updating `answered`; the timer itself is
+        // only re-armed when it fires, not once per ack.
+        let mut answered = Instant::now();
         let deadline = tokio::time::sleep(self.ack_timeout);
         tokio::pin!(deadline);
-        while acks.awaited() > 0 {
+        loop {
+            while order.in_flight() < self.max_in_flight
+                && let Some(index) = order.next_ready()
+            {
+                let event = events[index];
+                let sent = self
+                    .client
+                    .publish_with_reply_and_headers(
+                        self.subject(&event.subject),
+                        format!("{}.{batch}.{index}", replies.inbox),
+                        headers(event),
+                        event.payload.clone().into(),
+                    )
+                    .await;
+                if let Err(error) = sent {
+                    order.settle(index, acks::failed(&error));
+                }
+                // Take the acks already in, so that they never fill the subscription's buffer.
+                while let Some(Some(reply)) = replies.subscriber.next().now_or_never() {
+                    if let Some((index, delivery)) = acks::received(batch, &reply) {
+                        order.settle(index, delivery);
+                    }
+                }
+                answered = Instant::now();
+            }
+            if order.in_flight() == 0 {
+                break;
+            }
             tokio::select! {
                 reply = replies.subscriber.next() => match reply {
-                    Some(reply) => acks.received(&reply),
+                    Some(reply) => {
+                        if let Some((index, delivery)) = acks::received(batch, &reply)
+                            && order.settle(index, delivery)
+                        {
+                            answered = Instant::now();
+                        }
+                    }
                     None => {
                         // The client is closed; a later publish subscribes anew.
                         *open = None;
+                        let error = "the NATS client closed".to_owned();
+                        order.abandon(&Delivery::Unavailable(error));
                         break;
                     }
                 },
-                () = &mut deadline => break,
+                () = &mut deadline => {
+                    let silent_until = answered + self.ack_timeout;
+                    if Instant::now() < silent_until {
+                        deadline.as_mut().reset(silent_until.into());
+                        continue;
+                    }
+                    let error = format!("no JetStream acknowledgement within {:?}", self.ack_timeout);
+                    order.abandon(&Delivery::Unavailable(error));
+                    break;
+                }
             }
         }
-        acks.into_deliveries(self.ack_timeout)
+        order.into_outcome()
     }
 }

@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use async_nats::jetstream::message::StreamMessage;
-use outbox_core::entity::dead_letter;
+use outbox_core::entity::{dead_letter, outbox_message};
 use outbox_core::relay::{Backoff, Delivery, Publisher, Relay, RelayBuilder};
 use outbox_core::{OutboxEvent, emit, transactional};
 use outbox_nats::{JetStreamPublisher, ProvisionError, provision};
@@ -642,7 +642,7 @@ async fn kept_deliveries_are_marked_not_resent_then_cleaned_up(setup: Setup) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn batches_larger_than_the_in_flight_bound_are_published_in_chunks() {
+async fn batches_larger_than_the_in_flight_bound_go_through_a_sliding_window() {
     let setup = Setup::postgres().await;
     let (db, nats, stream) = (&setup.test.db, &setup.nats, &setup.stream);
     emit_round(db, 0, 100).await.expect("commit");
@@ -656,6 +656,48 @@ async fn batches_larger_than_the_in_flight_bound_are_published_in_chunks() {
         .expect("batch");
     assert_eq!(report.published, 100);
     assert_each_once(&nats.messages(stream).await, 100);
+    setup.finish().await;
+}
+
+/// The JetStream publisher on its own: a key's next event goes out only once
+/// the previous one is stored; a rejected one holds its key's next event back
+/// and no other key's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_jetstream_publisher_sends_a_keys_next_event_once_the_previous_is_stored() {
+    let setup = Setup::postgres().await;
+    let (db, nats, stream) = (&setup.test.db, &setup.nats, &setup.stream);
+    emit_one(db, Stray { key: "k1".into() }) // nothing captures `nowhere.>`
+        .await
+        .expect("commit");
+    for (key, n) in [("k1", 1), ("k2", 0), ("k2", 1), ("k2", 2)] {
+        let key = key.to_owned();
+        emit_one(db, Sequenced { key, n }).await.expect("commit");
+    }
+    let rows = outbox_message::Entity::find()
+        .order_by_asc(outbox_message::Column::Id)
+        .all(db)
+        .await
+        .expect("rows");
+    let events: Vec<_> = rows.iter().collect();
+    let after = [None, Some(0), None, Some(2), Some(3)];
+    let deliveries = nats.publisher().publish_in_key_order(&events, &after).await;
+
+    assert!(
+        matches!(&deliveries[0], Some(Delivery::Rejected(e)) if e.contains("no JetStream stream")),
+        "{:?}",
+        deliveries[0]
+    );
+    assert_eq!(deliveries[1], None, "k1's next event is held back");
+    let stored = Some(Delivery::Stored { duplicate: false });
+    assert_eq!(deliveries[2..], [stored.clone(), stored.clone(), stored]);
+    let delivered: Vec<(String, u32)> = sequenced(&nats.messages(stream).await)
+        .into_iter()
+        .map(|e| (e.key, e.n))
+        .collect();
+    assert_eq!(
+        delivered,
+        [("k2".into(), 0), ("k2".into(), 1), ("k2".into(), 2)]
+    );
     setup.finish().await;
 }
 

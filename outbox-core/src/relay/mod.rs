@@ -12,9 +12,10 @@
 //!
 //! Each round claims a batch (due events, each key's in order; several
 //! relays share the work through `FOR UPDATE SKIP LOCKED`), publishes it
-//! through the [`Publisher`] with many acknowledgements in flight (in waves
-//! that keep a failing event from being overtaken by later events of its
-//! key), then settles it in one transaction:
+//! through the [`Publisher`] with many acknowledgements in flight (each key's
+//! next event sent once the previous one is stored, so that a failing event
+//! is never overtaken by later events of its key), then settles it in one
+//! transaction:
 //! stored events are deleted (or marked delivered), rejected ones are
 //! rescheduled with exponential backoff, and ones that can never be delivered
 //! move to `outbox_dead_letters` with their last error.
@@ -25,6 +26,7 @@
 
 mod backoff;
 mod claim;
+mod key_order;
 #[cfg(feature = "postgres")]
 pub mod notify;
 mod pipeline;
@@ -41,6 +43,7 @@ use std::time::Duration;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, IsolationLevel, TransactionTrait};
 
 pub use backoff::Backoff;
+pub use key_order::KeyOrder;
 pub use publisher::{Delivery, Publisher};
 pub use stats::{OutboxStats, stats};
 pub use worker::RelayHandle;

@@ -1,18 +1,19 @@
 //! Publishes a batch so that a failing event holds back later events of its
 //! key, and nothing else.
 //!
-//! Wave `i` holds the `i`-th event of each partition key in the batch (every
-//! unkeyed event goes in wave 0). A wave is published in one go, with all its
-//! acknowledgements in flight together; a key whose event was not stored sits
-//! out the later waves, so its later events can never overtake it. A batch
-//! over many keys is one or two waves; a batch of one hot key is one wave per
-//! event, which is what ordering that key costs.
+//! Each keyed event is chained to the previous event of its key in the batch
+//! and goes out only once that one is stored ([`Publisher::publish_in_key_order`]);
+//! a key whose event was not stored publishes nothing newer, so its later
+//! events can never overtake it. A batch over many keys is one or two links
+//! per key; a batch of one hot key is one chain, which is what ordering that
+//! key costs.
 //!
 //! An event newer than its key's entry in `held` (an event of the previous,
 //! overlapped round that was not stored) sits the whole batch out.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
+use super::key_order::KeyOrder;
 use super::publisher::{Delivery, Publisher};
 use super::round::Held;
 use crate::entity::outbox_message::Model;
@@ -23,54 +24,51 @@ pub(super) async fn publish<P: Publisher>(
     batch: &[Model],
     held: &Held,
 ) -> Vec<Option<Delivery>> {
-    let mut waves: Vec<Vec<usize>> = Vec::new();
-    let mut position: HashMap<&str, usize> = HashMap::new();
+    let mut positions = Vec::with_capacity(batch.len());
+    let mut after = Vec::with_capacity(batch.len());
+    let mut last_of_key: HashMap<&str, usize> = HashMap::new();
     for (index, event) in batch.iter().enumerate() {
-        let wave = match event.partition_key.as_deref() {
+        let previous = match event.partition_key.as_deref() {
             Some(key) if held.get(key).is_some_and(|oldest| *oldest < event.id) => continue,
-            Some(key) => {
-                let next = position.entry(key).or_insert(0);
-                *next += 1;
-                *next - 1
-            }
-            None => 0,
+            Some(key) => last_of_key.insert(key, positions.len()),
+            None => None,
         };
-        if waves.len() <= wave {
-            waves.resize_with(wave + 1, Vec::new);
-        }
-        waves[wave].push(index);
+        positions.push(index);
+        after.push(previous);
     }
-
+    let events: Vec<&Model> = positions.iter().map(|&i| &batch[i]).collect();
+    let deliveries = publisher.publish_in_key_order(&events, &after).await;
     let mut outcome: Vec<Option<Delivery>> = vec![None; batch.len()];
-    let mut blocked: HashSet<&str> = HashSet::new();
-    for wave in waves {
-        let members: Vec<usize> = wave
-            .into_iter()
-            .filter(|&i| {
-                batch[i]
-                    .partition_key
-                    .as_deref()
-                    .is_none_or(|k| !blocked.contains(k))
-            })
-            .collect();
-        if members.is_empty() {
+    for (index, delivery) in positions.into_iter().zip(deliveries) {
+        outcome[index] = delivery;
+    }
+    outcome
+}
+
+/// [`Publisher::publish_in_key_order`] for a publisher that can only await
+/// whole batches: each wave is every event ready when the previous wave's
+/// acknowledgements are all in.
+pub(super) async fn publish_in_waves<P: Publisher + ?Sized>(
+    publisher: &P,
+    events: &[&Model],
+    after: &[Option<usize>],
+) -> Vec<Option<Delivery>> {
+    let mut order = KeyOrder::new(after);
+    loop {
+        let mut wave: Vec<usize> = std::iter::from_fn(|| order.next_ready()).collect();
+        if wave.is_empty() {
             break;
         }
-        let events: Vec<&Model> = members.iter().map(|&i| &batch[i]).collect();
-        let deliveries = publisher.publish(&events).await;
-        let mut all_unavailable = true;
-        for (&i, delivery) in members.iter().zip(deliveries) {
-            all_unavailable &= matches!(delivery, Delivery::Unavailable(_));
-            if !matches!(delivery, Delivery::Stored { .. })
-                && let Some(key) = batch[i].partition_key.as_deref()
-            {
-                blocked.insert(key);
-            }
-            outcome[i] = Some(delivery);
+        wave.sort_unstable();
+        let members: Vec<&Model> = wave.iter().map(|&i| events[i]).collect();
+        let deliveries = publisher.publish(&members).await;
+        let all_unavailable = (deliveries.iter()).all(|d| matches!(d, Delivery::Unavailable(_)));
+        for (i, delivery) in wave.into_iter().zip(deliveries) {
+            order.settle(i, delivery);
         }
         if all_unavailable {
             break; // the broker is down: the rest of the batch waits for the next round
         }
     }
-    outcome
+    order.into_outcome()
 }
