@@ -11,9 +11,7 @@
 //! The events that stop a key are found by a second statement over the
 //! claimed keys (one index range per key), which returns nothing unless a key
 //! is held up: a correlated probe per claimed row, the first design, spent
-//! more time in PostgreSQL than the rest of the claim together. A count of
-//! the keyed events up to the newest claimed one comes first, and the search
-//! runs only when there are more of them than this relay holds.
+//! more time in PostgreSQL than the rest of the claim together.
 
 use std::collections::{HashMap, HashSet};
 
@@ -76,9 +74,6 @@ async fn stops<C: ConnectionTrait>(
         return Ok(HashMap::new());
     };
     ids.extend(in_flight.iter().filter(|&&id| id < newest));
-    if !keep_delivered && keyed_rows_through(conn, newest).await? == ids.len() {
-        return Ok(HashMap::new());
-    }
     let mut query = Query::select();
     query
         .columns([Column::PartitionKey, Column::Id])
@@ -96,29 +91,6 @@ async fn stops<C: ConnectionTrait>(
         *stop = Ord::min(*stop, id);
     }
     Ok(first_stop)
-}
-
-/// How many keyed events there are up to `newest`. When they are just the
-/// claimed and in-flight ones, nothing can stop a key and [`stops`] need not
-/// look: what a drain by one relay meets round after round. The count is one
-/// index range with one parameter; the search binds every claimed key and id
-/// (about 5,000 parameters a round with one in flight) and took 4-6 ms a
-/// round of 2,000 in the relay, a quarter of its time in the database.
-///
-/// Not with delivered events kept: they lie below `newest` too, in the
-/// thousands, and the count would walk them all.
-async fn keyed_rows_through<C: ConnectionTrait>(conn: &C, newest: Uuid) -> Result<usize, DbErr> {
-    let mut query = Query::select();
-    query
-        .expr(Expr::col(Column::Id).count())
-        .from(Entity)
-        .and_where(Expr::col(Column::PartitionKey).is_not_null())
-        .and_where(Expr::col(Column::Id).lte(newest));
-    let count: i64 = match conn.query_one(&query).await? {
-        Some(row) => row.try_get_by_index(0)?,
-        None => 0,
-    };
-    Ok(usize::try_from(count).unwrap_or(usize::MAX))
 }
 
 /// A claimed row, read by position: the columns in [`Column::iter`] order,
