@@ -11,7 +11,9 @@
 //! The events that stop a key are found by a second statement over the
 //! claimed keys (one index range per key), which returns nothing unless a key
 //! is held up: a correlated probe per claimed row, the first design, spent
-//! more time in PostgreSQL than the rest of the claim together.
+//! more time in PostgreSQL than the rest of the claim together. A count of
+//! the keyed events up to the newest claimed one comes first, and the search
+//! runs only when there are more of them than this relay holds.
 
 use std::collections::{HashMap, HashSet};
 
@@ -74,6 +76,9 @@ async fn stops<C: ConnectionTrait>(
         return Ok(HashMap::new());
     };
     ids.extend(in_flight.iter().filter(|&&id| id < newest));
+    if !keep_delivered && keyed_rows_through(conn, newest, ids.len()).await? == ids.len() {
+        return Ok(HashMap::new());
+    }
     let mut query = Query::select();
     query
         .columns([Column::PartitionKey, Column::Id])
@@ -91,6 +96,41 @@ async fn stops<C: ConnectionTrait>(
         *stop = Ord::min(*stop, id);
     }
     Ok(first_stop)
+}
+
+/// How many keyed events there are up to `newest`, counting no further than
+/// one past `held`. When they are just the `held` claimed and in-flight ones,
+/// nothing can stop a key and [`stops`] need not look: what a drain by one
+/// relay meets round after round. The search binds every claimed key and id
+/// (about 5,000 values a round with another in flight) and took 4-6 ms of
+/// PostgreSQL's time a round of 2,000; the count, a walk of the primary key.
+///
+/// The limit keeps the walk to the rows the claim walked: unbounded, the
+/// count of a 1,000,000-event backlog was planned as a parallel scan of the
+/// table and made its drain four times slower. Not with delivered events
+/// kept: they lie below `newest` too, and the walk would step over them all.
+async fn keyed_rows_through<C: ConnectionTrait>(
+    conn: &C,
+    newest: Uuid,
+    held: usize,
+) -> Result<usize, DbErr> {
+    let mut keyed = Query::select();
+    keyed
+        .expr(Expr::val(1))
+        .from(Entity)
+        .and_where(Expr::col(Column::PartitionKey).is_not_null())
+        .and_where(Expr::col(Column::Id).lte(newest))
+        .order_by(Column::Id, Order::Asc)
+        .limit(u64::try_from(held).map_or(u64::MAX, |held| held.saturating_add(1)));
+    let count = Query::select()
+        .expr(Expr::cust("COUNT(*)"))
+        .from_subquery(keyed, "keyed")
+        .to_owned();
+    let count: i64 = match conn.query_one(&count).await? {
+        Some(row) => row.try_get_by_index(0)?,
+        None => 0,
+    };
+    Ok(usize::try_from(count).unwrap_or(usize::MAX))
 }
 
 /// A claimed row, read by position: the columns in [`Column::iter`] order,
