@@ -355,12 +355,18 @@ impl Bench {
             .await;
     }
 
+    /// The raw runs' stream and the relay's, in this run's namespace.
+    fn streams(&self) -> [StreamSpec; 2] {
+        [
+            StreamSpec::for_exchange("RAW", "raw", Some(&self.namespace)),
+            StreamSpec::for_exchange("BENCH", "bench", Some(&self.namespace)),
+        ]
+    }
+
     async fn delete_streams(&self) {
-        let context = async_nats::jetstream::new(self.client.clone());
-        for stream in ["RAW", "BENCH"] {
-            let _ = context
-                .delete_stream(format!("{}_{stream}", self.namespace.to_uppercase()))
-                .await;
+        let publisher = self.publisher();
+        for stream in self.streams() {
+            let _ = publisher.context().delete_stream(&stream.name).await;
         }
     }
 
@@ -369,10 +375,7 @@ impl Bench {
     /// ones before it.
     async fn fresh_streams(&self) -> Result<(), BoxError> {
         self.delete_streams().await;
-        let streams = [
-            StreamSpec::for_exchange("RAW", "raw", Some(&self.namespace)),
-            StreamSpec::for_exchange("BENCH", "bench", Some(&self.namespace)),
-        ];
+        let streams = self.streams();
         provision(
             self.publisher().context(),
             &streams,
