@@ -113,7 +113,8 @@ impl JetStreamPublisher {
 /// The message headers of an outbox event (DESIGN: Headers).
 ///
 /// Built once per published event, so the names are static (no copy) and
-/// each value is formatted straight into the string the map keeps.
+/// the id and version are written without `format!` machinery, which was a
+/// twentieth of the relay's CPU with the reply subjects.
 pub fn headers(event: &outbox_message::Model) -> HeaderMap {
     const MSG_ID: HeaderName = HeaderName::from_static("Nats-Msg-Id");
     const EVENT_TYPE: HeaderName = HeaderName::from_static("Outbox-Event-Type");
@@ -123,9 +124,13 @@ pub fn headers(event: &outbox_message::Model) -> HeaderMap {
     const OCCURRED_AT: HeaderName = HeaderName::from_static("Outbox-Occurred-At");
 
     let mut headers = HeaderMap::new();
-    headers.insert(MSG_ID, event.id.to_string());
+    let id = event.id.hyphenated();
+    headers.insert(MSG_ID, &*id.encode_lower(&mut uuid::Uuid::encode_buffer()));
     headers.insert(EVENT_TYPE, event.event_type.clone());
-    headers.insert(EVENT_VERSION, event.event_version.to_string());
+    headers.insert(
+        EVENT_VERSION,
+        itoa::Buffer::new().format(event.event_version),
+    );
     if let Some(key) = &event.partition_key {
         headers.insert(PARTITION_KEY, key.clone());
     }
@@ -194,6 +199,8 @@ impl Publisher for JetStreamPublisher {
         };
         replies.batch += 1;
         let batch = replies.batch;
+        let reply_prefix = format!("{}.{batch}.", replies.inbox);
+        let mut index_text = itoa::Buffer::new();
         // An ack resets the clock by updating `answered`; the timer itself is
         // only re-armed when it fires, not once per ack.
         let mut answered = Instant::now();
@@ -204,11 +211,15 @@ impl Publisher for JetStreamPublisher {
                 && let Some(index) = order.next_ready()
             {
                 let event = events[index];
+                let index_text = index_text.format(index);
+                let mut reply = String::with_capacity(reply_prefix.len() + index_text.len());
+                reply.push_str(&reply_prefix);
+                reply.push_str(index_text);
                 let sent = self
                     .client
                     .publish_with_reply_and_headers(
                         self.subject(&event.subject),
-                        format!("{}.{batch}.{index}", replies.inbox),
+                        reply,
                         headers(event),
                         event.payload.clone().into(),
                     )

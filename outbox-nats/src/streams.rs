@@ -38,7 +38,7 @@ pub(crate) fn stream_name(stream: &str, namespace: Option<&str>) -> String {
 /// A subject under `namespace`: `namespace.<subject>`.
 pub(crate) fn namespaced(subject: &str, namespace: Option<&str>) -> String {
     match namespace {
-        Some(ns) => format!("{ns}.{subject}"),
+        Some(ns) => [ns, ".", subject].concat(),
         None => subject.to_owned(),
     }
 }
