@@ -26,7 +26,7 @@ pub(super) async fn publish<P: Publisher>(
 ) -> Vec<Option<Delivery>> {
     let mut positions = Vec::with_capacity(batch.len());
     let mut after = Vec::with_capacity(batch.len());
-    let mut last_of_key: HashMap<&str, usize> = HashMap::new();
+    let mut last_of_key: HashMap<&str, usize> = HashMap::with_capacity(batch.len());
     for (index, event) in batch.iter().enumerate() {
         let previous = match event.partition_key.as_deref() {
             Some(key) if held.get(key).is_some_and(|oldest| *oldest < event.id) => continue,
