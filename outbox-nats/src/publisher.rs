@@ -113,8 +113,8 @@ impl JetStreamPublisher {
 /// The message headers of an outbox event (DESIGN: Headers).
 ///
 /// Built once per published event, so the names are static (no copy) and
-/// the id and version are written without `format!` machinery, which was a
-/// twentieth of the relay's CPU with the reply subjects.
+/// the id and version are written without `format!`, which took 6 % of the
+/// relay's CPU together with the reply subjects.
 pub fn headers(event: &outbox_message::Model) -> HeaderMap {
     const MSG_ID: HeaderName = HeaderName::from_static("Nats-Msg-Id");
     const EVENT_TYPE: HeaderName = HeaderName::from_static("Outbox-Event-Type");
@@ -200,7 +200,7 @@ impl Publisher for JetStreamPublisher {
         replies.batch += 1;
         let batch = replies.batch;
         let reply_prefix = format!("{}.{batch}.", replies.inbox);
-        let mut index_text = itoa::Buffer::new();
+        let mut digits = itoa::Buffer::new();
         // An ack resets the clock by updating `answered`; the timer itself is
         // only re-armed when it fires, not once per ack.
         let mut answered = Instant::now();
@@ -211,10 +211,7 @@ impl Publisher for JetStreamPublisher {
                 && let Some(index) = order.next_ready()
             {
                 let event = events[index];
-                let index_text = index_text.format(index);
-                let mut reply = String::with_capacity(reply_prefix.len() + index_text.len());
-                reply.push_str(&reply_prefix);
-                reply.push_str(index_text);
+                let reply = [reply_prefix.as_str(), digits.format(index)].concat();
                 let sent = self
                     .client
                     .publish_with_reply_and_headers(
