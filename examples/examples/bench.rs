@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
+use async_nats::jetstream::Context;
 use async_nats::jetstream::message::PublishMessage;
 use clap::Parser;
 use futures::StreamExt;
@@ -61,6 +62,10 @@ struct Args {
     /// Length of the latency run, seconds.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
+    /// Drains of the backlog, each between two raw runs; the figures are the
+    /// median pair's (the machine's speed drifts between runs seconds apart).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    repeat: u32,
     /// Handler calls per variant in the overhead comparison.
     #[arg(long, default_value_t = 3_000)]
     handler_calls: usize,
@@ -256,6 +261,7 @@ async fn run(mut args: Args) -> Result<(), BoxError> {
         args.seconds = 1;
         args.rate = args.rate.min(200);
         args.handler_calls = args.handler_calls.min(200);
+        args.repeat = args.repeat.min(2);
     }
     if let Some(target) = args.drain_only.clone() {
         return drain_only(&args, &target[0], &target[1]).await;
@@ -348,7 +354,7 @@ impl Bench {
     }
 
     async fn cleanup(&self) {
-        self.delete_streams().await;
+        self.delete_streams(self.publisher().context()).await;
         let _ = self
             .admin
             .execute_unprepared(&format!("DROP SCHEMA {} CASCADE", self.schema))
@@ -363,10 +369,9 @@ impl Bench {
         ]
     }
 
-    async fn delete_streams(&self) {
-        let publisher = self.publisher();
+    async fn delete_streams(&self, context: &Context) {
         for stream in self.streams() {
-            let _ = publisher.context().delete_stream(&stream.name).await;
+            let _ = context.delete_stream(&stream.name).await;
         }
     }
 
@@ -374,11 +379,11 @@ impl Bench {
     /// with what its streams hold, so a phase would otherwise pay for the
     /// ones before it.
     async fn fresh_streams(&self) -> Result<(), BoxError> {
-        self.delete_streams().await;
-        let streams = self.streams();
+        let publisher = self.publisher();
+        self.delete_streams(publisher.context()).await;
         provision(
-            self.publisher().context(),
-            &streams,
+            publisher.context(),
+            &self.streams(),
             Duration::from_secs(600),
         )
         .await?;
@@ -405,45 +410,69 @@ impl Bench {
 
         figures.insert("async_commit".into(), self.args.async_commit.into());
         figures.insert("overlap_rounds".into(), (!self.args.no_overlap).into());
-        self.fresh_streams().await?;
-        let services = ServiceCpu::now();
-        let own = own_cpu_seconds();
-        let raw_before = self.raw_jetstream(false).await?;
-        let (raw_services, raw_publisher) = (services.since(), own_cpu_seconds() - own);
+        figures.insert("repeat".into(), self.args.repeat.into());
         self.fresh_streams().await?;
         let services = ServiceCpu::now();
         let raw_headers = self.raw_jetstream(true).await?;
         let raw_headers_nats = services.since().nats;
+        let mut before = self.raw_run().await?;
+        // Measured back to back: what the relay's five other headers cost the broker.
+        let headers_over_raw = raw_headers / before.eps;
         eprintln!(
-            "raw JetStream: {raw_before:.0} events/s ({raw_headers:.0} with the relay's headers)"
+            "raw JetStream: {:.0} events/s ({raw_headers:.0} with the relay's headers)",
+            before.eps
         );
-        self.backlog(self.args.events).await?;
-        self.fresh_streams().await?;
-        let (drain, rss, relay_cpu, drain_cpu) = self.relay_drain().await?;
-        eprintln!("relay drain: {drain:.0} events/s, peak RSS {rss:.1} MiB");
         // The machine's speed drifts by a fifth within a minute on a shared
-        // host: the ceiling is measured on both sides of the drain, and their
-        // mean is the one the drain is compared with.
-        self.fresh_streams().await?;
-        let raw_after = self.raw_jetstream(false).await?;
-        eprintln!("raw JetStream again: {raw_after:.0} events/s");
-        let raw = (raw_before + raw_after) / 2.0;
+        // host: each drain is compared with the mean of the raw runs on
+        // either side of it, and the median of these pairs is reported.
+        let mut pairs = Vec::new();
+        for run in 1..=self.args.repeat {
+            self.backlog(self.args.events).await?;
+            self.fresh_streams().await?;
+            let drain = self.relay_drain().await?;
+            let after = self.raw_run().await?;
+            let pair = Pair {
+                before,
+                drain,
+                after,
+            };
+            eprintln!(
+                "run {run}/{}: relay drain {:.0} events/s (peak RSS {:.1} MiB), \
+                 raw {:.0} after it: ratio {:.3}",
+                self.args.repeat,
+                drain.eps,
+                drain.rss_mib,
+                after.eps,
+                pair.ratio()
+            );
+            pairs.push(pair);
+            before = after;
+        }
+        let ratios: Vec<f64> = pairs.iter().map(|pair| round3(pair.ratio())).collect();
+        let peak_rss = (pairs.iter()).fold(0.0, |peak: f64, pair| peak.max(pair.drain.rss_mib));
+        pairs.sort_by(|a, b| a.ratio().total_cmp(&b.ratio()));
+        let Pair {
+            before,
+            drain,
+            after,
+        } = pairs[(pairs.len() - 1) / 2];
+        let raw = (before.eps + after.eps) / 2.0;
         // CPU time per event of every process involved: on a machine where
         // they share the cores, this bounds the rate more than any latency.
         let per_event = |seconds: f64| round3(seconds * 1e6 / self.args.events as f64);
-        let drain_total = drain_cpu.total() + relay_cpu;
+        let drain_total = drain.services.total() + drain.relay_cpu_s;
         for (name, value) in [
             (
                 "raw_cpu_us_per_event",
-                per_event(raw_services.total() + raw_publisher),
+                per_event(before.nats_cpu_s + before.publisher_cpu_s),
             ),
-            ("raw_cpu_us_nats", per_event(raw_services.nats)),
-            ("raw_cpu_us_publisher", per_event(raw_publisher)),
+            ("raw_cpu_us_nats", per_event(before.nats_cpu_s)),
+            ("raw_cpu_us_publisher", per_event(before.publisher_cpu_s)),
             ("raw_all_headers_cpu_us_nats", per_event(raw_headers_nats)),
             ("drain_cpu_us_per_event", per_event(drain_total)),
-            ("drain_cpu_us_nats", per_event(drain_cpu.nats)),
-            ("drain_cpu_us_postgres", per_event(drain_cpu.postgres)),
-            ("drain_cpu_us_relay", per_event(relay_cpu)),
+            ("drain_cpu_us_nats", per_event(drain.services.nats)),
+            ("drain_cpu_us_postgres", per_event(drain.services.postgres)),
+            ("drain_cpu_us_relay", per_event(drain.relay_cpu_s)),
             (
                 "cpu_bound_drain_eps",
                 round(cores() * self.args.events as f64 / drain_total),
@@ -452,40 +481,35 @@ impl Bench {
             figures.insert(name.into(), value.into());
         }
         figures.insert("raw_jetstream_eps".into(), round(raw).into());
-        figures.insert("raw_jetstream_before_eps".into(), round(raw_before).into());
-        figures.insert("raw_jetstream_after_eps".into(), round(raw_after).into());
-        figures.insert("relay_drain_eps".into(), round(drain).into());
-        figures.insert("drain_ratio".into(), round3(drain / raw).into());
+        figures.insert("raw_jetstream_before_eps".into(), round(before.eps).into());
+        figures.insert("raw_jetstream_after_eps".into(), round(after.eps).into());
+        figures.insert("relay_drain_eps".into(), round(drain.eps).into());
+        figures.insert("drain_ratio".into(), round3(drain.eps / raw).into());
+        figures.insert("drain_ratio_runs".into(), ratios.into());
         figures.insert(
             "raw_jetstream_all_headers_eps".into(),
             round(raw_headers).into(),
         );
         figures.insert(
-            "drain_ratio_all_headers".into(),
-            round3(drain / raw_headers).into(),
+            "raw_all_headers_over_raw".into(),
+            round3(headers_over_raw).into(),
         );
-        figures.insert("relay_rss_mib".into(), round3(rss).into());
+        figures.insert("relay_rss_mib".into(), round3(peak_rss).into());
         if self.args.naive_events > 0 {
             self.backlog(self.args.naive_events).await?;
             let naive = self.naive_relay(&publisher).await?;
             eprintln!("naive relay: {naive:.0} events/s");
             figures.insert("naive_relay_eps".into(), round(naive).into());
-            figures.insert("drain_over_naive".into(), round3(drain / naive).into());
+            figures.insert("drain_over_naive".into(), round3(drain.eps / naive).into());
         }
-        // The drains left the outbox full of dead rows until autovacuum; the
-        // latency and handler runs each start on an empty table instead.
-        self.db
-            .execute_unprepared("TRUNCATE outbox_messages")
-            .await?;
+        self.truncate_outbox().await?;
         let (p50, p99, max, offered) = self.latency(publisher).await?;
         figures.insert("latency_events".into(), offered.into());
         figures.insert("latency_rate_eps".into(), self.args.rate.into());
         figures.insert("latency_p50_ms".into(), round3(p50).into());
         figures.insert("latency_p99_ms".into(), round3(p99).into());
         figures.insert("latency_max_ms".into(), round3(max).into());
-        self.db
-            .execute_unprepared("TRUNCATE outbox_messages")
-            .await?;
+        self.truncate_outbox().await?;
         let (manual, plain) = self.handler_overhead().await?;
         figures.insert("handler_ratio_manual".into(), round3(manual).into());
         figures.insert("handler_ratio_plain".into(), round3(plain).into());
@@ -547,8 +571,31 @@ impl Bench {
         Ok(self.args.events as f64 / started.elapsed().as_secs_f64())
     }
 
-    /// Commits `count` events to the outbox (not measured).
+    /// A raw run into fresh streams, with the CPU that it and nats-server used.
+    async fn raw_run(&self) -> Result<RawRun, BoxError> {
+        self.fresh_streams().await?;
+        let (services, own) = (ServiceCpu::now(), own_cpu_seconds());
+        let eps = self.raw_jetstream(false).await?;
+        Ok(RawRun {
+            eps,
+            nats_cpu_s: services.since().nats,
+            publisher_cpu_s: own_cpu_seconds() - own,
+        })
+    }
+
+    /// A drain leaves the outbox full of dead rows until autovacuum, which
+    /// the next phase's claims and commits would step over: each phase starts
+    /// on an empty table instead.
+    async fn truncate_outbox(&self) -> Result<(), DbErr> {
+        self.db
+            .execute_unprepared("TRUNCATE outbox_messages")
+            .await
+            .map(drop)
+    }
+
+    /// Commits `count` events to an emptied outbox (not measured).
     async fn backlog(&self, count: usize) -> Result<(), BoxError> {
+        self.truncate_outbox().await?;
         let (count, chunk) = (count as u64, 2_500);
         for from in (0..count).step_by(chunk) {
             emit_backlog(
@@ -563,9 +610,8 @@ impl Bench {
         Ok(())
     }
 
-    /// One relay, in a process of its own, drains the backlog; returns its
-    /// events/s, its peak RSS, its CPU seconds and those of the services.
-    async fn relay_drain(&self) -> Result<(f64, f64, f64, ServiceCpu), BoxError> {
+    /// One relay, in a process of its own, drains the backlog.
+    async fn relay_drain(&self) -> Result<DrainRun, BoxError> {
         let mut child = tokio::process::Command::new(std::env::current_exe()?);
         child
             .args(["--drain-only", &self.schema, &self.namespace])
@@ -595,16 +641,15 @@ impl Bench {
                 .as_f64()
                 .ok_or_else(|| format!("the drain process printed no {name}"))
         };
-        let services = ServiceCpu {
-            nats: get("nats_cpu_s")?,
-            postgres: get("postgres_cpu_s")?,
-        };
-        Ok((
-            get("relay_drain_eps")?,
-            get("relay_rss_mib")?,
-            get("relay_cpu_s")?,
-            services,
-        ))
+        Ok(DrainRun {
+            eps: get("relay_drain_eps")?,
+            rss_mib: get("relay_rss_mib")?,
+            relay_cpu_s: get("relay_cpu_s")?,
+            services: ServiceCpu {
+                nats: get("nats_cpu_s")?,
+                postgres: get("postgres_cpu_s")?,
+            },
+        })
     }
 
     /// The design outbox articles show: 100 rows, one publish and ack at a time, one delete each.
@@ -722,6 +767,39 @@ impl Bench {
             over_plain.push(took[0] / took[2]);
         }
         Ok((median(over_manual), median(over_plain)))
+    }
+}
+
+/// A raw publish run: events/s, and the CPU seconds of nats-server and of the publisher.
+#[derive(Debug, Clone, Copy)]
+struct RawRun {
+    eps: f64,
+    nats_cpu_s: f64,
+    publisher_cpu_s: f64,
+}
+
+/// A drain: events/s, the relay's peak RSS, and the CPU seconds of the
+/// relay and of the services.
+#[derive(Debug, Clone, Copy)]
+struct DrainRun {
+    eps: f64,
+    rss_mib: f64,
+    relay_cpu_s: f64,
+    services: ServiceCpu,
+}
+
+/// A drain and the raw runs on either side of it.
+#[derive(Debug, Clone, Copy)]
+struct Pair {
+    before: RawRun,
+    drain: DrainRun,
+    after: RawRun,
+}
+
+impl Pair {
+    /// The drain over the mean of its two raw runs.
+    fn ratio(&self) -> f64 {
+        self.drain.eps * 2.0 / (self.before.eps + self.after.eps)
     }
 }
 
