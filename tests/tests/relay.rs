@@ -591,6 +591,32 @@ async fn postgres_notify_wakes_a_relay_across_processes() {
     setup.finish().await;
 }
 
+/// On PostgreSQL only a claim's first row is decoded with type checks (the
+/// rest share its column types): a column that no longer fits must still
+/// fail the claim, and lose nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_whose_columns_do_not_fit_fails_and_loses_nothing() {
+    let setup = Setup::postgres().await;
+    let (db, nats, stream) = (&setup.test.db, &setup.nats, &setup.stream);
+    emit_round(db, 0, 3).await.expect("commit");
+    db.execute_unprepared("ALTER TABLE outbox_messages ALTER COLUMN event_version TYPE BIGINT")
+        .await
+        .expect("alter the column");
+
+    let claimed = fast(db, nats.publisher()).build().process_batch().await;
+    let error = claimed
+        .expect_err("an INT8 column read as i32 is refused")
+        .to_string();
+    assert!(error.contains("mismatched types"), "{error}");
+    assert!(nats.messages(stream).await.is_empty(), "nothing published");
+    assert_eq!(
+        outbox_core::relay::stats(db).await.expect("stats").pending,
+        3,
+        "nothing lost"
+    );
+    setup.finish().await;
+}
+
 async fn kept_deliveries_are_marked_not_resent_then_cleaned_up(setup: Setup) {
     let (db, nats, stream) = (&setup.test.db, &setup.nats, &setup.stream);
     emit_round(db, 0, 10).await.expect("commit");

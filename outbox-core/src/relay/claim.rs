@@ -19,9 +19,10 @@ use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Expr, ExprTrait, LockBehavior, LockType, Order, Query, SelectStatement};
-use sea_orm::{ConnectionTrait, DbBackend, DbErr, Iterable, QueryResult};
+use sea_orm::{ConnectionTrait, DbBackend, DbErr, Iterable};
 use uuid::Uuid;
 
+use super::decode;
 use crate::entity::outbox_message::{Column, Entity, Model};
 
 /// The publishable events among the oldest `limit` due ones, in id (emit) order.
@@ -37,12 +38,10 @@ pub(super) async fn claim<C: ConnectionTrait>(
     in_flight: &[Uuid],
 ) -> Result<Vec<Model>, DbErr> {
     let backend = conn.get_database_backend();
-    let claimed = conn
+    let rows = conn
         .query_all(&claim_statement(backend, limit, now, keep_delivered))
-        .await?
-        .iter()
-        .map(decode)
-        .collect::<Result<Vec<Model>, DbErr>>()?;
+        .await?;
+    let claimed = decode::decode_all(&rows)?;
     let first_stop = stops(conn, &claimed, keep_delivered, in_flight).await?;
     Ok(claimed
         .into_iter()
@@ -133,28 +132,6 @@ async fn keyed_rows_through<C: ConnectionTrait>(
     Ok(usize::try_from(count).unwrap_or(usize::MAX))
 }
 
-/// A claimed row, read by position: the columns in [`Column::iter`] order,
-/// as selected. Reading by name cost a search of the column list per field,
-/// an eighth of the relay's CPU.
-fn decode(row: &QueryResult) -> Result<Model, DbErr> {
-    Ok(Model {
-        id: row.try_get_by_index(0)?,
-        event_type: row.try_get_by_index(1)?,
-        event_version: row.try_get_by_index(2)?,
-        exchange: row.try_get_by_index(3)?,
-        subject: row.try_get_by_index(4)?,
-        partition_key: row.try_get_by_index(5)?,
-        payload: row.try_get_by_index(6)?,
-        headers: row.try_get_by_index(7)?,
-        content_type: row.try_get_by_index(8)?,
-        created_at: row.try_get_by_index(9)?,
-        attempts: row.try_get_by_index(10)?,
-        next_attempt_at: row.try_get_by_index(11)?,
-        last_error: row.try_get_by_index(12)?,
-        delivered_at: row.try_get_by_index(13)?,
-    })
-}
-
 fn claim_statement(
     backend: DbBackend,
     limit: usize,
@@ -175,36 +152,4 @@ fn claim_statement(
         claim.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
     }
     claim
-}
-
-#[cfg(test)]
-mod tests {
-    use sea_orm::{IdenStatic, Iterable};
-
-    use super::Column;
-
-    /// [`super::decode`] reads by position; this is the order it assumes.
-    #[test]
-    fn columns_are_selected_in_the_order_decode_reads_them() {
-        let selected: Vec<&str> = Column::iter().map(|c| c.as_str()).collect();
-        assert_eq!(
-            selected,
-            [
-                "id",
-                "event_type",
-                "event_version",
-                "exchange",
-                "subject",
-                "partition_key",
-                "payload",
-                "headers",
-                "content_type",
-                "created_at",
-                "attempts",
-                "next_attempt_at",
-                "last_error",
-                "delivered_at",
-            ]
-        );
-    }
 }

@@ -26,6 +26,7 @@
 
 mod backoff;
 mod claim;
+mod decode;
 mod key_order;
 #[cfg(feature = "postgres")]
 pub mod notify;
