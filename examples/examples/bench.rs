@@ -521,7 +521,7 @@ impl Bench {
     async fn raw_jetstream(&self, all_headers: bool) -> Result<f64, BoxError> {
         let context = self.publisher().context().clone();
         let now = chrono::Utc::now();
-        let messages: Vec<(String, PublishMessage)> = (0..self.args.events as u64)
+        let messages = (0..self.args.events as u64)
             .map(|seq| {
                 let event = BenchEvent::sized(seq, self.args.keys, self.args.payload);
                 let payload = serde_json::to_vec(&event).unwrap_or_default();
@@ -542,21 +542,21 @@ impl Bench {
                     delivered_at: None,
                 };
                 let headers = if all_headers {
-                    outbox_nats::headers(&row)
+                    outbox_nats::headers(&row)?
                 } else {
                     let mut only_id = HeaderMap::new();
                     only_id.insert("Nats-Msg-Id", row.id.to_string().as_str());
                     only_id
                 };
                 let subject = format!("{}.{}", self.namespace, row.subject);
-                (
+                Ok((
                     subject,
                     PublishMessage::build()
                         .payload(row.payload.into())
                         .headers(headers),
-                )
+                ))
             })
-            .collect();
+            .collect::<Result<Vec<(String, PublishMessage)>, outbox_nats::InvalidHeader>>()?;
         let started = Instant::now();
         let mut acks = FuturesOrdered::new();
         for (subject, message) in messages {
@@ -670,7 +670,7 @@ impl Bench {
                 let subject = format!("{}.{}", self.namespace, row.subject);
                 let message = PublishMessage::build()
                     .payload(row.payload.clone().into())
-                    .headers(outbox_nats::headers(&row));
+                    .headers(outbox_nats::headers(&row)?);
                 context.send_publish(subject, message).await?.await?;
                 outbox_message::Entity::delete_by_id(row.id)
                     .exec(&self.db)

@@ -29,5 +29,5 @@ mod publisher;
 mod streams;
 
 pub use consumer::{Consumer, ConsumerBuilder, ConsumerConfig, ConsumerError, ConsumerHandle};
-pub use publisher::{JetStreamPublisher, headers};
+pub use publisher::{InvalidHeader, JetStreamPublisher, headers};
 pub use streams::{ProvisionError, StreamSpec, provision, streams_from_registry};

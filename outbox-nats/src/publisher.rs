@@ -2,11 +2,12 @@
 //! of acks in flight, each key's next event sent as its previous one's ack
 //! comes in, `Nats-Msg-Id` set to the event id for deduplication.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use async_nats::connection::State;
 use async_nats::jetstream::{self, Context};
-use async_nats::{HeaderMap, HeaderName, Subscriber};
+use async_nats::{HeaderMap, HeaderName, HeaderValue, Subscriber};
 use futures::{FutureExt, StreamExt};
 use outbox_core::entity::outbox_message;
 use outbox_core::relay::{Delivery, KeyOrder, Publisher};
@@ -110,12 +111,15 @@ impl JetStreamPublisher {
     }
 }
 
-/// The message headers of an outbox event (DESIGN: Headers).
+/// The message headers of an outbox event (DESIGN: Headers), or why NATS
+/// cannot carry them.
 ///
 /// Built once per published event, so the names are static (no copy) and
 /// the id and version are written without `format!`, which took 6 % of the
-/// relay's CPU together with the reply subjects.
-pub fn headers(event: &outbox_message::Model) -> HeaderMap {
+/// relay's CPU together with the reply subjects. The values that come from
+/// the event are checked here, because async-nats panics on a value with a
+/// line break or a malformed name.
+pub fn headers(event: &outbox_message::Model) -> Result<HeaderMap, InvalidHeader> {
     const MSG_ID: HeaderName = HeaderName::from_static("Nats-Msg-Id");
     const EVENT_TYPE: HeaderName = HeaderName::from_static("Outbox-Event-Type");
     const EVENT_VERSION: HeaderName = HeaderName::from_static("Outbox-Event-Version");
@@ -126,30 +130,54 @@ pub fn headers(event: &outbox_message::Model) -> HeaderMap {
     let mut headers = HeaderMap::new();
     let id = event.id.hyphenated();
     headers.insert(MSG_ID, &*id.encode_lower(&mut uuid::Uuid::encode_buffer()));
-    headers.insert(EVENT_TYPE, event.event_type.clone());
+    headers.insert(EVENT_TYPE, value(&EVENT_TYPE, &event.event_type)?);
     headers.insert(
         EVENT_VERSION,
         itoa::Buffer::new().format(event.event_version),
     );
     if let Some(key) = &event.partition_key {
-        headers.insert(PARTITION_KEY, key.clone());
+        headers.insert(PARTITION_KEY, value(&PARTITION_KEY, key)?);
     }
-    headers.insert(CONTENT_TYPE, event.content_type.clone());
+    headers.insert(CONTENT_TYPE, value(&CONTENT_TYPE, &event.content_type)?);
     headers.insert(OCCURRED_AT, event.created_at.to_rfc3339());
-    for (name, value) in event
-        .headers
-        .as_deref()
-        .map(extra_headers)
-        .unwrap_or_default()
-    {
-        headers.insert(name.as_str(), value);
+    if let Some(json) = &event.headers {
+        let extra: BTreeMap<String, String> =
+            serde_json::from_str(json).map_err(InvalidHeader::Extra)?;
+        for (name, text) in extra {
+            let name =
+                HeaderName::try_from(name.as_str()).map_err(|_| InvalidHeader::Name { name })?;
+            let text = value(&name, &text)?;
+            headers.insert(name, text);
+        }
     }
-    headers
+    Ok(headers)
 }
 
-/// Extra headers are stored as a flat JSON object of strings; anything else is ignored.
-fn extra_headers(json: &str) -> std::collections::BTreeMap<String, String> {
-    serde_json::from_str(json).unwrap_or_default()
+fn value(name: &HeaderName, text: &str) -> Result<HeaderValue, InvalidHeader> {
+    text.parse().map_err(|_| InvalidHeader::LineBreak {
+        name: name.to_string(),
+    })
+}
+
+/// Why an outbox event cannot travel as a NATS message: the relay rejects it
+/// (retried, then dead-lettered with this reason) rather than sending it.
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidHeader {
+    /// A header value (the partition key, say) holds CR or LF.
+    #[error("the {name} header cannot hold a line break (CR or LF)")]
+    LineBreak {
+        /// The header's name.
+        name: String,
+    },
+    /// An extra header's name is not printable ASCII without `:`.
+    #[error("{name:?} cannot be a NATS header name (printable ASCII without ':')")]
+    Name {
+        /// The name as stored.
+        name: String,
+    },
+    /// The row's `headers` column is not a flat JSON object of strings.
+    #[error("the extra headers are not a JSON object of strings: {0}")]
+    Extra(serde_json::Error),
 }
 
 impl Publisher for JetStreamPublisher {
@@ -211,13 +239,20 @@ impl Publisher for JetStreamPublisher {
                 && let Some(index) = order.next_ready()
             {
                 let event = events[index];
+                let headers = match headers(event) {
+                    Ok(headers) => headers,
+                    Err(error) => {
+                        order.settle(index, Delivery::Rejected(error.to_string()));
+                        continue;
+                    }
+                };
                 let reply = [reply_prefix.as_str(), digits.format(index)].concat();
                 let sent = self
                     .client
                     .publish_with_reply_and_headers(
                         self.subject(&event.subject),
                         reply,
-                        headers(event),
+                        headers,
                         event.payload.clone().into(),
                     )
                     .await;
@@ -265,5 +300,68 @@ impl Publisher for JetStreamPublisher {
             }
         }
         order.into_outcome()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::Utc;
+    use outbox_core::entity::outbox_message::Model;
+
+    use super::{InvalidHeader, headers};
+
+    fn event(key: &str, extra: Option<&str>) -> Model {
+        Model {
+            id: uuid::Uuid::now_v7(),
+            event_type: "OrderCreated".into(),
+            event_version: 2,
+            exchange: "orders".into(),
+            subject: "orders.created".into(),
+            partition_key: Some(key.into()),
+            payload: b"{}".to_vec(),
+            headers: extra.map(str::to_owned),
+            content_type: "application/json".into(),
+            created_at: Utc::now(),
+            attempts: 0,
+            next_attempt_at: Utc::now(),
+            last_error: None,
+            delivered_at: None,
+        }
+    }
+
+    #[test]
+    fn extra_headers_travel_beside_the_outbox_ones() {
+        let map = headers(&event("7", Some(r#"{"Trace-Id":"abc"}"#))).expect("headers");
+        assert_eq!(map.get("Trace-Id").map(|v| v.as_str()), Some("abc"));
+        assert_eq!(
+            map.get("Outbox-Event-Version").map(|v| v.as_str()),
+            Some("2")
+        );
+        assert_eq!(
+            map.get("Outbox-Partition-Key").map(|v| v.as_str()),
+            Some("7")
+        );
+    }
+
+    #[test]
+    fn what_nats_cannot_carry_is_an_error_not_a_panic() {
+        let reason =
+            |key: &str, extra: Option<&str>| headers(&event(key, extra)).expect_err("refused");
+        assert!(matches!(
+            reason("a\r\nb", None),
+            InvalidHeader::LineBreak { name } if name == "Outbox-Partition-Key"
+        ));
+        assert!(matches!(
+            reason("7", Some(r#"{"Bad:Name":"x"}"#)),
+            InvalidHeader::Name { name } if name == "Bad:Name"
+        ));
+        assert!(matches!(
+            reason("7", Some(r#"{"Trace-Id":"a\nb"}"#)),
+            InvalidHeader::LineBreak { name } if name == "Trace-Id"
+        ));
+        assert!(matches!(
+            reason("7", Some(r#"["not", "an", "object"]"#)),
+            InvalidHeader::Extra(_)
+        ));
     }
 }

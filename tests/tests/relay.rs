@@ -31,6 +31,13 @@ struct Stray {
     key: String,
 }
 
+/// Keyed by free text that its subject does not carry.
+#[derive(Serialize, Deserialize, OutboxEvent)]
+#[outbox(exchange = "orders", routing_key = "noted", key = note)]
+struct Noted {
+    note: String,
+}
+
 #[transactional]
 async fn place_order<C: TransactionTrait>(
     db: &C,
@@ -340,6 +347,41 @@ async fn poison_events_are_dead_lettered_and_the_rest_delivered(setup: Setup) {
         stored_at >= letters[1].failed_at,
         "k1's later event waited for the dead letter"
     );
+    setup.finish().await;
+}
+
+/// NATS header values cannot hold CR or LF, and async-nats panics on one:
+/// a partition key with a line break must cost its own event a dead letter,
+/// not the relay its life.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_that_cannot_travel_as_nats_headers_is_dead_lettered() {
+    let setup = Setup::postgres().await;
+    let (db, nats, stream) = (&setup.test.db, &setup.nats, &setup.stream);
+    for note in ["line\nbreak", "fine"] {
+        emit_one(db, Noted { note: note.into() })
+            .await
+            .expect("commit");
+    }
+    let relay = fast(db, nats.publisher()).max_attempts(2).spawn();
+    drained(db, Duration::from_secs(30)).await;
+    relay.shutdown().await.expect("the relay did not die");
+
+    let letters = dead_letter::Entity::find()
+        .all(db)
+        .await
+        .expect("dead letters");
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].partition_key.as_deref(), Some("line\nbreak"));
+    assert!(
+        letters[0].last_error.contains("Outbox-Partition-Key"),
+        "{}",
+        letters[0].last_error
+    );
+    let delivered = nats.messages(stream).await;
+    let keys: Vec<&str> = (delivered.iter())
+        .map(|m| header(m, "Outbox-Partition-Key"))
+        .collect();
+    assert_eq!(keys, ["fine"]);
     setup.finish().await;
 }
 
