@@ -115,7 +115,7 @@ fn to_row<E: OutboxEvent>(
         event_version: Set(i32::from(E::VERSION)),
         exchange: Set(E::EXCHANGE.to_owned()),
         subject: Set(event.subject()?),
-        partition_key: Set(event.partition_key()),
+        partition_key: Set(partition_key(event)?),
         payload: Set(event.to_payload()?),
         headers: Set(None),
         content_type: Set(E::CONTENT_TYPE.to_owned()),
@@ -123,4 +123,16 @@ fn to_row<E: OutboxEvent>(
         next_attempt_at: Set(now),
         ..Default::default()
     })
+}
+
+/// The event's key, refused at emit (and so with the caller's transaction)
+/// when the relay could not send it as a header.
+fn partition_key<E: OutboxEvent>(event: &E) -> Result<Option<String>, Error> {
+    match event.partition_key() {
+        Some(key) if key.contains(['\r', '\n']) => Err(Error::PartitionKey {
+            event_type: event.event_type(),
+            value: key,
+        }),
+        key => Ok(key),
+    }
 }

@@ -39,6 +39,19 @@ pub enum Error {
         reason: &'static str,
     },
 
+    /// A partition key holds a line break, which message headers cannot
+    /// carry (the relay sends the key as `Outbox-Partition-Key`).
+    #[error(
+        "invalid partition key for event `{event_type}`: {value:?} holds a line break \
+         (CR or LF), which a message header cannot carry"
+    )]
+    PartitionKey {
+        /// The event type (`#[outbox(name = ...)]`).
+        event_type: &'static str,
+        /// The key the event gave.
+        value: String,
+    },
+
     /// A payload received for an event type could not be decoded.
     #[error("cannot decode event `{event_type}` version {version}: {source}")]
     Decode {

@@ -27,6 +27,7 @@ on_each_backend!(
     parallel_handlers_write_one_event_each,
     unserializable_payload_commits_nothing,
     invalid_subject_value_commits_nothing,
+    a_partition_key_with_a_line_break_commits_nothing,
     methods_name_their_connection,
     commit_wakes_relays,
 );
@@ -354,6 +355,46 @@ async fn invalid_subject_value_commits_nothing(db: &DatabaseConnection) {
     assert!(events(db).await.is_empty());
     ship(db, "ups").await.expect("a valid carrier commits");
     assert_eq!(events(db).await[1].subject, "orders.order.1.shipped.ups");
+}
+
+/// Keyed by free text that its subject does not carry.
+#[derive(Serialize, Deserialize, OutboxEvent)]
+#[outbox(exchange = "orders", routing_key = "order.noted", key = note)]
+struct OrderNoted {
+    note: String,
+}
+
+#[transactional]
+async fn note(db: &DatabaseConnection, note: &str) -> Result<(), AppError> {
+    place_order(db, 1, 10).await?;
+    emit!(OrderNoted {
+        note: note.to_owned()
+    });
+    Ok(())
+}
+
+async fn a_partition_key_with_a_line_break_commits_nothing(db: &DatabaseConnection) {
+    let error = note(db, "gift\nwrap")
+        .await
+        .expect_err("a line break in the key");
+    let text = match error {
+        AppError::Outbox(e @ outbox_core::Error::PartitionKey { .. }) => e.to_string(),
+        other => panic!("expected a partition key error, got {other:?}"),
+    };
+    assert!(
+        text.contains("OrderNoted") && text.contains("gift\\nwrap"),
+        "{text}"
+    );
+    assert!(orders(db).await.is_empty());
+    assert!(events(db).await.is_empty());
+    note(db, "gift wrap")
+        .await
+        .expect("a key without line breaks commits");
+    let keys: Vec<Option<String>> = (events(db).await.into_iter())
+        .filter(|e| e.event_type == "OrderNoted")
+        .map(|e| e.partition_key)
+        .collect();
+    assert_eq!(keys, [Some("gift wrap".to_owned())]);
 }
 
 struct OrderService {
