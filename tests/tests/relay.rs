@@ -740,6 +740,87 @@ async fn batches_larger_than_the_in_flight_bound_go_through_a_sliding_window() {
     setup.finish().await;
 }
 
+/// Makes key `late`'s first event claimable inside the span of the round in
+/// flight, as an event committed late with a lower id would be, when the
+/// relay publishes its first round; then commits key `late`'s next event.
+/// An injected fault: no real transaction can be made to commit at that
+/// exact moment.
+struct LateInFirstRound {
+    inner: JetStreamPublisher,
+    db: DatabaseConnection,
+    done: std::sync::atomic::AtomicBool,
+}
+
+impl Publisher for LateInFirstRound {
+    async fn publish(&self, events: &[&outbox_message::Model]) -> Vec<Delivery> {
+        self.inner.publish(events).await
+    }
+
+    async fn publish_in_key_order(
+        &self,
+        events: &[&outbox_message::Model],
+        after: &[Option<usize>],
+    ) -> Vec<Option<Delivery>> {
+        if !self.done.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            let (first, last) = (
+                events[0].id.as_u128(),
+                events[events.len() - 1].id.as_u128(),
+            );
+            let inside = uuid::Uuid::from_u128(first + (last - first) / 2);
+            assert!(events.iter().all(|e| e.id != inside));
+            self.db
+                .execute_unprepared(&format!(
+                    "UPDATE outbox_messages SET id = '{inside}', next_attempt_at = now() \
+                     WHERE partition_key = 'late'"
+                ))
+                .await
+                .expect("move the late event into the span");
+            let late = Sequenced {
+                key: "late".into(),
+                n: 1,
+            };
+            emit_one(&self.db, late).await.expect("commit");
+        }
+        self.inner.publish_in_key_order(events, after).await
+    }
+}
+
+/// The claim beside a round in flight skips that round's id span; an event
+/// that becomes claimable inside it is published by a later round of the
+/// same drain, and a newer event of its key waits for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_claimable_late_inside_the_round_in_flight_is_not_passed_over() {
+    let setup = Setup::postgres().await;
+    let (db, nats, stream) = (&setup.test.db, &setup.nats, &setup.stream);
+    let late = Sequenced {
+        key: "late".into(),
+        n: 0,
+    };
+    emit_one(db, late).await.expect("commit");
+    db.execute_unprepared("UPDATE outbox_messages SET next_attempt_at = now() + interval '1 hour'")
+        .await
+        .expect("not due yet");
+    for n in 0..3 {
+        emit_round(db, n, 10).await.expect("commit");
+    }
+    let publisher = LateInFirstRound {
+        inner: nats.publisher(),
+        db: db.clone(),
+        done: false.into(),
+    };
+    let relay = fast(db, publisher).batch_size(10).build();
+    let report = relay.drain().await.expect("drain");
+
+    assert_eq!(report.published, 32, "{report:?}");
+    let messages = nats.messages(stream).await;
+    assert_each_once(&messages, 32);
+    for (key, ns) in per_key(&messages) {
+        let expected: &[u32] = if key == "late" { &[0, 1] } else { &[0, 1, 2] };
+        assert_eq!(ns, expected, "order of key {key}");
+    }
+    setup.finish().await;
+}
+
 /// The JetStream publisher on its own: a key's next event goes out only once
 /// the previous one is stored; a rejected one holds its key's next event back
 /// and no other key's.

@@ -14,35 +14,66 @@
 //! more time in PostgreSQL than the rest of the claim together. A count of
 //! the keyed events up to the newest claimed one comes first, and the search
 //! runs only when there are more of them than this relay holds.
+//!
+//! While a round of this relay is in flight, the claim skips its id span
+//! rather than walking it: every locked row met costs PostgreSQL a check
+//! that its locker is still running, and with 2,000 rows in flight that
+//! made the claim twice as long (4.8-6.4 ms against 1.9-3.0 ms in `psql`). What
+//! became claimable inside that span meanwhile (an event committed late
+//! with a lower id, a retry come due, another relay's row let go) waits for
+//! a claim whose in-flight span does not cover it, usually the next one;
+//! a key it stops stays stopped until then, so order still holds.
 
 use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
-use sea_orm::sea_query::{Expr, ExprTrait, LockBehavior, LockType, Order, Query, SelectStatement};
+use sea_orm::sea_query::{
+    Expr, ExprTrait, LockBehavior, LockType, Order, Query, SelectStatement, SimpleExpr,
+};
 use sea_orm::{ConnectionTrait, DbBackend, DbErr, Iterable};
 use uuid::Uuid;
 
 use super::decode;
 use crate::entity::outbox_message::{Column, Entity, Model};
 
-/// The publishable events among the oldest `limit` due ones, in id (emit) order.
-///
-/// `in_flight`: events of another round of this relay, being published now
-/// and settled before this claim's events are published; they do not stop
-/// their keys here (that round holds back what follows its failures).
+/// Another round of this relay, being published now and settled before the
+/// claimed events are published.
+#[derive(Debug, Default)]
+pub(super) struct InFlight {
+    /// Its keyed events, which do not stop their keys here: that round
+    /// holds back what follows its failures.
+    pub keyed: Vec<Uuid>,
+    /// Its first and last id, the span the claim skips.
+    pub span: Option<(Uuid, Uuid)>,
+}
+
+/// The publishable events among the oldest `limit` due ones outside the
+/// in-flight round's span, in id (emit) order.
 pub(super) async fn claim<C: ConnectionTrait>(
     conn: &C,
     limit: usize,
     now: DateTime<Utc>,
     keep_delivered: bool,
-    in_flight: &[Uuid],
+    in_flight: &InFlight,
 ) -> Result<Vec<Model>, DbErr> {
     let backend = conn.get_database_backend();
-    let rows = conn
-        .query_all(&claim_statement(backend, limit, now, keep_delivered))
-        .await?;
-    let claimed = decode::decode_all(&rows)?;
-    let first_stop = stops(conn, &claimed, keep_delivered, in_flight).await?;
+    let due = |limit, bound| claim_statement(backend, limit, now, keep_delivered, bound);
+    let claimed = match in_flight.span {
+        None => decode::decode_all(&conn.query_all(&due(limit, None)).await?)?,
+        Some((first, last)) => {
+            let below = Expr::col(Column::Id).lt(first);
+            let mut claimed = decode::decode_all(&conn.query_all(&due(limit, Some(below))).await?)?;
+            if claimed.len() < limit {
+                let above = Expr::col(Column::Id).gt(last);
+                let rows = conn
+                    .query_all(&due(limit - claimed.len(), Some(above)))
+                    .await?;
+                claimed.extend(decode::decode_all(&rows)?);
+            }
+            claimed
+        }
+    };
+    let first_stop = stops(conn, &claimed, keep_delivered, &in_flight.keyed).await?;
     Ok(claimed
         .into_iter()
         .filter(|event| {
@@ -132,17 +163,20 @@ async fn keyed_rows_through<C: ConnectionTrait>(
     Ok(usize::try_from(count).unwrap_or(usize::MAX))
 }
 
+/// The oldest `limit` due rows, within `bound` if given.
 fn claim_statement(
     backend: DbBackend,
     limit: usize,
     now: DateTime<Utc>,
     keep_delivered: bool,
+    bound: Option<SimpleExpr>,
 ) -> SelectStatement {
     let mut claim = Query::select();
     claim
         .columns(Column::iter())
         .from(Entity)
         .and_where(Expr::col(Column::NextAttemptAt).lte(now))
+        .and_where_option(bound)
         .order_by(Column::Id, Order::Asc)
         .limit(u64::try_from(limit).unwrap_or(u64::MAX));
     if keep_delivered {

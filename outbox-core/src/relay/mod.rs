@@ -204,7 +204,7 @@ impl<P: Publisher> Relay<P> {
     /// Fails with [`Error::Database`] when the database fails, and with
     /// [`Error::BrokerUnavailable`] when no event of the batch reached the broker.
     pub async fn process_batch(&self) -> Result<BatchReport, Error> {
-        let round = self.claim_round(&[]).await?;
+        let round = self.claim_round(&claim::InFlight::default()).await?;
         let published = self.publish_round(round, &round::Held::new()).await;
         self.settle_round(published).await
     }

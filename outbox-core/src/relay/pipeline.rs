@@ -8,7 +8,7 @@
 //!
 //! Ordering holds as in a round alone. Round N's rows stay locked until it is
 //! settled, so claim N+1 skips them, and does not take them for events that
-//! stop their keys ([`Round::keyed_ids`]): they are published first. Whether
+//! stop their keys ([`Round::in_flight`]): they are published first. Whether
 //! N got them stored is known when N's publish is over, before N+1's begins;
 //! a key with an event N did not get stored publishes nothing newer in N+1
 //! ([`Published::held`]). Round N-1 is committed before N+1 is claimed, so
@@ -20,6 +20,7 @@ use sea_orm::{ConnAcquireErr, DbErr};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::claim::InFlight;
 #[cfg(doc)]
 use super::round::Round;
 use super::round::{Held, Published};
@@ -49,11 +50,11 @@ pub(super) async fn drain<P: Publisher>(
             }
         }
     }
-    let mut current = relay.claim_round(&[]).await?;
+    let mut current = relay.claim_round(&InFlight::default()).await?;
     let mut held = Held::new();
     let mut previous: Option<Published> = None;
     while !current.is_empty() {
-        let in_flight = current.keyed_ids();
+        let in_flight = current.in_flight();
         let to_settle = previous.take();
         let settle_then_claim = async {
             if let Some(published) = to_settle {

@@ -10,6 +10,7 @@ use sea_orm::DatabaseTransaction;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use super::claim::InFlight;
 use super::publisher::{Delivery, Publisher};
 use super::{BatchReport, Relay, claim, settle, stats, waves};
 use crate::Error;
@@ -47,13 +48,18 @@ impl Round {
         Ok(())
     }
 
-    /// The keyed events' ids. While this round is in flight, the next claim
-    /// must not take its events for ones that stop their keys.
-    pub(super) fn keyed_ids(&self) -> Vec<Uuid> {
-        (self.batch.iter())
+    /// What the next claim must know of this round while it is in flight:
+    /// its span, and its keyed events, which are not to stop their keys.
+    pub(super) fn in_flight(&self) -> InFlight {
+        let keyed = (self.batch.iter())
             .filter(|event| event.partition_key.is_some())
             .map(|event| event.id)
-            .collect()
+            .collect();
+        let span = (self.batch.first()).zip(self.batch.last());
+        InFlight {
+            keyed,
+            span: span.map(|(first, last)| (first.id, last.id)),
+        }
     }
 }
 
@@ -79,9 +85,8 @@ impl Published {
 }
 
 impl<P: Publisher> Relay<P> {
-    /// Claims the next batch. `in_flight`: the keyed events of a round being
-    /// published meanwhile, which are not to stop their keys.
-    pub(super) async fn claim_round(&self, in_flight: &[Uuid]) -> Result<Round, Error> {
+    /// Claims the next batch beside the round `in_flight`, if any.
+    pub(super) async fn claim_round(&self, in_flight: &InFlight) -> Result<Round, Error> {
         let started = Instant::now();
         let now = Utc::now();
         let keep = self.config.keep_delivered.is_some();
