@@ -15,14 +15,16 @@
 //! the keyed events up to the newest claimed one comes first, and the search
 //! runs only when there are more of them than this relay holds.
 //!
-//! While a round of this relay is in flight, the claim skips its id span
-//! rather than walking it: every locked row met costs PostgreSQL a check
-//! that its locker is still running, and with 2,000 rows in flight that
-//! made the claim twice as long (4.8-6.4 ms against 1.9-3.0 ms in `psql`). What
-//! became claimable inside that span meanwhile (an event committed late
-//! with a lower id, a retry come due, another relay's row let go) waits for
-//! a claim whose in-flight span does not cover it, usually the next one;
-//! a key it stops stays stopped until then, so order still holds.
+//! While a round of this relay is in flight, the claim filters out its id
+//! span before locking: every locked row that reaches the lock step costs
+//! PostgreSQL a check that its locker is still running, and with 2,000 rows
+//! in flight that made the claim 1.7 times as long (2.7 ms against 1.6 ms
+//! in `psql`; 1.3 ms with the span's upper bound as the index condition,
+//! which needs a second statement for the rows below). What became
+//! claimable inside that span meanwhile (an event committed late with a
+//! lower id, a retry come due, another relay's row let go) waits for a
+//! claim whose in-flight span does not cover it, usually the next one; a
+//! key it stops stays stopped until then, so order still holds.
 
 use std::collections::{HashMap, HashSet};
 
@@ -57,22 +59,13 @@ pub(super) async fn claim<C: ConnectionTrait>(
     in_flight: &InFlight,
 ) -> Result<Vec<Model>, DbErr> {
     let backend = conn.get_database_backend();
-    let due = |limit, bound| claim_statement(backend, limit, now, keep_delivered, bound);
-    let claimed = match in_flight.span {
-        None => decode::decode_all(&conn.query_all(&due(limit, None)).await?)?,
-        Some((first, last)) => {
-            let below = Expr::col(Column::Id).lt(first);
-            let mut claimed = decode::decode_all(&conn.query_all(&due(limit, Some(below))).await?)?;
-            if claimed.len() < limit {
-                let above = Expr::col(Column::Id).gt(last);
-                let rows = conn
-                    .query_all(&due(limit - claimed.len(), Some(above)))
-                    .await?;
-                claimed.extend(decode::decode_all(&rows)?);
-            }
-            claimed
-        }
-    };
+    let outside = (in_flight.span).map(|(first, last)| {
+        Expr::col(Column::Id)
+            .lt(first)
+            .or(Expr::col(Column::Id).gt(last))
+    });
+    let claim = claim_statement(backend, limit, now, keep_delivered, outside);
+    let claimed = decode::decode_all(&conn.query_all(&claim).await?)?;
     let first_stop = stops(conn, &claimed, keep_delivered, &in_flight.keyed).await?;
     Ok(claimed
         .into_iter()
@@ -163,7 +156,7 @@ async fn keyed_rows_through<C: ConnectionTrait>(
     Ok(usize::try_from(count).unwrap_or(usize::MAX))
 }
 
-/// The oldest `limit` due rows, within `bound` if given.
+/// The oldest `limit` due rows, those matching `bound` if given.
 fn claim_statement(
     backend: DbBackend,
     limit: usize,
