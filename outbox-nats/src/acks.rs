@@ -29,7 +29,7 @@ struct AnswerError {
 pub(crate) fn failed(error: &PublishError) -> Delivery {
     match error.kind() {
         PublishErrorKind::MaxPayloadExceeded => Delivery::Oversized(error.to_string()),
-        PublishErrorKind::InvalidSubject => Delivery::Rejected(error.to_string()),
+        PublishErrorKind::InvalidSubject => Delivery::Undeliverable(error.to_string()),
         _ => Delivery::Unavailable(error.to_string()),
     }
 }
@@ -123,6 +123,27 @@ mod tests {
         assert!(matches!(&nobody, Delivery::Rejected(e) if e.contains("no JetStream stream")));
         let pong = delivery("_INBOX.x.3.4", "pong", None);
         assert!(matches!(&pong, Delivery::Rejected(e) if e.contains("pong")));
+    }
+
+    #[test]
+    fn what_the_client_refuses_to_send_is_sorted_by_whether_a_retry_can_help() {
+        use async_nats::client::{PublishError, PublishErrorKind};
+
+        use super::failed;
+
+        let kind = |kind| failed(&PublishError::new(kind));
+        assert!(matches!(
+            kind(PublishErrorKind::MaxPayloadExceeded),
+            Delivery::Oversized(_)
+        ));
+        assert!(matches!(
+            kind(PublishErrorKind::InvalidSubject),
+            Delivery::Undeliverable(_)
+        ));
+        assert!(matches!(
+            kind(PublishErrorKind::Send),
+            Delivery::Unavailable(_)
+        ));
     }
 
     #[test]

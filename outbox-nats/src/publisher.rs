@@ -159,8 +159,9 @@ fn value(name: &HeaderName, text: &str) -> Result<HeaderValue, InvalidHeader> {
     })
 }
 
-/// Why an outbox event cannot travel as a NATS message: the relay rejects it
-/// (retried, then dead-lettered with this reason) rather than sending it.
+/// Why an outbox event cannot travel as a NATS message: the relay
+/// dead-letters it at once with this reason ([`Delivery::Undeliverable`])
+/// rather than sending it.
 #[derive(Debug, thiserror::Error)]
 pub enum InvalidHeader {
     /// A header value (the partition key, say) holds CR or LF.
@@ -242,7 +243,7 @@ impl Publisher for JetStreamPublisher {
                 let headers = match headers(event) {
                     Ok(headers) => headers,
                     Err(error) => {
-                        order.settle(index, Delivery::Rejected(error.to_string()));
+                        order.settle(index, Delivery::Undeliverable(error.to_string()));
                         continue;
                     }
                 };

@@ -351,11 +351,12 @@ async fn poison_events_are_dead_lettered_and_the_rest_delivered(setup: Setup) {
 }
 
 /// NATS header values cannot hold CR or LF, and async-nats panics on one:
-/// a partition key with a line break must cost its own event a dead letter,
+/// a partition key with a line break must cost its own event a dead letter
+/// (at once: no retry can succeed),
 /// not the relay its life. `emit!` refuses such a key, so the row is written
 /// as another program (or an older version) could have.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_event_that_cannot_travel_as_nats_headers_is_dead_lettered() {
+async fn an_event_that_cannot_travel_as_nats_headers_is_dead_lettered_at_once() {
     let setup = Setup::postgres().await;
     let (db, nats, stream) = (&setup.test.db, &setup.nats, &setup.stream);
     db.execute_unprepared(&format!(
@@ -375,7 +376,7 @@ async fn an_event_that_cannot_travel_as_nats_headers_is_dead_lettered() {
     )
     .await
     .expect("commit");
-    let relay = fast(db, nats.publisher()).max_attempts(2).spawn();
+    let relay = fast(db, nats.publisher()).spawn();
     drained(db, Duration::from_secs(30)).await;
     relay.shutdown().await.expect("the relay did not die");
 
@@ -385,6 +386,10 @@ async fn an_event_that_cannot_travel_as_nats_headers_is_dead_lettered() {
         .expect("dead letters");
     assert_eq!(letters.len(), 1, "{letters:?}");
     assert_eq!(letters[0].partition_key.as_deref(), Some("line\nbreak"));
+    assert_eq!(
+        letters[0].attempts, 1,
+        "dead-lettered at its first attempt, not retried"
+    );
     assert!(
         letters[0].last_error.contains("Outbox-Partition-Key"),
         "{}",

@@ -42,6 +42,7 @@ pub trait Publisher: Send + Sync + 'static {
 
 /// What became of one published event.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Delivery {
     /// The broker stored it; `duplicate` when it had stored this id before.
     Stored {
@@ -52,6 +53,10 @@ pub enum Delivery {
     Rejected(String),
     /// Larger than the broker accepts: dead-lettered at once, since a retry cannot succeed.
     Oversized(String),
+    /// Not publishable as it stands (a header or subject the broker's
+    /// protocol cannot carry): dead-lettered at once, since a retry cannot
+    /// succeed, so that its key's later events need not wait out the retries.
+    Undeliverable(String),
     /// The broker could not be reached or did not answer in time. Not the
     /// event's fault: not counted as an attempt; the relay backs off as a whole.
     Unavailable(String),

@@ -33,7 +33,9 @@ pub(super) async fn settle<C: ConnectionTrait>(
                 report.duplicates += usize::from(duplicate);
                 stored.push(event.id);
             }
-            Some(Delivery::Oversized(error)) => dead.push(dead_letter(event, error, now)),
+            Some(Delivery::Oversized(error) | Delivery::Undeliverable(error)) => {
+                dead.push(dead_letter(event, error, now));
+            }
             Some(Delivery::Rejected(error)) => {
                 let attempts = event.attempts.saturating_add(1);
                 if u32::try_from(attempts).unwrap_or(u32::MAX) >= config.max_attempts {
