@@ -22,8 +22,8 @@
 //! in `psql`; 1.3 ms with the span's upper bound as the index condition,
 //! which needs a second statement for the rows below). What became
 //! claimable inside that span meanwhile (an event committed late with a
-//! lower id, a retry come due, another relay's row let go) waits for a
-//! claim whose in-flight span does not cover it, usually the next one; a
+//! lower id, a retry come due, another relay's row let go) waits for the
+//! next claim, whose skipped span cannot cover it (`Round::in_flight`); a
 //! key it stops stays stopped until then, so order still holds.
 
 use std::collections::{HashMap, HashSet};
@@ -45,7 +45,8 @@ pub(super) struct InFlight {
     /// Its keyed events, which do not stop their keys here: that round
     /// holds back what follows its failures.
     pub keyed: Vec<Uuid>,
-    /// Its first and last id, the span the claim skips.
+    /// The id span the claim skips: the round's first and last id, unless
+    /// the round took events below the span its own claim skipped.
     pub span: Option<(Uuid, Uuid)>,
 }
 

@@ -23,6 +23,8 @@ pub(super) struct Round {
     batch: Vec<Model>,
     now: DateTime<Utc>,
     started: Instant,
+    /// Whether the next claim may skip this round's span (see [`Round::in_flight`]).
+    skippable: bool,
 }
 
 /// A round whose publish is over, waiting to be settled.
@@ -49,7 +51,12 @@ impl Round {
     }
 
     /// What the next claim must know of this round while it is in flight:
-    /// its span, and its keyed events, which are not to stop their keys.
+    /// its keyed events, which are not to stop their keys, and the span it
+    /// may skip. Only the span of a round that lies wholly above the span its
+    /// own claim skipped: then the two spans do not overlap, and an event the
+    /// previous claim passed over is claimable by the next, so it waits one
+    /// round at most (a round that also took older events, retries come due
+    /// say, would otherwise cover it again).
     pub(super) fn in_flight(&self) -> InFlight {
         let keyed = (self.batch.iter())
             .filter(|event| event.partition_key.is_some())
@@ -58,7 +65,7 @@ impl Round {
         let span = (self.batch.first()).zip(self.batch.last());
         InFlight {
             keyed,
-            span: span.map(|(first, last)| (first.id, last.id)),
+            span: (span.filter(|_| self.skippable)).map(|(first, last)| (first.id, last.id)),
         }
     }
 }
@@ -107,11 +114,13 @@ impl<P: Publisher> Relay<P> {
         let batch = claimed
             .instrument(tracing::debug_span!("outbox.claim"))
             .await?;
+        let skippable = above(in_flight, &batch);
         Ok(Round {
             txn,
             batch,
             now,
             started,
+            skippable,
         })
     }
 
@@ -137,6 +146,7 @@ impl<P: Publisher> Relay<P> {
             batch,
             now,
             started,
+            ..
         } = round;
         if batch.is_empty() {
             if let Some(txn) = txn {
@@ -163,5 +173,59 @@ impl<P: Publisher> Relay<P> {
             ));
         }
         Ok(report)
+    }
+}
+
+/// Whether `batch` (in id order) lies wholly above the span its claim skipped.
+fn above(in_flight: &InFlight, batch: &[Model]) -> bool {
+    match (in_flight.span, batch.first()) {
+        (Some((_, last)), Some(first)) => first.id > last,
+        _ => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use uuid::Uuid;
+
+    use super::{InFlight, above};
+    use crate::entity::outbox_message::Model;
+
+    fn event(id: u128) -> Model {
+        Model {
+            id: Uuid::from_u128(id),
+            event_type: "E".into(),
+            event_version: 1,
+            exchange: "x".into(),
+            subject: "x.e".into(),
+            partition_key: None,
+            payload: Vec::new(),
+            headers: None,
+            content_type: "application/json".into(),
+            created_at: chrono::Utc::now(),
+            attempts: 0,
+            next_attempt_at: chrono::Utc::now(),
+            last_error: None,
+            delivered_at: None,
+        }
+    }
+
+    fn skipped(first: u128, last: u128) -> InFlight {
+        let span = Some((Uuid::from_u128(first), Uuid::from_u128(last)));
+        InFlight {
+            keyed: Vec::new(),
+            span,
+        }
+    }
+
+    #[test]
+    fn only_a_round_above_the_span_its_claim_skipped_may_be_skipped_in_turn() {
+        let nothing_skipped = InFlight::default();
+        assert!(above(&nothing_skipped, &[event(5), event(9)]));
+        assert!(above(&skipped(10, 20), &[event(21), event(30)]));
+        assert!(above(&skipped(10, 20), &[]));
+        // An older event (a retry come due) below the span: this round's span
+        // would cover what the previous claim passed over inside 10..=20.
+        assert!(!above(&skipped(10, 20), &[event(3), event(21), event(30)]));
     }
 }
