@@ -451,6 +451,8 @@ impl Bench {
         let ratios: Vec<f64> = pairs.iter().map(|pair| round3(pair.ratio())).collect();
         let peak_rss = (pairs.iter()).fold(0.0, |peak: f64, pair| peak.max(pair.drain.rss_mib));
         pairs.sort_by(|a, b| a.ratio().total_cmp(&b.ratio()));
+        // With an even count, the lower of the two middle pairs: a ratio the
+        // target wants high is not rounded up (`median` rounds a cost up).
         let median_pair = pairs[(pairs.len() - 1) / 2];
         let Pair {
             before,
@@ -808,6 +810,8 @@ impl Pair {
     }
 }
 
+/// The median of costs (handler time ratios, lower is better); with an even
+/// count, the higher of the two middle values, so that a cost is not rounded down.
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
