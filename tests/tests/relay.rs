@@ -352,9 +352,9 @@ async fn poison_events_are_dead_lettered_and_the_rest_delivered(setup: Setup) {
 
 /// NATS header values cannot hold CR or LF, and async-nats panics on one:
 /// a partition key with a line break must cost its own event a dead letter
-/// (at once: no retry can succeed),
-/// not the relay its life. `emit!` refuses such a key, so the row is written
-/// as another program (or an older version) could have.
+/// (at once: no retry can succeed), not the relay its life. `emit!` refuses
+/// such a key, so the row is written as another program (or an older
+/// version) could have.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_that_cannot_travel_as_nats_headers_is_dead_lettered_at_once() {
     let setup = Setup::postgres().await;

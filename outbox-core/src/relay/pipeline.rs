@@ -8,11 +8,12 @@
 //!
 //! Ordering holds as in a round alone. Round N's rows stay locked until it is
 //! settled; claim N+1 skips N's id span, and does not take N's events for
-//! ones that stop their keys ([`Round::in_flight`]): they are published first. Whether
-//! N got them stored is known when N's publish is over, before N+1's begins;
-//! a key with an event N did not get stored publishes nothing newer in N+1
-//! ([`Published::held`]). Round N-1 is committed before N+1 is claimed, so
-//! what it left (rescheduled or held-back events) stops keys as usual.
+//! ones that stop their keys ([`Round::in_flight`]): they are published
+//! first. Whether N got them stored is known when N's publish is over,
+//! before N+1's begins; a key with an event N did not get stored publishes
+//! nothing newer in N+1 ([`Published::held`]). Round N-1 is committed before
+//! N+1 is claimed, so what it left (rescheduled or held-back events) stops
+//! keys as usual.
 //!
 //! PostgreSQL only (see `Relay::overlapping`); elsewhere rounds run in turn.
 
