@@ -35,7 +35,7 @@ use sea_orm::sea_query::{
 use sea_orm::{ConnectionTrait, DbBackend, DbErr, Iterable};
 use uuid::Uuid;
 
-use super::decode;
+use super::decode::{self, Decoded};
 use crate::entity::outbox_message::{Column, Entity, Model};
 
 /// Another round of this relay, being published now and settled before the
@@ -51,14 +51,14 @@ pub(super) struct InFlight {
 }
 
 /// The publishable events among the oldest `limit` due ones outside the
-/// in-flight round's span, in id (emit) order.
+/// in-flight round's span, in id (emit) order, with their `ctid` on PostgreSQL.
 pub(super) async fn claim<C: ConnectionTrait>(
     conn: &C,
     limit: usize,
     now: DateTime<Utc>,
     keep_delivered: bool,
     in_flight: &InFlight,
-) -> Result<Vec<Model>, DbErr> {
+) -> Result<Decoded, DbErr> {
     let backend = conn.get_database_backend();
     let outside = (in_flight.span).map(|(first, last)| {
         Expr::col(Column::Id)
@@ -66,18 +66,25 @@ pub(super) async fn claim<C: ConnectionTrait>(
             .or(Expr::col(Column::Id).gt(last))
     });
     let claim = claim_statement(backend, limit, now, keep_delivered, outside);
-    let claimed = decode::decode_all(&conn.query_all(&claim).await?)?;
-    let first_stop = stops(conn, &claimed, keep_delivered, &in_flight.keyed).await?;
-    Ok(claimed
-        .into_iter()
-        .filter(|event| {
+    let with_ctid = backend == DbBackend::Postgres;
+    let mut claimed = decode::decode_all(&conn.query_all(&claim).await?, with_ctid)?;
+    let first_stop = stops(conn, &claimed.events, keep_delivered, &in_flight.keyed).await?;
+    if !first_stop.is_empty() {
+        let publishable = |event: &Model| {
             event.partition_key.as_ref().is_none_or(|key| {
                 first_stop
                     .get(key.as_str())
                     .is_none_or(|stop| event.id < *stop)
             })
-        })
-        .collect())
+        };
+        if with_ctid {
+            // Each ctid goes with its event.
+            let mut keep = claimed.events.iter().map(publishable);
+            claimed.ctids.retain(|_| keep.next().unwrap_or(false));
+        }
+        claimed.events.retain(publishable);
+    }
+    Ok(claimed)
 }
 
 /// The oldest undelivered event of each claimed key that is older than a
@@ -157,7 +164,8 @@ async fn keyed_rows_through<C: ConnectionTrait>(
     Ok(usize::try_from(count).unwrap_or(usize::MAX))
 }
 
-/// The oldest `limit` due rows, those matching `bound` if given.
+/// The oldest `limit` due rows, those matching `bound` if given; on
+/// PostgreSQL each with its `ctid` after the entity's columns.
 fn claim_statement(
     backend: DbBackend,
     limit: usize,
@@ -175,6 +183,9 @@ fn claim_statement(
         .limit(u64::try_from(limit).unwrap_or(u64::MAX));
     if keep_delivered {
         claim.and_where(Expr::col(Column::DeliveredAt).is_null());
+    }
+    if backend == DbBackend::Postgres {
+        claim.expr(Expr::cust("ctid::text"));
     }
     if backend != DbBackend::Sqlite {
         claim.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);

@@ -10,28 +10,49 @@ use sea_orm::{DbErr, QueryResult, TryGetable};
 
 use crate::entity::outbox_message::Model;
 
-/// Decodes a claim's rows.
-pub(super) fn decode_all(rows: &[QueryResult]) -> Result<Vec<Model>, DbErr> {
-    let mut models = Vec::with_capacity(rows.len());
-    let Some((first, rest)) = rows.split_first() else {
-        return Ok(models);
-    };
-    models.push(decode(first)?);
-    for row in rest {
-        models.push(decode_like_first(row)?);
-    }
-    Ok(models)
+/// A claim's rows as events; on PostgreSQL also each row's `ctid`, which the
+/// claim selects after the entity's columns for the settle to delete by.
+#[derive(Debug, Default)]
+pub(super) struct Decoded {
+    pub events: Vec<Model>,
+    /// Empty unless the rows carry a `ctid`.
+    pub ctids: Vec<String>,
 }
 
-/// A row of a result set whose first row [`decode`] read: its column types
-/// are known to fit.
-fn decode_like_first(row: &QueryResult) -> Result<Model, DbErr> {
-    #[cfg(feature = "postgres")]
-    if let Some(row) = row.try_as_pg_row() {
-        return decode(&Unchecked(row));
+/// Decodes a claim's rows, and their `ctid` if `with_ctid`.
+pub(super) fn decode_all(rows: &[QueryResult], with_ctid: bool) -> Result<Decoded, DbErr> {
+    let mut decoded = Decoded {
+        events: Vec::with_capacity(rows.len()),
+        ctids: Vec::with_capacity(if with_ctid { rows.len() } else { 0 }),
+    };
+    let Some((first, rest)) = rows.split_first() else {
+        return Ok(decoded);
+    };
+    decoded.push(first, with_ctid)?;
+    for row in rest {
+        // The first row was read with the checks: its column types fit every row.
+        #[cfg(feature = "postgres")]
+        if let Some(row) = row.try_as_pg_row() {
+            decoded.push(&Unchecked(row), with_ctid)?;
+            continue;
+        }
+        decoded.push(row, with_ctid)?;
     }
-    decode(row)
+    Ok(decoded)
 }
+
+impl Decoded {
+    fn push(&mut self, row: &impl Columns, with_ctid: bool) -> Result<(), DbErr> {
+        self.events.push(decode(row)?);
+        if with_ctid {
+            self.ctids.push(row.at(CTID)?);
+        }
+        Ok(())
+    }
+}
+
+/// Where the claim selects the `ctid`: after the entity's columns.
+const CTID: usize = 14;
 
 /// A row's columns by position. Reading by name cost a search of the
 /// column list per field, an eighth of the relay's CPU.
@@ -129,5 +150,6 @@ mod tests {
                 "delivered_at",
             ]
         );
+        assert_eq!(selected.len(), super::CTID, "the ctid comes after them");
     }
 }

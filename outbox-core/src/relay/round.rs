@@ -21,6 +21,8 @@ use crate::entity::outbox_message::Model;
 pub(super) struct Round {
     txn: Option<DatabaseTransaction>,
     batch: Vec<Model>,
+    /// Each event's `ctid` on PostgreSQL (empty elsewhere), for the settle.
+    ctids: Vec<String>,
     now: DateTime<Utc>,
     started: Instant,
     /// Whether the next claim may skip this round's span (see [`Round::in_flight`]).
@@ -111,13 +113,14 @@ impl<P: Publisher> Relay<P> {
                 None => claim::claim(&self.db, limit, now, keep, in_flight).await,
             }
         };
-        let batch = claimed
+        let claimed = claimed
             .instrument(tracing::debug_span!("outbox.claim"))
             .await?;
-        let skippable = above(in_flight, &batch);
+        let skippable = above(in_flight, &claimed.events);
         Ok(Round {
             txn,
-            batch,
+            batch: claimed.events,
+            ctids: claimed.ctids,
             now,
             started,
             skippable,
@@ -144,6 +147,7 @@ impl<P: Publisher> Relay<P> {
         let Round {
             txn,
             batch,
+            ctids,
             now,
             started,
             ..
@@ -159,7 +163,7 @@ impl<P: Publisher> Relay<P> {
             None => self.begin().await?,
         };
         let settled = async {
-            let report = settle::settle(&txn, batch, deliveries, &self.config, now).await?;
+            let report = settle::settle(&txn, batch, &ctids, deliveries, &self.config, now).await?;
             txn.commit().await?;
             Ok::<_, sea_orm::DbErr>(report)
         };

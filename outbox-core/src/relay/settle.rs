@@ -11,9 +11,11 @@ use super::publisher::Delivery;
 use super::{BatchReport, RelayConfig};
 use crate::entity::{dead_letter, outbox_message};
 
+/// `ctids` are the events' own on PostgreSQL (see [`delivered`]), else empty.
 pub(super) async fn settle<C: ConnectionTrait>(
     conn: &C,
     batch: Vec<outbox_message::Model>,
+    ctids: &[String],
     deliveries: Vec<Option<Delivery>>,
     config: &RelayConfig,
     now: DateTime<Utc>,
@@ -23,8 +25,9 @@ pub(super) async fn settle<C: ConnectionTrait>(
         ..BatchReport::default()
     };
     let mut stored = Vec::new();
+    let mut stored_ctids = Vec::new();
     let mut dead = Vec::new();
-    for (event, delivery) in batch.into_iter().zip(deliveries) {
+    for (index, (event, delivery)) in batch.into_iter().zip(deliveries).enumerate() {
         match delivery {
             // Held back behind an earlier event of its key: untouched, claimed again later.
             None => report.held_back += 1,
@@ -32,6 +35,7 @@ pub(super) async fn settle<C: ConnectionTrait>(
                 report.published += 1;
                 report.duplicates += usize::from(duplicate);
                 stored.push(event.id);
+                stored_ctids.extend(ctids.get(index).map(String::as_str));
             }
             Some(Delivery::Oversized(error) | Delivery::Undeliverable(error)) => {
                 dead.push(dead_letter(event, error, now));
@@ -52,7 +56,7 @@ pub(super) async fn settle<C: ConnectionTrait>(
         }
     }
     if !stored.is_empty() {
-        let delivered = ids_in(conn.get_database_backend(), stored);
+        let delivered = delivered(conn.get_database_backend(), stored, &stored_ctids);
         if config.keep_delivered.is_some() {
             outbox_message::Entity::update_many()
                 .col_expr(outbox_message::Column::DeliveredAt, Expr::value(now))
@@ -85,6 +89,38 @@ pub(super) async fn settle<C: ConnectionTrait>(
             .await?;
     }
     Ok(report)
+}
+
+/// The rows of the stored events. On PostgreSQL by `ctid`: a row locked by
+/// this transaction stays where the claim found it, and fetching 2,000 rows
+/// by position took PostgreSQL a quarter of the time that looking each id up
+/// in the primary key did (0.5 ms against 2.6, `EXPLAIN ANALYZE` in `psql`).
+/// The array goes through a subquery so that the planner cannot see its
+/// length: it costs a fetch by `ctid` as a random page read, and for a few
+/// thousand would rather read the whole table.
+///
+/// The ctids go as one array literal, `{"(0,1)","(0,2)"}`: a single text
+/// value to bind, where a `text[]` of 2,000 had SeaORM copy each string twice.
+fn delivered(backend: DbBackend, ids: Vec<Uuid>, ctids: &[&str]) -> SimpleExpr {
+    if backend == DbBackend::Postgres && ctids.len() == ids.len() {
+        let mut literal = String::with_capacity(ctids.len() * 16 + 2);
+        literal.push('{');
+        for (index, ctid) in ctids.iter().enumerate() {
+            if index > 0 {
+                literal.push(',');
+            }
+            literal.push('"');
+            literal.push_str(ctid);
+            literal.push('"');
+        }
+        literal.push('}');
+        Expr::cust_with_values(
+            "ctid = ANY(ARRAY(SELECT unnest(CAST($1 AS tid[]))))",
+            [literal],
+        )
+    } else {
+        ids_in(backend, ids)
+    }
 }
 
 /// The rows with these ids. On PostgreSQL one array parameter (`= ANY($1)`)
