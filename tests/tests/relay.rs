@@ -826,6 +826,46 @@ async fn an_event_claimable_late_inside_the_round_in_flight_is_not_passed_over()
     setup.finish().await;
 }
 
+/// On PostgreSQL the settle deletes the published rows by the ctids the claim
+/// read: when the claim drops events whose key is stopped (here behind an
+/// event backing off), their ctids go with them, and only the published rows
+/// are deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_that_drops_stopped_events_deletes_only_the_published_rows() {
+    let setup = Setup::postgres().await;
+    let (db, nats, stream) = (&setup.test.db, &setup.nats, &setup.stream);
+    let stopped = |n| Sequenced {
+        key: "stopped".into(),
+        n,
+    };
+    emit_one(db, stopped(0)).await.expect("commit");
+    db.execute_unprepared("UPDATE outbox_messages SET next_attempt_at = now() + interval '1 hour'")
+        .await
+        .expect("backing off");
+    for n in 1..3 {
+        emit_one(db, stopped(n)).await.expect("commit");
+    }
+    emit_round(db, 0, 10).await.expect("commit");
+    let relay = fast(db, nats.publisher()).build();
+
+    let report = relay.process_batch().await.expect("round");
+
+    assert_eq!(report.published, 10, "{report:?}");
+    assert_each_once(&nats.messages(stream).await, 10);
+    let left: Vec<(String, u32)> = outbox_message::Entity::find()
+        .order_by_asc(outbox_message::Column::Id)
+        .all(db)
+        .await
+        .expect("outbox")
+        .iter()
+        .map(|row| serde_json::from_slice::<Sequenced>(&row.payload).expect("payload"))
+        .map(|event| (event.key, event.n))
+        .collect();
+    let stopped_key = |n| ("stopped".to_owned(), n);
+    assert_eq!(left, [stopped_key(0), stopped_key(1), stopped_key(2)]);
+    setup.finish().await;
+}
+
 /// The JetStream publisher on its own: a key's next event goes out only once
 /// the previous one is stored; a rejected one holds its key's next event back
 /// and no other key's.

@@ -100,7 +100,7 @@ pub(super) async fn settle<C: ConnectionTrait>(
 /// thousand would rather read the whole table.
 ///
 /// The ctids go as one array literal, `{"(0,1)","(0,2)"}`: a single text
-/// value to bind, where a `text[]` of 2,000 had SeaORM copy each string twice.
+/// value to bind, where SeaORM copied a `text[]` of 2,000 string by string.
 fn delivered(backend: DbBackend, ids: Vec<Uuid>, ctids: &[&str]) -> SimpleExpr {
     if backend == DbBackend::Postgres && ctids.len() == ids.len() {
         let mut literal = String::with_capacity(ctids.len() * 16 + 2);
