@@ -70,19 +70,13 @@ pub(super) async fn claim<C: ConnectionTrait>(
     let mut claimed = decode::decode_all(&conn.query_all(&claim).await?, with_ctid)?;
     let first_stop = stops(conn, &claimed.events, keep_delivered, &in_flight.keyed).await?;
     if !first_stop.is_empty() {
-        let publishable = |event: &Model| {
+        claimed.retain(|event| {
             event.partition_key.as_ref().is_none_or(|key| {
                 first_stop
                     .get(key.as_str())
                     .is_none_or(|stop| event.id < *stop)
             })
-        };
-        if with_ctid {
-            // Each ctid goes with its event.
-            let mut keep = claimed.events.iter().map(publishable);
-            claimed.ctids.retain(|_| keep.next().unwrap_or(false));
-        }
-        claimed.events.retain(publishable);
+        });
     }
     Ok(claimed)
 }

@@ -12,7 +12,7 @@ use crate::entity::outbox_message::Model;
 
 /// A claim's rows as events; on PostgreSQL also each row's `ctid`, which the
 /// claim selects after the entity's columns for the settle to delete by.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct Decoded {
     pub events: Vec<Model>,
     /// Empty unless the rows carry a `ctid`.
@@ -42,6 +42,17 @@ pub(super) fn decode_all(rows: &[QueryResult], with_ctid: bool) -> Result<Decode
 }
 
 impl Decoded {
+    /// Keeps the events `keep` accepts, each with its ctid.
+    pub(super) fn retain(&mut self, keep: impl Fn(&Model) -> bool) {
+        let kept: Vec<bool> = self.events.iter().map(keep).collect();
+        let mut flags = kept.iter();
+        self.events
+            .retain(|_| flags.next().is_some_and(|&keep| keep));
+        let mut flags = kept.iter();
+        self.ctids
+            .retain(|_| flags.next().is_some_and(|&keep| keep));
+    }
+
     fn push(&mut self, row: &impl Columns, with_ctid: bool) -> Result<(), DbErr> {
         self.events.push(decode(row)?);
         if with_ctid {
