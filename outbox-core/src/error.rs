@@ -75,3 +75,30 @@ pub enum Error {
 
 /// `Result` with the framework's [`Error`] as the default error type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Displays an error with its chain of causes, `error: cause: cause`, for log
+/// lines and a program's last words (`Debug` would print the structure).
+///
+/// ```
+/// #[derive(Debug, thiserror::Error)]
+/// #[error("cannot connect to NATS")]
+/// struct Connect(#[source] std::io::Error);
+///
+/// let error = Connect(std::io::Error::other("connection refused"));
+/// let report = outbox_core::ErrorReport(&error).to_string();
+/// assert_eq!(report, "cannot connect to NATS: connection refused");
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorReport<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorReport<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(error) = cause {
+            write!(f, ": {error}")?;
+            cause = error.source();
+        }
+        Ok(())
+    }
+}

@@ -46,7 +46,7 @@ mod scope;
 mod signal;
 mod subject;
 
-pub use error::{Error, Result};
+pub use error::{Error, ErrorReport, Result};
 pub use event::OutboxEvent;
 pub use migration::{migrate, migrations};
 pub use registry::{EventDescriptor, registry};

@@ -1,7 +1,8 @@
-//! Reading an outbox event's metadata off a JetStream message, and the dead
-//! letter a message becomes.
+//! The messages a consumer holds, reading an outbox event's metadata off
+//! them, and the dead letter a message becomes.
 
-use async_nats::jetstream::Message;
+use async_nats::jetstream::{self, message::AckKind};
+use async_nats::Message;
 use chrono::{DateTime, Utc};
 use outbox_core::entity::inbox_dead_letter;
 use outbox_core::inbox::{DeadLetterReason, Metadata};
@@ -14,29 +15,98 @@ pub(super) struct Position {
     pub(super) delivered: u64,
 }
 
-pub(super) fn position(message: &Message) -> Option<Position> {
-    let info = message.info().ok()?;
-    Some(Position {
-        stream_sequence: info.stream_sequence,
-        delivered: u64::try_from(info.delivered).unwrap_or(1).max(1),
-    })
+/// One copy of a message, held from receipt until it is acknowledged,
+/// dead-lettered or handed back.
+#[derive(Debug)]
+pub(super) struct Held {
+    pub(super) copy: Copy,
+    pub(super) position: Position,
+    /// The partition key (`Outbox-Partition-Key`), which orders the message among its key's.
+    pub(super) key: Option<String>,
+    /// Failed attempts in this process; JetStream does not see local retries.
+    pub(super) failures: u64,
+    /// When its ack deadline was last extended (or it was received).
+    pub(super) extended_at: tokio::time::Instant,
+}
+
+/// Where a held copy came from.
+#[derive(Debug)]
+pub(super) enum Copy {
+    /// Delivered by the durable consumer: acknowledged through it.
+    Delivered(jetstream::Message),
+    /// Read from the stream at recovery, for a delivery this process never
+    /// saw: it cannot be acknowledged; the durable's own copy, redelivered
+    /// later, finds the inbox row and is acknowledged then.
+    Recovered(Message),
+}
+
+impl Held {
+    /// A copy the durable consumer delivered, and its consumer sequence.
+    pub(super) fn delivered(message: jetstream::Message) -> Option<(Self, u64)> {
+        let info = message.info().ok()?;
+        let position = Position {
+            stream_sequence: info.stream_sequence,
+            delivered: u64::try_from(info.delivered).unwrap_or(1).max(1),
+        };
+        let consumer_sequence = info.consumer_sequence;
+        Some((Self::new(Copy::Delivered(message), position), consumer_sequence))
+    }
+
+    /// A copy read from the stream at `stream_sequence`.
+    pub(super) fn recovered(message: Message, stream_sequence: u64) -> Self {
+        let position = Position {
+            stream_sequence,
+            delivered: 1,
+        };
+        Self::new(Copy::Recovered(message), position)
+    }
+
+    fn new(copy: Copy, position: Position) -> Self {
+        let key = header(copy.message(), "Outbox-Partition-Key").map(str::to_owned);
+        Self {
+            copy,
+            position,
+            key,
+            failures: 0,
+            extended_at: tokio::time::Instant::now(),
+        }
+    }
+
+    pub(super) fn message(&self) -> &Message {
+        self.copy.message()
+    }
+
+    /// Deliveries so far, this one included: JetStream's count plus local retries.
+    pub(super) fn delivery_count(&self) -> u64 {
+        self.position.delivered + self.failures
+    }
+
+    /// Acknowledges (or naks, terms, extends) a delivered copy; a recovered
+    /// copy has nothing to acknowledge. An error means JetStream redelivers.
+    pub(super) async fn ack(&self, kind: AckKind) -> Result<(), async_nats::Error> {
+        match &self.copy {
+            Copy::Delivered(message) => message.ack_with(kind).await,
+            Copy::Recovered(_) => Ok(()),
+        }
+    }
+}
+
+impl Copy {
+    fn message(&self) -> &Message {
+        match self {
+            Self::Delivered(message) => message,
+            Self::Recovered(message) => message,
+        }
+    }
 }
 
 fn header<'a>(message: &'a Message, name: &str) -> Option<&'a str> {
     Some(message.headers.as_ref()?.get(name)?.as_str())
 }
 
-/// The partition key, which orders the message among its key's.
-pub(super) fn partition_key(message: &Message) -> Option<&str> {
-    header(message, "Outbox-Partition-Key")
-}
-
 /// The event's metadata, or why the message is not an outbox event.
-pub(super) fn metadata(
-    message: &Message,
-    position: Position,
-    namespace: Option<&str>,
-) -> Result<Metadata, String> {
+pub(super) fn metadata(held: &Held, namespace: Option<&str>) -> Result<Metadata, String> {
+    let message = held.message();
     let required = |name: &str| header(message, name).ok_or_else(|| format!("no `{name}` header"));
     let id = required("Nats-Msg-Id")?;
     let id = Uuid::parse_str(id).map_err(|e| format!("`Nats-Msg-Id` {id:?} is not a UUID: {e}"))?;
@@ -52,12 +122,12 @@ pub(super) fn metadata(
         event_type: required("Outbox-Event-Type")?.to_owned(),
         version,
         subject: subject.to_owned(),
-        key: partition_key(message).map(str::to_owned),
-        delivery_count: position.delivered,
+        key: held.key.clone(),
+        delivery_count: held.delivery_count(),
         occurred_at: header(message, "Outbox-Occurred-At")
             .and_then(|at| DateTime::parse_from_rfc3339(at).ok())
             .map(|at| at.with_timezone(&Utc)),
-        stream_sequence: position.stream_sequence,
+        stream_sequence: held.position.stream_sequence,
     })
 }
 
@@ -65,11 +135,11 @@ pub(super) fn metadata(
 pub(super) fn dead_letter(
     consumer: &str,
     stream: &str,
-    message: &Message,
-    position: Position,
+    held: &Held,
     reason: DeadLetterReason,
     error: String,
 ) -> inbox_dead_letter::Model {
+    let message = held.message();
     let headers: serde_json::Map<String, serde_json::Value> = (message.headers.iter())
         .flat_map(|map| map.iter())
         .filter_map(|(name, values)| {
@@ -81,17 +151,17 @@ pub(super) fn dead_letter(
         id: Uuid::now_v7(),
         consumer: consumer.to_owned(),
         stream: stream.to_owned(),
-        stream_sequence: i64::try_from(position.stream_sequence).unwrap_or(i64::MAX),
+        stream_sequence: i64::try_from(held.position.stream_sequence).unwrap_or(i64::MAX),
         subject: message.subject.to_string(),
         event_id: header(message, "Nats-Msg-Id").and_then(|id| Uuid::parse_str(id).ok()),
         event_type: header(message, "Outbox-Event-Type").map(str::to_owned),
         event_version: header(message, "Outbox-Event-Version").and_then(|v| v.parse().ok()),
-        partition_key: partition_key(message).map(str::to_owned),
+        partition_key: held.key.clone(),
         payload: message.payload.to_vec(),
         headers: serde_json::Value::Object(headers).to_string(),
         reason: reason.as_str().to_owned(),
         error,
-        deliveries: i32::try_from(position.delivered).unwrap_or(i32::MAX),
+        deliveries: i32::try_from(held.delivery_count()).unwrap_or(i32::MAX),
         failed_at: Utc::now(),
     }
 }

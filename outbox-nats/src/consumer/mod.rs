@@ -3,6 +3,8 @@
 
 mod keys;
 mod message;
+mod recovery;
+mod schedule;
 mod worker;
 
 use std::time::Duration;
@@ -261,15 +263,18 @@ impl ConsumerBuilder {
             .map(|subject| namespaced(subject, ns))
             .collect();
         let context = jetstream::new(self.client.clone());
-        let consumer = durable(&context, &stream, &self.name, &filters, &self.config).await?;
+        let (stream_handle, consumer) =
+            durable(&context, &stream, &self.name, &filters, &self.config).await?;
         let (stop, stopped) = watch::channel(false);
         let worker = worker::Worker {
             client: self.client,
             consumer,
+            stream: stream_handle,
+            filters,
             db: self.db,
             handlers: self.handlers,
             name: self.name,
-            stream,
+            stream_name: stream,
             namespace: self.namespace,
             config: self.config,
         };
@@ -295,7 +300,7 @@ async fn durable(
     name: &str,
     filters: &[String],
     config: &ConsumerConfig,
-) -> Result<jetstream::consumer::Consumer<pull::Config>, ConsumerError> {
+) -> Result<(jetstream::stream::Stream, jetstream::consumer::Consumer<pull::Config>), ConsumerError> {
     let stream_handle = context
         .get_stream(stream)
         .await
@@ -318,14 +323,15 @@ async fn durable(
         [one] => consumer_config.filter_subject = one.clone(),
         many => consumer_config.filter_subjects = many.to_vec(),
     }
-    stream_handle
+    let consumer = stream_handle
         .get_or_create_consumer(name, consumer_config)
         .await
         .map_err(|e| ConsumerError::Consumer {
             consumer: name.to_owned(),
             stream: stream.to_owned(),
             error: e.to_string(),
-        })
+        })?;
+    Ok((stream_handle, consumer))
 }
 
 /// A running consumer. Dropping it leaves the consumer running; call

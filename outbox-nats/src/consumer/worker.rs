@@ -1,14 +1,16 @@
-//! The consumer's task: pulls messages, starts handlers within the in-flight
-//! bound and per-key order, and acknowledges, retries or dead-letters each
-//! message once its transaction has ended.
+//! The consumer's task: recovers deliveries it never saw, pulls messages,
+//! starts handlers within the in-flight bound and per-key order, and
+//! acknowledges, retries or dead-letters each message once its transaction
+//! has ended.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::pull;
+use async_nats::jetstream::consumer::pull::MessagesErrorKind;
 use async_nats::jetstream::message::AckKind;
-use async_nats::jetstream::{Message, consumer::pull::MessagesErrorKind};
+use async_nats::jetstream::stream::Stream;
 use chrono::Utc;
 use futures::{FutureExt, StreamExt};
 use outbox_core::inbox::{self, DeadLetterReason, Handlers, Processed};
@@ -19,82 +21,140 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::ConsumerConfig;
-use super::keys::KeyQueues;
-use super::message::{self, Position};
+use super::message::{self, Copy, Held};
+use super::recovery::{self, Recovered};
+use super::schedule::Schedule;
 
-/// Pauses between attempts to (re)open the message stream.
+/// Pauses between attempts to (re)open the message stream or to recover.
 const RECONNECT: Backoff = Backoff {
     initial: Duration::from_millis(100),
     max: Duration::from_secs(5),
 };
 
-/// How often the task looks at held messages, overdue redeliveries and retention.
+/// How often the task extends held messages' ack deadlines and purges the inbox.
 const TICK: Duration = Duration::from_millis(500);
 
 pub(super) struct Worker {
     pub(super) client: async_nats::Client,
     pub(super) consumer: async_nats::jetstream::consumer::Consumer<pull::Config>,
+    /// The stream, read directly at recovery.
+    pub(super) stream: Stream,
+    /// The durable's subject filters (namespaced), applied at recovery too.
+    pub(super) filters: Vec<String>,
     pub(super) db: DatabaseConnection,
     pub(super) handlers: Handlers,
     pub(super) name: String,
-    pub(super) stream: String,
+    pub(super) stream_name: String,
     pub(super) namespace: Option<String>,
     pub(super) config: ConsumerConfig,
 }
 
-/// A handled message, back from its task.
-struct Finished {
-    key: Option<String>,
-    sequence: u64,
-    /// Set when the message was negatively acknowledged: it comes back after this delay.
-    redelivery: Option<Duration>,
+/// How one attempt at a message ended.
+enum Outcome {
+    /// Acknowledged, skipped or dead-lettered: the key's next message may run.
+    Resolved,
+    /// Failed: run it again after the delay, its key held meanwhile.
+    Retry(Duration),
+}
+
+/// Whether the unsure span must be read back before anything new is handled.
+enum Recovery {
+    Done,
+    /// Owed; `trigger` is the delivery that revealed a skipped one, with its
+    /// consumer sequence, handled after the span.
+    Owed { trigger: Option<(Held, u64)> },
 }
 
 impl Worker {
     pub(super) async fn run(self, mut stopped: watch::Receiver<bool>) {
         let shared = Arc::new(self);
         let config = &shared.config;
-        let mut tasks: JoinSet<Finished> = JoinSet::new();
-        let mut keys: KeyQueues<Message> = KeyQueues::new();
+        let mut tasks: JoinSet<(Held, Outcome)> = JoinSet::new();
+        let mut schedule = Schedule::new();
+        let mut recovery = Recovery::Owed { trigger: None };
+        // The consumer sequence of the last delivery seen: a delivery that
+        // does not follow it means one went elsewhere.
+        let mut last_delivery: Option<u64> = None;
         let mut messages: Option<pull::Stream> = None;
         let mut failures = 0_u32;
-        let mut resume_pulling = Instant::now();
+        let mut resume = Instant::now();
         let mut tick = tokio::time::interval(TICK);
         let purge_every =
             (config.inbox_retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(600));
         let mut next_purge = Instant::now();
-        tracing::info!(consumer = %shared.name, stream = %shared.stream, "consumer started");
+        tracing::info!(consumer = %shared.name, stream = %shared.stream_name, "consumer started");
         loop {
-            // While NATS fails, pulling pauses; finished handlers are still settled.
-            if messages.is_none() && Instant::now() >= resume_pulling {
+            // While NATS fails, pulling pauses; handlers in flight are still settled.
+            if let Recovery::Owed { trigger } = &mut recovery
+                && Instant::now() >= resume
+            {
+                match recovery::recover(&shared.consumer, &shared.stream, &shared.filters).await {
+                    Ok(found) => {
+                        failures = 0;
+                        last_delivery = Some(shared.recovered(&mut schedule, found, trigger.take()));
+                        recovery = Recovery::Done;
+                    }
+                    Err(error) => {
+                        failures += 1;
+                        let error = outbox_core::ErrorReport(&error);
+                        tracing::warn!(consumer = %shared.name, %error, "recovery failed; retrying");
+                        resume = Instant::now() + RECONNECT.delay(failures);
+                    }
+                }
+            }
+            if matches!(recovery, Recovery::Done) && messages.is_none() && Instant::now() >= resume {
                 match shared.open().await {
                     Ok(stream) => messages = Some(stream),
                     Err(error) => {
                         failures += 1;
+                        let error = outbox_core::ErrorReport(&error);
                         tracing::warn!(consumer = %shared.name, %error, "cannot pull messages; retrying");
-                        resume_pulling = Instant::now() + RECONNECT.delay(failures);
+                        resume = Instant::now() + RECONNECT.delay(failures);
                     }
                 }
             }
-            let room = tasks.len() < config.max_in_flight
-                && keys.queued() < config.max_ack_pending
-                && Instant::now() >= resume_pulling;
+            while tasks.len() < config.max_in_flight
+                && let Some(held) = schedule.pop_ready()
+            {
+                shared.start(&mut tasks, held);
+            }
+            let room = matches!(recovery, Recovery::Done)
+                && !schedule.has_ready()
+                && tasks.len() < config.max_in_flight
+                && schedule.len() < config.max_ack_pending
+                && Instant::now() >= resume;
+            let next_retry = schedule.next_retry();
             tokio::select! {
                 // Err: the handle was dropped, which leaves the consumer running.
                 Ok(()) = stopped.changed() => break,
                 Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
                     // Tasks catch their own panics, so a join error is a cancellation.
-                    let Ok(finished) = joined else { continue };
-                    let Some(key) = finished.key else { continue };
-                    let deadline = finished.redelivery.map(|delay| Instant::now() + delay + config.ack_wait);
-                    if let Some(next) = keys.finish(&key, finished.sequence, deadline) {
-                        shared.start(&mut tasks, next);
+                    let Ok((mut held, outcome)) = joined else { continue };
+                    match outcome {
+                        Outcome::Resolved => schedule.resolve(&held),
+                        Outcome::Retry(delay) => {
+                            held.failures += 1;
+                            schedule.retry(held, Instant::now() + delay);
+                        }
                     }
+                }
+                () = sleep_until(next_retry), if next_retry.is_some() => {
+                    schedule.due(Instant::now());
                 }
                 next = next_message(&mut messages), if room => match next {
                     Some(Ok(message)) => {
                         failures = 0;
-                        shared.receive(&mut tasks, &mut keys, message);
+                        let Some((held, delivery)) = Held::delivered(message) else {
+                            tracing::warn!(consumer = %shared.name, "ignoring a message without JetStream metadata");
+                            continue;
+                        };
+                        if last_delivery.is_some_and(|last| delivery != last + 1) {
+                            tracing::info!(consumer = %shared.name, delivery, last = ?last_delivery, "a delivery went elsewhere; reading the unsure span back from the stream");
+                            recovery = Recovery::Owed { trigger: Some((held, delivery)) };
+                        } else {
+                            last_delivery = Some(delivery);
+                            schedule.receive(held);
+                        }
                     }
                     Some(Err(error)) => {
                         failures += 1;
@@ -102,18 +162,15 @@ impl Worker {
                         if matches!(error.kind(), MessagesErrorKind::ConsumerDeleted | MessagesErrorKind::NoResponders) {
                             messages = None;
                         }
-                        resume_pulling = Instant::now() + RECONNECT.delay(failures);
+                        resume = Instant::now() + RECONNECT.delay(failures);
                     }
                     None => messages = None,
                 },
                 _ = tick.tick() => {
                     let now = Instant::now();
-                    for message in keys.expire(now) {
-                        shared.start(&mut tasks, message);
-                    }
                     if let Some(before) = now.checked_sub(config.ack_wait / 2) {
-                        for message in keys.due_for_extension(before, now) {
-                            let _ = message.ack_with(AckKind::Progress).await;
+                        for held in schedule.due_for_extension(before, now) {
+                            let _ = held.ack(AckKind::Progress).await;
                         }
                     }
                     if now >= next_purge {
@@ -123,18 +180,46 @@ impl Worker {
                 }
             }
         }
-        // Messages not started go back at once; handlers in flight finish.
-        for message in keys.drain() {
-            let _ = message.ack_with(AckKind::Nak(None)).await;
+        // Messages not started go back at once; handlers in flight finish,
+        // and those that failed go back too.
+        for held in schedule.drain() {
+            let _ = held.ack(AckKind::Nak(None)).await;
         }
-        while tasks.join_next().await.is_some() {}
+        while let Some(joined) = tasks.join_next().await {
+            if let Ok((held, Outcome::Retry(_))) = joined {
+                let _ = held.ack(AckKind::Nak(None)).await;
+            }
+        }
         if let Err(error) = shared.client.flush().await {
             tracing::warn!(consumer = %shared.name, %error, "flushing acks at shutdown failed");
         }
         tracing::info!(consumer = %shared.name, "consumer stopped");
     }
 
-    async fn open(&self) -> Result<pull::Stream, String> {
+    /// Queues what recovery read back, then the delivery that triggered it;
+    /// returns the consumer sequence the next delivery must follow.
+    fn recovered(
+        &self,
+        schedule: &mut Schedule,
+        found: Recovered,
+        trigger: Option<(Held, u64)>,
+    ) -> u64 {
+        if !found.messages.is_empty() {
+            tracing::info!(consumer = %self.name, messages = found.messages.len(), "handling deliveries this process did not see, in stream order");
+        }
+        for held in found.messages {
+            schedule.recovered(held);
+        }
+        match trigger {
+            Some((held, delivery)) => {
+                schedule.receive(held);
+                delivery
+            }
+            None => found.delivered_consumer_sequence,
+        }
+    }
+
+    async fn open(&self) -> Result<pull::Stream, async_nats::jetstream::consumer::StreamError> {
         let batch = (self.config.max_in_flight * 2)
             .min(self.config.max_ack_pending)
             .max(1);
@@ -142,65 +227,41 @@ impl Worker {
             .max_messages_per_batch(batch)
             .messages()
             .await
-            .map_err(|e| e.to_string())
     }
 
-    /// Starts a received message, or queues it behind its key.
-    fn receive(
-        self: &Arc<Self>,
-        tasks: &mut JoinSet<Finished>,
-        keys: &mut KeyQueues<Message>,
-        message: Message,
-    ) {
-        let Some(position) = message::position(&message) else {
-            tracing::warn!(consumer = %self.name, subject = %message.subject, "ignoring a message without JetStream metadata");
-            return;
-        };
-        let ready = match message::partition_key(&message).map(str::to_owned) {
-            Some(key) => keys.push(&key, position.stream_sequence, message, Instant::now()),
-            None => Some(message),
-        };
-        if let Some(message) = ready {
-            self.start(tasks, message);
-        }
-    }
-
-    fn start(self: &Arc<Self>, tasks: &mut JoinSet<Finished>, message: Message) {
+    fn start(self: &Arc<Self>, tasks: &mut JoinSet<(Held, Outcome)>, held: Held) {
         let shared = Arc::clone(self);
         tasks.spawn(async move {
-            let key = message::partition_key(&message).map(str::to_owned);
-            let position = message::position(&message);
-            let sequence = position.map_or(0, |p| p.stream_sequence);
-            let redelivery = match position {
-                Some(position) => AssertUnwindSafe(shared.handle(&message, position))
-                    .catch_unwind()
-                    .await
-                    .unwrap_or_else(|_| {
-                        tracing::error!(consumer = %shared.name, sequence, "the consumer panicked on a message; it will be redelivered");
-                        None
-                    }),
-                None => None,
-            };
-            Finished { key, sequence, redelivery }
+            let outcome = AssertUnwindSafe(shared.handle(&held))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| {
+                    let sequence = held.position.stream_sequence;
+                    tracing::error!(consumer = %shared.name, sequence, "the consumer panicked on a message; it will be retried");
+                    Outcome::Retry(shared.retry_delay(&held))
+                });
+            (held, outcome)
         });
     }
 
-    /// Handles one message to its end: ack, nak with a delay (returned), or
-    /// dead letter and term.
-    async fn handle(&self, message: &Message, position: Position) -> Option<Duration> {
+    /// Handles one message to its end: ack, retry later (with its key held),
+    /// or dead letter and term.
+    async fn handle(&self, held: &Held) -> Outcome {
         let config = &self.config;
-        let meta = match message::metadata(message, position, self.namespace.as_deref()) {
+        let meta = match message::metadata(held, self.namespace.as_deref()) {
             Ok(meta) => meta,
+            // The durable's own copy is dead-lettered when it comes back.
+            Err(_) if matches!(held.copy, Copy::Recovered(_)) => return Outcome::Resolved,
             Err(error) => {
                 return self
-                    .dead_letter(message, position, DeadLetterReason::Malformed, error)
+                    .dead_letter(held, DeadLetterReason::Malformed, error)
                     .await;
             }
         };
-        let span = tracing::debug_span!("outbox.handle", consumer = %self.name, event_type = %meta.event_type, event_id = %meta.id, delivery = position.delivered);
+        let span = tracing::debug_span!("outbox.handle", consumer = %self.name, event_type = %meta.event_type, event_id = %meta.id, delivery = meta.delivery_count);
         let processed = tracing::Instrument::instrument(
             self.handlers
-                .process(&self.db, &self.name, meta, &message.payload),
+                .process(&self.db, &self.name, meta, &held.message().payload),
             span,
         )
         .await;
@@ -212,56 +273,42 @@ impl Worker {
                     "duplicate"
                 };
                 self.count(outcome);
-                self.ack(message, AckKind::Ack).await;
-                None
+                self.ack(held, AckKind::Ack).await;
+                Outcome::Resolved
             }
-            Processed::Failed(error) if position.delivered >= config.max_deliveries => {
-                self.dead_letter(message, position, DeadLetterReason::HandlerFailed, error)
+            Processed::Failed(error) if held.delivery_count() >= config.max_deliveries => {
+                self.dead_letter(held, DeadLetterReason::HandlerFailed, error)
                     .await
             }
             Processed::Failed(error) => {
                 self.count("failed");
-                Some(
-                    self.retry(message, position, "handler failed", &error)
-                        .await,
-                )
+                self.retry(held, "handler failed", &error)
             }
             // Not the message's fault: it does not move towards a dead letter,
-            // however often JetStream has delivered it.
+            // however often it is retried.
             Processed::Unavailable(error) => {
                 self.count("unavailable");
-                Some(
-                    self.retry(message, position, "database failed", &error)
-                        .await,
-                )
+                self.retry(held, "database failed", &error)
             }
             Processed::Unhandled { reason, error }
                 if config.skip_unhandled && reason.is_unhandled_type() =>
             {
                 tracing::debug!(consumer = %self.name, %reason, %error, "skipping a message no handler takes");
                 self.count("skipped");
-                self.ack(message, AckKind::Ack).await;
-                None
+                self.ack(held, AckKind::Ack).await;
+                Outcome::Resolved
             }
-            Processed::Unhandled { reason, error } => {
-                self.dead_letter(message, position, reason, error).await
-            }
+            Processed::Unhandled { reason, error } => self.dead_letter(held, reason, error).await,
         }
     }
 
     /// Records the message as a dead letter (and, if it has an event id, in
     /// the inbox, so that a redelivery is skipped), then terminates it. If the
-    /// database fails, the message is redelivered instead: nothing is dropped.
-    async fn dead_letter(
-        &self,
-        message: &Message,
-        position: Position,
-        reason: DeadLetterReason,
-        error: String,
-    ) -> Option<Duration> {
-        tracing::error!(consumer = %self.name, sequence = position.stream_sequence, %reason, %error, "dead-lettering a message");
-        let letter =
-            message::dead_letter(&self.name, &self.stream, message, position, reason, error);
+    /// database fails, the message is retried instead: nothing is dropped.
+    async fn dead_letter(&self, held: &Held, reason: DeadLetterReason, error: String) -> Outcome {
+        let sequence = held.position.stream_sequence;
+        tracing::error!(consumer = %self.name, sequence, %reason, %error, "dead-lettering a message");
+        let letter = message::dead_letter(&self.name, &self.stream_name, held, reason, error);
         let event_id = letter.event_id;
         let stored = async {
             let txn = self.db.begin().await?;
@@ -276,36 +323,33 @@ impl Worker {
             Ok(()) => {
                 metrics::counter!("outbox_inbox_dead_lettered_total", "consumer" => self.name.clone(), "reason" => reason.as_str()).increment(1);
                 self.count("dead_lettered");
-                self.ack(message, AckKind::Term).await;
-                None
+                self.ack(held, AckKind::Term).await;
+                Outcome::Resolved
             }
             Err(error) => {
                 let error = error.to_string();
-                Some(
-                    self.retry(message, position, "storing the dead letter failed", &error)
-                        .await,
-                )
+                self.retry(held, "storing the dead letter failed", &error)
             }
         }
     }
 
-    /// Negatively acknowledges with the backoff delay of its delivery count; returns the delay.
-    async fn retry(
-        &self,
-        message: &Message,
-        position: Position,
-        what: &str,
-        error: &str,
-    ) -> Duration {
-        let failures = u32::try_from(position.delivered).unwrap_or(u32::MAX);
-        let delay = self.config.retry_backoff.delay(failures);
-        tracing::warn!(consumer = %self.name, sequence = position.stream_sequence, delivery = position.delivered, retry_in = ?delay, %error, "{what}; the message will be redelivered");
-        self.ack(message, AckKind::Nak(Some(delay))).await;
-        delay
+    /// Schedules another attempt after the backoff delay of the delivery
+    /// count. The message is not handed back to JetStream: this process keeps
+    /// it, and its key, until it is resolved.
+    fn retry(&self, held: &Held, what: &str, error: &str) -> Outcome {
+        let delay = self.retry_delay(held);
+        let (sequence, delivery) = (held.position.stream_sequence, held.delivery_count());
+        tracing::warn!(consumer = %self.name, sequence, delivery, retry_in = ?delay, %error, "{what}; the message will be retried");
+        Outcome::Retry(delay)
     }
 
-    async fn ack(&self, message: &Message, kind: AckKind) {
-        if let Err(error) = message.ack_with(kind).await {
+    fn retry_delay(&self, held: &Held) -> Duration {
+        let failures = u32::try_from(held.delivery_count()).unwrap_or(u32::MAX);
+        self.config.retry_backoff.delay(failures)
+    }
+
+    async fn ack(&self, held: &Held, kind: AckKind) {
+        if let Err(error) = held.ack(kind).await {
             // Not acknowledged: JetStream redelivers it, and the inbox skips it.
             tracing::warn!(consumer = %self.name, %error, "acknowledgement failed");
         }
@@ -333,9 +377,16 @@ impl Worker {
 
 async fn next_message(
     messages: &mut Option<pull::Stream>,
-) -> Option<Result<Message, pull::MessagesError>> {
+) -> Option<Result<async_nats::jetstream::Message, pull::MessagesError>> {
     match messages {
         Some(stream) => stream.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
 }

@@ -1,0 +1,125 @@
+//! Deliveries this process never saw, read back from the stream.
+//!
+//! JetStream hands a durable consumer's new messages out in stream order,
+//! but a message delivered to a process that then died (or lost on the wire
+//! when a connection dropped) comes back only after `ack_wait`, by which time
+//! later messages of its key have been delivered. So before the consumer
+//! handles anything it has not seen in order, it reads the durable's *unsure
+//! span* — from just above its ack floor to the last message it delivered —
+//! straight from the stream, in stream order, and queues those messages by
+//! key ahead of anything newer. This runs at start and whenever the consumer
+//! sequence of a delivery skips one (a delivery went elsewhere). Messages of
+//! the span already in the inbox are skipped as duplicates; their
+//! redeliveries later are duplicates too.
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+use async_nats::jetstream::stream::Stream;
+use futures::StreamExt;
+
+use super::message::Held;
+
+/// How long reading the span may take before the consumer gives up and tries again.
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What recovery found.
+#[derive(Debug)]
+pub(super) struct Recovered {
+    /// The span's messages, in stream order.
+    pub(super) messages: Vec<Held>,
+    /// The durable's last delivery (consumer sequence) when the span was read.
+    pub(super) delivered_consumer_sequence: u64,
+}
+
+/// Why recovery failed; the consumer retries it, pulling nothing meanwhile.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum RecoveryError {
+    /// The durable consumer's state could not be read.
+    #[error("cannot read the state of the durable consumer")]
+    Info(#[source] async_nats::jetstream::context::ConsumerInfoError),
+    /// The span could not be read from the stream.
+    #[error("cannot read stream sequences {from}..={to} back from the stream")]
+    Read {
+        /// The first sequence of the span.
+        from: u64,
+        /// The last.
+        to: u64,
+        /// What failed.
+        #[source]
+        source: async_nats::Error,
+    },
+    /// Reading the span took longer than allowed.
+    #[error("reading stream sequences {from}..={to} back timed out")]
+    Timeout {
+        /// The first sequence of the span.
+        from: u64,
+        /// The last.
+        to: u64,
+    },
+}
+
+/// Reads the durable consumer's unsure span from `stream`, with `filters`.
+pub(super) async fn recover(
+    durable: &async_nats::jetstream::consumer::Consumer<pull::Config>,
+    stream: &Stream,
+    filters: &[String],
+) -> Result<Recovered, RecoveryError> {
+    let info = durable.get_info().await.map_err(RecoveryError::Info)?;
+    let from = info.ack_floor.stream_sequence + 1;
+    let to = info.delivered.stream_sequence;
+    let delivered_consumer_sequence = info.delivered.consumer_sequence;
+    let mut messages = Vec::new();
+    if from <= to {
+        let read = read_span(stream, filters, from, to, &mut messages);
+        match tokio::time::timeout(READ_TIMEOUT, read).await {
+            Ok(Ok(())) => {}
+            Ok(Err(source)) => return Err(RecoveryError::Read { from, to, source }),
+            Err(_) => return Err(RecoveryError::Timeout { from, to }),
+        }
+    }
+    Ok(Recovered {
+        messages,
+        delivered_consumer_sequence,
+    })
+}
+
+/// Appends the messages of `from..=to` that pass `filters`, through an
+/// ephemeral ordered consumer.
+async fn read_span(
+    stream: &Stream,
+    filters: &[String],
+    from: u64,
+    to: u64,
+    messages: &mut Vec<Held>,
+) -> Result<(), async_nats::Error> {
+    let mut config = pull::OrderedConfig {
+        deliver_policy: DeliverPolicy::ByStartSequence {
+            start_sequence: from,
+        },
+        ..Default::default()
+    };
+    match filters {
+        [] => {}
+        [one] => config.filter_subject = one.clone(),
+        many => config.filter_subjects = many.to_vec(),
+    }
+    let reader = stream.create_consumer(config).await?;
+    if reader.cached_info().num_pending == 0 {
+        return Ok(());
+    }
+    let mut span = reader.messages().await?;
+    while let Some(message) = span.next().await {
+        let message = message?;
+        let info = message.info()?;
+        let (sequence, pending) = (info.stream_sequence, info.pending);
+        if sequence > to {
+            break;
+        }
+        messages.push(Held::recovered(message.message, sequence));
+        if sequence == to || pending == 0 {
+            break;
+        }
+    }
+    Ok(())
+}

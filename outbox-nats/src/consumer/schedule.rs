@@ -1,0 +1,118 @@
+//! What the consumer holds, and when each message may run: queued behind
+//! its key, ready to start, or waiting out a retry delay with its key held.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use tokio::time::Instant;
+
+use super::keys::KeyQueues;
+use super::message::Held;
+
+/// Every message the consumer holds that is not running.
+#[derive(Debug)]
+pub(super) struct Schedule {
+    keys: KeyQueues<Held>,
+    /// May start as soon as there is room; their keys are busy with them.
+    ready: VecDeque<Held>,
+    /// Failed, to run again at the instant; their keys stay busy meanwhile.
+    /// The second part of the map key only tells equal instants apart.
+    retries: BTreeMap<(Instant, u64), Held>,
+    retry_ids: u64,
+}
+
+impl Schedule {
+    pub(super) fn new() -> Self {
+        Self {
+            keys: KeyQueues::new(),
+            ready: VecDeque::new(),
+            retries: BTreeMap::new(),
+            retry_ids: 0,
+        }
+    }
+
+    /// Messages held and not running.
+    pub(super) fn len(&self) -> usize {
+        self.keys.queued() + self.ready.len() + self.retries.len()
+    }
+
+    /// Whether a message waits only for room to start.
+    pub(super) fn has_ready(&self) -> bool {
+        !self.ready.is_empty()
+    }
+
+    /// Takes a message delivered by the durable consumer: it runs when its
+    /// key's earlier messages are resolved (unkeyed ones at once).
+    pub(super) fn receive(&mut self, held: Held) {
+        let ready = match held.key.clone() {
+            Some(key) => self.keys.push(&key, held.position.stream_sequence, held),
+            None => Some(held),
+        };
+        self.ready.extend(ready);
+    }
+
+    /// Takes a message read back from the stream at recovery, unless this
+    /// process holds it already (delivered copies are kept: they can be acked).
+    pub(super) fn recovered(&mut self, held: Held) {
+        let sequence = held.position.stream_sequence;
+        if !(held.key.as_deref()).is_some_and(|key| self.keys.holds(key, sequence)) {
+            self.receive(held);
+        }
+    }
+
+    /// `held` is resolved: its key's next message may run.
+    pub(super) fn resolve(&mut self, held: &Held) {
+        if let Some(key) = &held.key {
+            self.ready.extend(self.keys.finish(key));
+        }
+    }
+
+    /// `held` failed and runs again at `at`; its key stays busy until then.
+    pub(super) fn retry(&mut self, held: Held, at: Instant) {
+        self.retry_ids += 1;
+        self.retries.insert((at, self.retry_ids), held);
+    }
+
+    /// When the next retry is due.
+    pub(super) fn next_retry(&self) -> Option<Instant> {
+        self.retries.first_key_value().map(|((at, _), _)| *at)
+    }
+
+    /// Makes the retries due at `now` ready.
+    pub(super) fn due(&mut self, now: Instant) {
+        while let Some(entry) = self.retries.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            self.ready.push_back(entry.remove());
+        }
+    }
+
+    /// The next message to start.
+    pub(super) fn pop_ready(&mut self) -> Option<Held> {
+        self.ready.pop_front()
+    }
+
+    /// Held messages whose ack deadline was last extended before `before`;
+    /// each is stamped `now`, and the caller extends them.
+    pub(super) fn due_for_extension(&mut self, before: Instant, now: Instant) -> Vec<&Held> {
+        let mut due = Vec::new();
+        let held = (self.keys.queued_mut())
+            .chain(self.ready.iter_mut())
+            .chain(self.retries.values_mut());
+        for held in held {
+            if held.extended_at < before {
+                held.extended_at = now;
+                due.push(&*held);
+            }
+        }
+        due
+    }
+
+    /// Gives up every held message (at shutdown).
+    pub(super) fn drain(&mut self) -> Vec<Held> {
+        let mut all = self.keys.drain();
+        all.extend(self.ready.drain(..));
+        all.extend(std::mem::take(&mut self.retries).into_values());
+        all
+    }
+}
