@@ -510,6 +510,87 @@ async fn per_key_order_holds_with_8_in_flight_over_20_keys(setup: Setup) {
     setup.finish().await;
 }
 
+/// A predecessor that took messages and died without acknowledging them:
+/// JetStream would hand them out again only after `ack_wait` (a minute here),
+/// long after the later events of their keys. The restarted consumer must
+/// read them back from the stream and handle them first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_consumer_handles_what_its_predecessor_left_unacked_first() {
+    let setup = Setup::postgres().await;
+    let (keys, per_key) = (3, 6);
+    for n in 0..per_key {
+        emit_round(setup.db(), n, keys).await.expect("commit");
+    }
+    setup.relay().await;
+    let ack_wait = Duration::from_secs(60);
+    // The predecessor: the durable consumer the `Consumer` would create,
+    // whose first five deliveries (every key's #0, and #1 of two keys) are
+    // left unacknowledged.
+    let stream = jetstream::new(setup.nats.client.clone())
+        .get_stream(&setup.stream)
+        .await
+        .expect("stream");
+    let predecessor = stream
+        .get_or_create_consumer(
+            "ledger",
+            jetstream::consumer::pull::Config {
+                durable_name: Some("ledger".to_owned()),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait,
+                max_deliver: -1,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("durable consumer");
+    let mut taken = predecessor
+        .fetch()
+        .max_messages(5)
+        .messages()
+        .await
+        .expect("fetch");
+    let mut left_unacked = 0;
+    while let Some(message) = futures::StreamExt::next(&mut taken).await {
+        message.expect("message");
+        left_unacked += 1;
+    }
+    assert_eq!(left_unacked, 5);
+
+    let recorder = Recorder::default();
+    let consumer = setup
+        .consumer("ledger")
+        .ack_wait(ack_wait)
+        .max_in_flight(4)
+        .on::<Sequenced, _>(recorder.clone())
+        .spawn()
+        .await
+        .expect("start the consumer");
+    let total = (keys * per_key) as usize;
+    eventually("every event is handled", async || {
+        recorder
+            .handled
+            .lock()
+            .expect("lock")
+            .values()
+            .map(Vec::len)
+            .sum::<usize>()
+            >= total
+    })
+    .await;
+    consumer.shutdown().await.expect("stop");
+
+    let handled = recorder.handled.lock().expect("lock").clone();
+    for (key, ns) in &handled {
+        assert_eq!(
+            ns,
+            &(0..per_key).collect::<Vec<_>>(),
+            "key {key} out of order"
+        );
+    }
+    assert_eq!(inbox_rows(setup.db()).await, u64::from(keys * per_key));
+    setup.finish().await;
+}
+
 /// Signals when it starts, then takes a while.
 #[derive(Clone)]
 struct Slow {

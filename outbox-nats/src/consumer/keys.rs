@@ -130,7 +130,10 @@ mod tests {
         keys.push("a", 2, "a2");
         keys.push("a", 2, "a2 again");
         assert_eq!(keys.queued(), 1);
-        assert_eq!(keys.queued_mut().map(|m| *m).collect::<Vec<_>>(), ["a2 again"]);
+        assert_eq!(
+            keys.queued_mut().map(|m| *m).collect::<Vec<_>>(),
+            ["a2 again"]
+        );
         assert_eq!(keys.drain(), vec!["a2 again"]);
         assert_eq!(keys.queued(), 0);
     }

@@ -1,8 +1,8 @@
 //! The messages a consumer holds, reading an outbox event's metadata off
 //! them, and the dead letter a message becomes.
 
-use async_nats::jetstream::{self, message::AckKind};
 use async_nats::Message;
+use async_nats::jetstream::{self, message::AckKind};
 use chrono::{DateTime, Utc};
 use outbox_core::entity::inbox_dead_letter;
 use outbox_core::inbox::{DeadLetterReason, Metadata};
@@ -49,7 +49,10 @@ impl Held {
             delivered: u64::try_from(info.delivered).unwrap_or(1).max(1),
         };
         let consumer_sequence = info.consumer_sequence;
-        Some((Self::new(Copy::Delivered(message), position), consumer_sequence))
+        Some((
+            Self::new(Copy::Delivered(message), position),
+            consumer_sequence,
+        ))
     }
 
     /// A copy read from the stream at `stream_sequence`.

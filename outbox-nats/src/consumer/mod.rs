@@ -300,7 +300,13 @@ async fn durable(
     name: &str,
     filters: &[String],
     config: &ConsumerConfig,
-) -> Result<(jetstream::stream::Stream, jetstream::consumer::Consumer<pull::Config>), ConsumerError> {
+) -> Result<
+    (
+        jetstream::stream::Stream,
+        jetstream::consumer::Consumer<pull::Config>,
+    ),
+    ConsumerError,
+> {
     let stream_handle = context
         .get_stream(stream)
         .await

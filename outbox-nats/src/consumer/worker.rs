@@ -62,7 +62,9 @@ enum Recovery {
     Done,
     /// Owed; `trigger` is the delivery that revealed a skipped one, with its
     /// consumer sequence, handled after the span.
-    Owed { trigger: Option<(Held, u64)> },
+    Owed {
+        trigger: Option<(Held, u64)>,
+    },
 }
 
 impl Worker {
@@ -91,7 +93,8 @@ impl Worker {
                 match recovery::recover(&shared.consumer, &shared.stream, &shared.filters).await {
                     Ok(found) => {
                         failures = 0;
-                        last_delivery = Some(shared.recovered(&mut schedule, found, trigger.take()));
+                        last_delivery =
+                            Some(shared.recovered(&mut schedule, found, trigger.take()));
                         recovery = Recovery::Done;
                     }
                     Err(error) => {
@@ -102,7 +105,8 @@ impl Worker {
                     }
                 }
             }
-            if matches!(recovery, Recovery::Done) && messages.is_none() && Instant::now() >= resume {
+            if matches!(recovery, Recovery::Done) && messages.is_none() && Instant::now() >= resume
+            {
                 match shared.open().await {
                     Ok(stream) => messages = Some(stream),
                     Err(error) => {
