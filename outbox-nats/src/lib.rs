@@ -24,10 +24,12 @@
 #![deny(missing_docs)]
 
 mod acks;
+mod connect;
 mod consumer;
 mod publisher;
 mod streams;
 
+pub use connect::{ConnectError, connect, parse_servers};
 pub use consumer::{Consumer, ConsumerBuilder, ConsumerConfig, ConsumerError, ConsumerHandle};
 pub use publisher::{InvalidHeader, JetStreamPublisher, headers};
 pub use streams::{ProvisionError, StreamSpec, provision, streams_from_registry};
