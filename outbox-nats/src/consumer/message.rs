@@ -33,7 +33,7 @@ pub(super) struct Held {
 #[derive(Debug)]
 pub(super) enum Copy {
     /// Delivered by the durable consumer: acknowledged through it.
-    Delivered(jetstream::Message),
+    Delivered(Box<jetstream::Message>),
     /// Read from the stream at recovery, for a delivery this process never
     /// saw: it cannot be acknowledged; the durable's own copy, redelivered
     /// later, finds the inbox row and is acknowledged then.
@@ -50,7 +50,7 @@ impl Held {
         };
         let consumer_sequence = info.consumer_sequence;
         Some((
-            Self::new(Copy::Delivered(message), position),
+            Self::new(Copy::Delivered(Box::new(message)), position),
             consumer_sequence,
         ))
     }

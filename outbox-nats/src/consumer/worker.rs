@@ -63,7 +63,7 @@ enum Recovery {
     /// Owed; `trigger` is the delivery that revealed a skipped one, with its
     /// consumer sequence, handled after the span.
     Owed {
-        trigger: Option<(Held, u64)>,
+        trigger: Option<Box<(Held, u64)>>,
     },
 }
 
@@ -154,7 +154,7 @@ impl Worker {
                         };
                         if last_delivery.is_some_and(|last| delivery != last + 1) {
                             tracing::info!(consumer = %shared.name, delivery, last = ?last_delivery, "a delivery went elsewhere; reading the unsure span back from the stream");
-                            recovery = Recovery::Owed { trigger: Some((held, delivery)) };
+                            recovery = Recovery::Owed { trigger: Some(Box::new((held, delivery))) };
                         } else {
                             last_delivery = Some(delivery);
                             schedule.receive(held);
@@ -206,7 +206,7 @@ impl Worker {
         &self,
         schedule: &mut Schedule,
         found: Recovered,
-        trigger: Option<(Held, u64)>,
+        trigger: Option<Box<(Held, u64)>>,
     ) -> u64 {
         if !found.messages.is_empty() {
             tracing::info!(consumer = %self.name, messages = found.messages.len(), "handling deliveries this process did not see, in stream order");
@@ -214,7 +214,7 @@ impl Worker {
         for held in found.messages {
             schedule.recovered(held);
         }
-        match trigger {
+        match trigger.map(|trigger| *trigger) {
             Some((held, delivery)) => {
                 schedule.receive(held);
                 delivery
