@@ -1,0 +1,209 @@
+//! The application under test: orders that step through states, one
+//! `#[transactional]` call per step, and a consumer that applies step `seq`
+//! only on top of `seq - 1` (recording every time it finds anything else).
+
+use std::time::Duration;
+
+use outbox_core::inbox::Metadata;
+use outbox_core::{OutboxEvent, emit, transactional};
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, Statement, Value,
+};
+use uuid::Uuid;
+
+/// Step `seq` of an order; the order's steps must take effect in order.
+#[derive(Debug, serde::Serialize, serde::Deserialize, OutboxEvent)]
+#[outbox(exchange = "faults", routing_key = "order.{order_id}.step", key = order_id)]
+pub(crate) struct OrderStep {
+    pub(crate) order_id: i64,
+    pub(crate) seq: i32,
+}
+
+/// An unkeyed event: no order, but once each.
+#[derive(Debug, serde::Serialize, serde::Deserialize, OutboxEvent)]
+#[outbox(exchange = "faults", routing_key = "audit")]
+pub(crate) struct Audit {
+    pub(crate) order_id: i64,
+    pub(crate) seq: i32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum AppError {
+    #[error(transparent)]
+    Outbox(#[from] outbox_core::Error),
+    #[error("rolled back on purpose")]
+    RolledBack(Uuid),
+    #[error("injected handler failure")]
+    Injected,
+}
+
+impl From<DbErr> for AppError {
+    fn from(error: DbErr) -> Self {
+        Self::Outbox(error.into())
+    }
+}
+
+/// A statement written with `?` placeholders, numbered for PostgreSQL.
+pub(crate) fn sql(backend: DbBackend, text: &str, values: Vec<Value>) -> Statement {
+    let text = match backend {
+        DbBackend::Postgres => {
+            let mut numbered = String::with_capacity(text.len() + 8);
+            let mut n = 0;
+            for c in text.chars() {
+                if c == '?' {
+                    n += 1;
+                    numbered.push_str(&format!("${n}"));
+                } else {
+                    numbered.push(c);
+                }
+            }
+            numbered
+        }
+        _ => text.to_owned(),
+    };
+    Statement::from_sql_and_values(backend, text, values)
+}
+
+/// The application's tables: what the producer committed (and rolled back),
+/// and what the consumer applied.
+pub(crate) async fn create_tables(db: &DatabaseConnection) -> Result<(), DbErr> {
+    // Event ids as text, bound the same way on every database.
+    let uuid = "VARCHAR(36)";
+    let id = match db.get_database_backend() {
+        DbBackend::Postgres => "BIGSERIAL PRIMARY KEY",
+        _ => "BIGINT AUTO_INCREMENT PRIMARY KEY",
+    };
+    for table in [
+        format!(
+            "CREATE TABLE produced (event_id {uuid} PRIMARY KEY, keyed BOOLEAN NOT NULL, order_id BIGINT NOT NULL, seq INT NOT NULL)"
+        ),
+        format!("CREATE TABLE ghosts (event_id {uuid} PRIMARY KEY)"),
+        "CREATE TABLE order_state (order_id BIGINT PRIMARY KEY, step INT NOT NULL)".to_owned(),
+        format!(
+            "CREATE TABLE effects (id {id}, event_id {uuid} NOT NULL, order_id BIGINT NOT NULL, seq INT NOT NULL)"
+        ),
+        format!(
+            "CREATE TABLE violations (id {id}, event_id {uuid} NOT NULL, order_id BIGINT NOT NULL, seq INT NOT NULL, found INT NOT NULL)"
+        ),
+    ] {
+        db.execute_unprepared(&table).await?;
+    }
+    Ok(())
+}
+
+/// Step `seq` of `order_id`: the event, its record and (sometimes) an unkeyed
+/// audit event commit together; with `roll_back`, none of them does.
+#[transactional]
+pub(crate) async fn advance(
+    db: &DatabaseConnection,
+    order_id: i64,
+    seq: i32,
+    audit: bool,
+    roll_back: bool,
+) -> Result<(), AppError> {
+    let backend = db.get_database_backend();
+    let id = emit!(OrderStep { order_id, seq });
+    if roll_back {
+        return Err(AppError::RolledBack(id));
+    }
+    let record = "INSERT INTO produced (event_id, keyed, order_id, seq) VALUES (?, ?, ?, ?)";
+    db.execute_raw(sql(backend, record, vec![uuid(id), true.into(), order_id.into(), seq.into()]))
+        .await?;
+    if audit {
+        let id = emit!(Audit { order_id, seq });
+        db.execute_raw(sql(backend, record, vec![uuid(id), false.into(), order_id.into(), seq.into()]))
+            .await?;
+    }
+    Ok(())
+}
+
+/// Whether step `seq` of `order_id` committed (asked after a failed commit,
+/// whose outcome the client cannot know).
+pub(crate) async fn committed(db: &DatabaseConnection, order_id: i64, seq: i32) -> Result<bool, DbErr> {
+    let backend = db.get_database_backend();
+    let query = "SELECT event_id FROM produced WHERE keyed = ? AND order_id = ? AND seq = ?";
+    let row = db
+        .query_one_raw(sql(backend, query, vec![true.into(), order_id.into(), seq.into()]))
+        .await?;
+    Ok(row.is_some())
+}
+
+/// Records an event whose transaction was rolled back: it must never reach the stream.
+pub(crate) async fn ghost(db: &DatabaseConnection, id: Uuid) -> Result<(), DbErr> {
+    let backend = db.get_database_backend();
+    db.execute_raw(sql(backend, "INSERT INTO ghosts (event_id) VALUES (?)", vec![uuid(id)]))
+        .await?;
+    Ok(())
+}
+
+pub(crate) fn uuid(id: Uuid) -> Value {
+    id.to_string().into()
+}
+
+/// One first delivery in 33 fails.
+fn fails_once(meta: &Metadata) -> bool {
+    meta.delivery_count == 1 && meta.id.as_u128() % 33 == 0
+}
+
+/// The consumer's handler of steps: applies `seq` on top of `seq - 1`, and
+/// records a violation whenever the order is anywhere else.
+pub(crate) async fn apply_step(
+    event: OrderStep,
+    meta: Metadata,
+    db: &DatabaseTransaction,
+) -> Result<(), AppError> {
+    if fails_once(&meta) {
+        return Err(AppError::Injected);
+    }
+    let backend = db.get_database_backend();
+    let order = vec![event.order_id.into()];
+    let found = db
+        .query_one_raw(sql(backend, "SELECT step FROM order_state WHERE order_id = ?", order))
+        .await?
+        .map(|row| row.try_get_by_index::<i32>(0))
+        .transpose()?
+        .unwrap_or(0);
+    let (id, order_id, seq) = (uuid(meta.id), event.order_id.into(), event.seq.into());
+    if found != event.seq - 1 {
+        let violation =
+            "INSERT INTO violations (event_id, order_id, seq, found) VALUES (?, ?, ?, ?)";
+        let values = vec![id.clone(), event.order_id.into(), event.seq.into(), found.into()];
+        db.execute_raw(sql(backend, violation, values)).await?;
+    }
+    let upsert = match backend {
+        DbBackend::Postgres => {
+            "INSERT INTO order_state (order_id, step) VALUES (?, ?) ON CONFLICT (order_id) DO UPDATE SET step = EXCLUDED.step"
+        }
+        _ => {
+            "INSERT INTO order_state (order_id, step) VALUES (?, ?) ON DUPLICATE KEY UPDATE step = VALUES(step)"
+        }
+    };
+    db.execute_raw(sql(backend, upsert, vec![event.order_id.into(), event.seq.into()]))
+        .await?;
+    effect(db, id, order_id, seq).await
+}
+
+/// The consumer's handler of audits: one effect row each.
+pub(crate) async fn apply_audit(
+    event: Audit,
+    meta: Metadata,
+    db: &DatabaseTransaction,
+) -> Result<(), AppError> {
+    if fails_once(&meta) {
+        return Err(AppError::Injected);
+    }
+    effect(db, uuid(meta.id), event.order_id.into(), event.seq.into()).await
+}
+
+async fn effect(db: &DatabaseTransaction, id: Value, order_id: Value, seq: Value) -> Result<(), AppError> {
+    let backend = db.get_database_backend();
+    let insert = "INSERT INTO effects (event_id, order_id, seq) VALUES (?, ?, ?)";
+    db.execute_raw(sql(backend, insert, vec![id, order_id, seq])).await?;
+    Ok(())
+}
+
+/// The consumer's retry delays: short, so that a run is not spent waiting.
+pub(crate) const RETRY: outbox_core::relay::Backoff = outbox_core::relay::Backoff {
+    initial: Duration::from_millis(100),
+    max: Duration::from_secs(2),
+};

@@ -1,0 +1,269 @@
+//! The real processes the suite breaks: relays, the consumer, `nats-server`
+//! (alone or as a 3-node cluster) and a private PostgreSQL.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+pub(crate) type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// A free TCP port on 127.0.0.1.
+pub(crate) fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A program the suite starts, kills with SIGKILL, stops with SIGTERM and
+/// starts again, its output appended to a log file.
+#[derive(Debug)]
+pub(crate) struct Proc {
+    pub(crate) name: String,
+    program: PathBuf,
+    args: Vec<OsString>,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Proc {
+    pub(crate) fn new(name: &str, program: &Path, args: Vec<OsString>, logs: &Path) -> Self {
+        Self {
+            name: name.to_owned(),
+            program: program.to_owned(),
+            args,
+            log: logs.join(format!("{name}.log")),
+            child: None,
+        }
+    }
+
+    pub(crate) fn start(&mut self) -> Result<()> {
+        let log = File::options().create(true).append(true).open(&self.log)?;
+        let child = Command::new(&self.program)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot start {} ({}): {e}", self.name, self.program.display()))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILL, and wait for it to be gone.
+    pub(crate) async fn kill9(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, and wait up to `patience` for a clean exit; returns whether
+    /// it exited by itself with status 0 (else it is killed).
+    pub(crate) async fn terminate(&mut self, patience: Duration) -> Result<bool> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(true);
+        };
+        if let Some(pid) = child.id() {
+            Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await?;
+        }
+        match tokio::time::timeout(patience, child.wait()).await {
+            Ok(status) => Ok(status?.success()),
+            Err(_) => {
+                child.kill().await?;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Whether it has exited by itself (a crash, or an error it gave up on).
+    pub(crate) fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
+    }
+}
+
+/// Waits until something listens on `port`.
+pub(crate) async fn listening(port: u16, patience: Duration) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + patience;
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!("nothing listens on port {port} after {patience:?}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// `nats-server -js` processes on free ports with their own stores: one, or
+/// a cluster of three.
+#[derive(Debug)]
+pub(crate) struct Nats {
+    pub(crate) nodes: Vec<(Proc, u16)>,
+}
+
+impl Nats {
+    pub(crate) async fn start(dir: &Path, size: usize) -> Result<Self> {
+        let ports: Vec<(u16, u16)> = (0..size)
+            .map(|_| Ok((free_port()?, free_port()?)))
+            .collect::<Result<_>>()?;
+        let mut nodes = Vec::new();
+        for (i, (port, cluster_port)) in ports.iter().enumerate() {
+            let store = dir.join(format!("nats-{i}"));
+            std::fs::create_dir_all(&store)?;
+            let mut config = format!(
+                "listen: 127.0.0.1:{port}\nserver_name: n{i}\njetstream {{ store_dir: {:?} }}\n",
+                store.display().to_string()
+            );
+            if size > 1 {
+                let routes: Vec<String> = (ports.iter())
+                    .filter(|(p, _)| p != port)
+                    .map(|(_, c)| format!("nats-route://127.0.0.1:{c}"))
+                    .collect();
+                config.push_str(&format!(
+                    "cluster {{ name: faults, listen: 127.0.0.1:{cluster_port}, routes: [{}] }}\n",
+                    routes.join(", ")
+                ));
+            }
+            let file = store.join("nats.conf");
+            std::fs::write(&file, config)?;
+            let args = vec!["-c".into(), file.into_os_string()];
+            let mut node = Proc::new(&format!("nats-{i}"), Path::new(binary()), args, dir);
+            node.start()?;
+            nodes.push((node, *port));
+        }
+        for (_, port) in &nodes {
+            listening(*port, Duration::from_secs(10)).await?;
+        }
+        Ok(Self { nodes })
+    }
+
+    /// `nats://127.0.0.1:a,nats://127.0.0.1:b,...`
+    pub(crate) fn url(&self) -> String {
+        let urls: Vec<String> = (self.nodes.iter())
+            .map(|(_, port)| format!("nats://127.0.0.1:{port}"))
+            .collect();
+        urls.join(",")
+    }
+
+    /// Kills node `i` with SIGKILL and starts it again on its port and store.
+    pub(crate) async fn restart(&mut self, i: usize, down: Duration) -> Result<()> {
+        let (node, port) = &mut self.nodes[i];
+        node.kill9().await?;
+        tokio::time::sleep(down).await;
+        node.start()?;
+        listening(*port, Duration::from_secs(10)).await
+    }
+}
+
+fn binary() -> &'static str {
+    if Path::new("/usr/sbin/nats-server").exists() {
+        "/usr/sbin/nats-server"
+    } else {
+        "nats-server"
+    }
+}
+
+/// A PostgreSQL server of the suite's own (`initdb` in a temporary
+/// directory, a free port), run as the `postgres` user since the server
+/// refuses root; never the shared one.
+#[derive(Debug)]
+pub(crate) struct PrivatePostgres {
+    pub(crate) port: u16,
+    bin: PathBuf,
+    data: PathBuf,
+    log: PathBuf,
+}
+
+impl PrivatePostgres {
+    pub(crate) async fn start(dir: &Path) -> Result<Self> {
+        let bin = postgres_bin()?;
+        let home = dir.join("pg");
+        std::fs::create_dir_all(&home)?;
+        as_postgres(Command::new("chown").args(["-R", "postgres:"]).arg(dir)).await?;
+        let server = Self {
+            port: free_port()?,
+            data: home.join("data"),
+            log: home.join("postgres.log"),
+            bin,
+        };
+        let initdb = server.bin.join("initdb");
+        let mut command = Command::new("runuser");
+        command.args(["-u", "postgres", "--"]).arg(initdb);
+        command.arg("-D").arg(&server.data).args(["-A", "trust", "-U", "root"]);
+        as_postgres(&mut command).await?;
+        server.start_server().await?;
+        Ok(server)
+    }
+
+    pub(crate) fn url(&self, database: &str) -> String {
+        format!("postgres://root@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// Stops it as a crash would (`pg_ctl stop -m immediate`: no checkpoint,
+    /// recovery at start), waits `down`, and starts it again.
+    pub(crate) async fn restart(&self, down: Duration) -> Result<()> {
+        self.pg_ctl(&["stop", "-m", "immediate", "-w"]).await?;
+        tokio::time::sleep(down).await;
+        self.start_server().await
+    }
+
+    async fn start_server(&self) -> Result<()> {
+        let options = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -k {} -c max_connections=200",
+            self.port,
+            self.data.parent().unwrap_or(&self.data).display()
+        );
+        let log = self.log.display().to_string();
+        self.pg_ctl(&["start", "-w", "-l", &log, "-o", &options]).await
+    }
+
+    async fn pg_ctl(&self, args: &[&str]) -> Result<()> {
+        let mut command = Command::new("runuser");
+        command.args(["-u", "postgres", "--"]).arg(self.bin.join("pg_ctl"));
+        command.arg("-D").arg(&self.data).args(args);
+        as_postgres(&mut command).await
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(&self.data)
+            .args(["stop", "-m", "immediate", "-w"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+async fn as_postgres(command: &mut Command) -> Result<()> {
+    let output = command.stdin(Stdio::null()).output().await?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{command:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        )
+        .into())
+    }
+}
+
+/// `/usr/lib/postgresql/<newest>/bin`.
+fn postgres_bin() -> Result<PathBuf> {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map_err(|e| format!("no PostgreSQL server binaries in /usr/lib/postgresql: {e}"))?
+        .filter_map(|entry| Some(entry.ok()?.path().join("bin")))
+        .filter(|bin| bin.join("initdb").exists())
+        .collect();
+    versions.sort();
+    versions
+        .pop()
+        .ok_or_else(|| "no initdb under /usr/lib/postgresql/*/bin".into())
+}

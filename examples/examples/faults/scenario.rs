@@ -1,0 +1,336 @@
+//! One scenario: a database, NATS (one server or a 3-node cluster), relays
+//! as `outbox` processes, the consumer as a process of its own, a producer,
+//! and faults injected while events flow; then the verdict.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection};
+use tokio::time::Instant;
+
+use crate::app::{self, AppError};
+use crate::procs::{Nats, PrivatePostgres, Proc, Result};
+use crate::verify::{self, Verdict};
+
+/// Which database a scenario keeps its outbox, inbox and application tables in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Store {
+    /// The suite's private PostgreSQL, which it may restart.
+    PrivatePostgres,
+    /// A database of its own on the machine's MariaDB, never restarted.
+    MariaDb,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Scenario {
+    pub(crate) name: &'static str,
+    pub(crate) store: Store,
+    pub(crate) nats_nodes: usize,
+}
+
+/// How long and how hard every scenario runs.
+#[derive(Debug, Clone)]
+pub(crate) struct Plan {
+    pub(crate) fault_window: Duration,
+    pub(crate) fault_every: Duration,
+    pub(crate) steps_per_second: u32,
+    pub(crate) steps_per_order: i32,
+    pub(crate) relays: usize,
+    pub(crate) drain_timeout: Duration,
+}
+
+/// The programs and places a scenario uses.
+pub(crate) struct Env<'a> {
+    pub(crate) outbox_bin: &'a Path,
+    pub(crate) self_bin: &'a Path,
+    pub(crate) dir: &'a Path,
+    pub(crate) postgres: Option<&'a PrivatePostgres>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Fault {
+    KillRelay,
+    KillConsumer,
+    RestartConsumer,
+    RestartNats,
+    RestartPostgres,
+}
+
+impl Fault {
+    fn label(self) -> &'static str {
+        match self {
+            Self::KillRelay => "relay killed (SIGKILL)",
+            Self::KillConsumer => "consumer killed (SIGKILL)",
+            Self::RestartConsumer => "consumer restarted gracefully (SIGTERM)",
+            Self::RestartNats => "nats-server killed and restarted",
+            Self::RestartPostgres => "PostgreSQL stopped (immediate) and restarted",
+        }
+    }
+}
+
+/// What happened during a scenario, besides the verdict.
+#[derive(Debug, Default)]
+pub(crate) struct Report {
+    pub(crate) faults: BTreeMap<&'static str, u32>,
+    /// Processes found exited without being told to (restarted each time).
+    pub(crate) unexpected_exits: u32,
+    pub(crate) drain_seconds: f64,
+    pub(crate) verdict: Verdict,
+}
+
+pub(crate) async fn run(scenario: Scenario, plan: &Plan, env: &Env<'_>) -> Result<Report> {
+    let dir = env.dir.join(scenario.name);
+    std::fs::create_dir_all(&dir)?;
+    let tag = format!("f{}", &uuid::Uuid::now_v7().simple().to_string()[20..]);
+    let mut nats = Nats::start(&dir, scenario.nats_nodes).await?;
+    let nats_url = nats.url();
+    let (db_url, admin) = create_database(scenario.store, env.postgres, &tag).await?;
+    let db = connect(&db_url).await?;
+    outbox_core::migrate(&db).await?;
+    app::create_tables(&db).await?;
+    let client = outbox_nats::connect(
+        &outbox_nats::parse_servers(&nats_url)?,
+        async_nats::ConnectOptions::new,
+    )
+    .await?;
+    let stream = create_stream(&client, &tag, scenario.nats_nodes).await?;
+
+    let mut relays: Vec<Proc> = (0..plan.relays)
+        .map(|i| {
+            let args = [
+                "relay", "--database-url", &db_url, "--nats-url", &nats_url, "--namespace", &tag,
+                "--stream", "FAULTS=faults", "--poll-interval", "0.2",
+            ];
+            Proc::new(&format!("relay-{i}"), env.outbox_bin, args.iter().map(Into::into).collect(), &dir)
+        })
+        .collect();
+    for relay in &mut relays {
+        relay.start()?;
+    }
+    let consumer_args = [
+        "consume", "--database-url", &db_url, "--nats-url", &nats_url, "--namespace", &tag,
+    ];
+    let mut consumer = Proc::new(
+        "consumer",
+        env.self_bin,
+        consumer_args.iter().map(Into::into).collect(),
+        &dir,
+    );
+    consumer.start()?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let producer = tokio::spawn(produce(db.clone(), plan.clone(), Arc::clone(&stop)));
+
+    let mut report = Report::default();
+    let mut faults = vec![Fault::KillRelay, Fault::KillConsumer, Fault::RestartNats, Fault::RestartConsumer];
+    if scenario.store == Store::PrivatePostgres {
+        faults.push(Fault::RestartPostgres);
+    }
+    let end = Instant::now() + plan.fault_window;
+    let mut next = 0;
+    while Instant::now() + plan.fault_every <= end {
+        tokio::time::sleep(plan.fault_every).await;
+        let fault = faults[next % faults.len()];
+        next += 1;
+        match fault {
+            Fault::KillRelay => {
+                let victim = fastrand::usize(..relays.len());
+                let relay = &mut relays[victim];
+                relay.kill9().await?;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                relay.start()?;
+            }
+            Fault::KillConsumer => {
+                consumer.kill9().await?;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                consumer.start()?;
+            }
+            Fault::RestartConsumer => {
+                if !consumer.terminate(Duration::from_secs(60)).await? {
+                    return Err("the consumer did not stop cleanly on SIGTERM".into());
+                }
+                consumer.start()?;
+            }
+            Fault::RestartNats => {
+                let node = fastrand::usize(..nats.nodes.len());
+                nats.restart(node, Duration::from_secs(1)).await?;
+            }
+            Fault::RestartPostgres => {
+                if let Some(postgres) = env.postgres {
+                    postgres.restart(Duration::from_secs(1)).await?;
+                }
+            }
+        }
+        *report.faults.entry(fault.label()).or_default() += 1;
+        report.unexpected_exits += restart_exited(&mut relays, &mut consumer)?;
+    }
+    stop.store(true, Ordering::SeqCst);
+    producer.await??;
+
+    // Everything committed must now reach the stream and the consumer's effects.
+    let drain_started = Instant::now();
+    loop {
+        report.unexpected_exits += restart_exited(&mut relays, &mut consumer)?;
+        if let Ok((committed, applied, left)) = verify::progress(&db).await
+            && applied >= committed
+            && left == 0
+        {
+            break;
+        }
+        if drain_started.elapsed() > plan.drain_timeout {
+            println!("  [{}] not drained after {:?}; checking what is there", scenario.name, plan.drain_timeout);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    report.drain_seconds = drain_started.elapsed().as_secs_f64();
+    if !consumer.terminate(Duration::from_secs(60)).await? {
+        return Err("the consumer did not stop cleanly on SIGTERM".into());
+    }
+    for relay in &mut relays {
+        relay.terminate(Duration::from_secs(30)).await?;
+    }
+    report.verdict = verify::verdict(&db, &client, &stream).await?;
+    db.close().await?;
+    if let Some((admin, database)) = admin {
+        admin.execute_unprepared(&format!("DROP DATABASE {database}")).await?;
+    }
+    Ok(report)
+}
+
+/// Restarts relays and the consumer that exited by themselves; returns how many.
+fn restart_exited(relays: &mut [Proc], consumer: &mut Proc) -> Result<u32> {
+    let mut exited = 0;
+    for proc in relays.iter_mut().chain(std::iter::once(consumer)) {
+        if let Some(status) = proc.exited() {
+            println!("  {} exited by itself ({status}); restarting it", proc.name);
+            proc.start()?;
+            exited += 1;
+        }
+    }
+    Ok(exited)
+}
+
+/// A database of the scenario's own; returns its URL and, for MariaDB, the
+/// connection and name to drop it with afterwards (the private PostgreSQL
+/// goes with its directory).
+async fn create_database(
+    store: Store,
+    postgres: Option<&PrivatePostgres>,
+    tag: &str,
+) -> Result<(String, Option<(DatabaseConnection, String)>)> {
+    match store {
+        Store::PrivatePostgres => {
+            let postgres = postgres.ok_or("no private PostgreSQL")?;
+            let admin = connect(&postgres.url("postgres")).await?;
+            admin.execute_unprepared(&format!("CREATE DATABASE {tag}")).await?;
+            admin.close().await?;
+            Ok((postgres.url(tag), None))
+        }
+        Store::MariaDb => {
+            let server = std::env::var("MYSQL_URL")
+                .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".to_owned());
+            let admin = connect(&format!("{server}/test"))
+                .await
+                .map_err(|e| format!("MariaDB at {server} is required: {e}"))?;
+            admin.execute_unprepared(&format!("CREATE DATABASE {tag}")).await?;
+            Ok((format!("{server}/{tag}"), Some((admin, tag.to_owned()))))
+        }
+    }
+}
+
+async fn connect(url: &str) -> Result<DatabaseConnection> {
+    let mut options = ConnectOptions::new(url);
+    options
+        .max_connections(8)
+        .acquire_timeout(Duration::from_secs(5))
+        .sqlx_logging(false);
+    Ok(Database::connect(options).await?)
+}
+
+/// The stream, replicated on every node, created before the relays start
+/// (they check it); retried while a cluster elects its leader.
+async fn create_stream(client: &async_nats::Client, tag: &str, replicas: usize) -> Result<String> {
+    let context = jetstream::new(client.clone());
+    let name = format!("{}_FAULTS", tag.to_uppercase());
+    let config = jetstream::stream::Config {
+        name: name.clone(),
+        subjects: vec![format!("{tag}.faults.>")],
+        num_replicas: replicas,
+        duplicate_window: Duration::from_secs(3600),
+        ..Default::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match context.get_or_create_stream(config.clone()).await {
+            Ok(_) => return Ok(name),
+            Err(error) if Instant::now() < deadline => {
+                eprintln!("  stream not created yet ({error}); retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+}
+
+/// Steps orders through `steps_per_order` states until told to stop: four
+/// tasks, each one order at a time, one transaction per step, some of them
+/// rolled back on purpose (and recorded as ghosts), some carrying an unkeyed
+/// audit event. A failed commit (the database restarting) is resolved by
+/// asking the database whether the step committed.
+async fn produce(db: DatabaseConnection, plan: Plan, stop: Arc<AtomicBool>) -> Result<()> {
+    const TASKS: u64 = 4;
+    let pause = Duration::from_secs_f64(TASKS as f64 / f64::from(plan.steps_per_second.max(1)));
+    let next_order = Arc::new(AtomicU64::new(1));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..TASKS {
+        let (db, stop, next_order) = (db.clone(), Arc::clone(&stop), Arc::clone(&next_order));
+        let steps = plan.steps_per_order;
+        tasks.spawn(async move {
+            'orders: while !stop.load(Ordering::SeqCst) {
+                let order_id = i64::try_from(next_order.fetch_add(1, Ordering::SeqCst))?;
+                for seq in 1..=steps {
+                    if stop.load(Ordering::SeqCst) {
+                        break 'orders;
+                    }
+                    step(&db, order_id, seq).await?;
+                    tokio::time::sleep(pause).await;
+                }
+            }
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    Ok(())
+}
+
+/// Commits step `seq` of `order_id`, however many attempts it takes.
+async fn step(db: &DatabaseConnection, order_id: i64, seq: i32) -> Result<()> {
+    loop {
+        let roll_back = fastrand::u8(..100) < 5;
+        let audit = fastrand::u8(..100) < 30;
+        match app::advance(db, order_id, seq, audit, roll_back).await {
+            Ok(()) => return Ok(()),
+            Err(AppError::RolledBack(id)) => {
+                while let Err(error) = app::ghost(db, id).await {
+                    eprintln!("  recording a rolled-back event failed ({error}); retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+            Err(_) => loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                match app::committed(db, order_id, seq).await {
+                    Ok(true) => return Ok(()),
+                    Ok(false) => break,
+                    Err(_) => continue,
+                }
+            },
+        }
+    }
+}
