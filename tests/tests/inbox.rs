@@ -591,6 +591,28 @@ async fn a_restarted_consumer_handles_what_its_predecessor_left_unacked_first() 
     setup.finish().await;
 }
 
+/// Per-key order needs one process per consumer name: a second one refuses
+/// to start while the first runs, and starts once it has stopped.
+async fn a_second_process_of_a_running_consumer_refuses_to_start(setup: Setup) {
+    let start = || {
+        setup
+            .consumer("ledger")
+            .on::<Sequenced, _>(Recorder::default())
+            .spawn()
+    };
+    let first = start().await.expect("the first one starts");
+    // The lock belongs to a database session; the second consumer's is
+    // another connection of the pool, as another process's would be.
+    match start().await {
+        Err(outbox_nats::ConsumerError::AlreadyRunning(name)) => assert_eq!(name, "ledger"),
+        other => panic!("a second `ledger` started: {other:?}"),
+    }
+    first.shutdown().await.expect("stop");
+    let again = start().await.expect("starts once the first one stopped");
+    again.shutdown().await.expect("stop");
+    setup.finish().await;
+}
+
 /// Signals when it starts, then takes a while.
 #[derive(Clone)]
 struct Slow {
@@ -828,4 +850,5 @@ outbox_tests::on_postgres_and_mysql!(
     a_database_failure_is_retried_and_never_dead_letters,
     events_emitted_by_a_handler_reach_the_outbox_only_when_it_commits,
     per_key_order_holds_with_8_in_flight_over_20_keys,
+    a_second_process_of_a_running_consumer_refuses_to_start,
 );

@@ -107,23 +107,39 @@ pub(crate) async fn advance(
         return Err(AppError::RolledBack(id));
     }
     let record = "INSERT INTO produced (event_id, keyed, order_id, seq) VALUES (?, ?, ?, ?)";
-    db.execute_raw(sql(backend, record, vec![uuid(id), true.into(), order_id.into(), seq.into()]))
-        .await?;
+    db.execute_raw(sql(
+        backend,
+        record,
+        vec![uuid(id), true.into(), order_id.into(), seq.into()],
+    ))
+    .await?;
     if audit {
         let id = emit!(Audit { order_id, seq });
-        db.execute_raw(sql(backend, record, vec![uuid(id), false.into(), order_id.into(), seq.into()]))
-            .await?;
+        db.execute_raw(sql(
+            backend,
+            record,
+            vec![uuid(id), false.into(), order_id.into(), seq.into()],
+        ))
+        .await?;
     }
     Ok(())
 }
 
 /// Whether step `seq` of `order_id` committed (asked after a failed commit,
 /// whose outcome the client cannot know).
-pub(crate) async fn committed(db: &DatabaseConnection, order_id: i64, seq: i32) -> Result<bool, DbErr> {
+pub(crate) async fn committed(
+    db: &DatabaseConnection,
+    order_id: i64,
+    seq: i32,
+) -> Result<bool, DbErr> {
     let backend = db.get_database_backend();
     let query = "SELECT event_id FROM produced WHERE keyed = ? AND order_id = ? AND seq = ?";
     let row = db
-        .query_one_raw(sql(backend, query, vec![true.into(), order_id.into(), seq.into()]))
+        .query_one_raw(sql(
+            backend,
+            query,
+            vec![true.into(), order_id.into(), seq.into()],
+        ))
         .await?;
     Ok(row.is_some())
 }
@@ -131,8 +147,12 @@ pub(crate) async fn committed(db: &DatabaseConnection, order_id: i64, seq: i32) 
 /// Records an event whose transaction was rolled back: it must never reach the stream.
 pub(crate) async fn ghost(db: &DatabaseConnection, id: Uuid) -> Result<(), DbErr> {
     let backend = db.get_database_backend();
-    db.execute_raw(sql(backend, "INSERT INTO ghosts (event_id) VALUES (?)", vec![uuid(id)]))
-        .await?;
+    db.execute_raw(sql(
+        backend,
+        "INSERT INTO ghosts (event_id) VALUES (?)",
+        vec![uuid(id)],
+    ))
+    .await?;
     Ok(())
 }
 
@@ -142,7 +162,7 @@ pub(crate) fn uuid(id: Uuid) -> Value {
 
 /// One first delivery in 33 fails.
 fn fails_once(meta: &Metadata) -> bool {
-    meta.delivery_count == 1 && meta.id.as_u128() % 33 == 0
+    meta.delivery_count == 1 && meta.id.as_u128().is_multiple_of(33)
 }
 
 /// The consumer's handler of steps: applies `seq` on top of `seq - 1`, and
@@ -158,7 +178,11 @@ pub(crate) async fn apply_step(
     let backend = db.get_database_backend();
     let order = vec![event.order_id.into()];
     let found = db
-        .query_one_raw(sql(backend, "SELECT step FROM order_state WHERE order_id = ?", order))
+        .query_one_raw(sql(
+            backend,
+            "SELECT step FROM order_state WHERE order_id = ?",
+            order,
+        ))
         .await?
         .map(|row| row.try_get_by_index::<i32>(0))
         .transpose()?
@@ -167,7 +191,12 @@ pub(crate) async fn apply_step(
     if found != event.seq - 1 {
         let violation =
             "INSERT INTO violations (event_id, order_id, seq, found) VALUES (?, ?, ?, ?)";
-        let values = vec![id.clone(), event.order_id.into(), event.seq.into(), found.into()];
+        let values = vec![
+            id.clone(),
+            event.order_id.into(),
+            event.seq.into(),
+            found.into(),
+        ];
         db.execute_raw(sql(backend, violation, values)).await?;
     }
     let upsert = match backend {
@@ -178,8 +207,12 @@ pub(crate) async fn apply_step(
             "INSERT INTO order_state (order_id, step) VALUES (?, ?) ON DUPLICATE KEY UPDATE step = VALUES(step)"
         }
     };
-    db.execute_raw(sql(backend, upsert, vec![event.order_id.into(), event.seq.into()]))
-        .await?;
+    db.execute_raw(sql(
+        backend,
+        upsert,
+        vec![event.order_id.into(), event.seq.into()],
+    ))
+    .await?;
     effect(db, id, order_id, seq).await
 }
 
@@ -195,10 +228,16 @@ pub(crate) async fn apply_audit(
     effect(db, uuid(meta.id), event.order_id.into(), event.seq.into()).await
 }
 
-async fn effect(db: &DatabaseTransaction, id: Value, order_id: Value, seq: Value) -> Result<(), AppError> {
+async fn effect(
+    db: &DatabaseTransaction,
+    id: Value,
+    order_id: Value,
+    seq: Value,
+) -> Result<(), AppError> {
     let backend = db.get_database_backend();
     let insert = "INSERT INTO effects (event_id, order_id, seq) VALUES (?, ?, ?)";
-    db.execute_raw(sql(backend, insert, vec![id, order_id, seq])).await?;
+    db.execute_raw(sql(backend, insert, vec![id, order_id, seq]))
+        .await?;
     Ok(())
 }
 

@@ -42,7 +42,9 @@ use crate::procs::{PrivatePostgres, Result};
 use crate::scenario::{Env, Plan, Scenario, Store};
 
 #[derive(Parser)]
-#[command(about = "Break relays, the consumer, NATS and PostgreSQL while events flow; check nothing is lost, duplicated or reordered")]
+#[command(
+    about = "Break relays, the consumer, NATS and PostgreSQL while events flow; check nothing is lost, duplicated or reordered"
+)]
 struct Cli {
     #[command(subcommand)]
     role: Option<Role>,
@@ -59,7 +61,11 @@ struct Cli {
     #[arg(long, default_value_t = 3)]
     relays: usize,
     /// Scenarios to run, comma-separated: postgres, cluster, mariadb.
-    #[arg(long, default_value = "postgres,cluster,mariadb", value_delimiter = ',')]
+    #[arg(
+        long,
+        default_value = "postgres,cluster,mariadb",
+        value_delimiter = ','
+    )]
     scenarios: Vec<String>,
     /// The `outbox` binary (default: next to this program's directory, as cargo builds it).
     #[arg(long)]
@@ -81,7 +87,10 @@ enum Role {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: cannot start the runtime: {error}");
@@ -133,10 +142,26 @@ async fn suite(cli: &Cli) -> Result<bool> {
     let mut scenarios = Vec::new();
     for name in &cli.scenarios {
         scenarios.push(match name.as_str() {
-            "postgres" => Scenario { name: "postgres", store: Store::PrivatePostgres, nats_nodes: 1 },
-            "cluster" => Scenario { name: "cluster", store: Store::PrivatePostgres, nats_nodes: 3 },
-            "mariadb" => Scenario { name: "mariadb", store: Store::MariaDb, nats_nodes: 1 },
-            other => return Err(format!("unknown scenario `{other}` (postgres, cluster, mariadb)").into()),
+            "postgres" => Scenario {
+                name: "postgres",
+                store: Store::PrivatePostgres,
+                nats_nodes: 1,
+            },
+            "cluster" => Scenario {
+                name: "cluster",
+                store: Store::PrivatePostgres,
+                nats_nodes: 3,
+            },
+            "mariadb" => Scenario {
+                name: "mariadb",
+                store: Store::MariaDb,
+                nats_nodes: 1,
+            },
+            other => {
+                return Err(
+                    format!("unknown scenario `{other}` (postgres, cluster, mariadb)").into(),
+                );
+            }
         });
     }
     let dir = tempfile::tempdir()?;
@@ -153,13 +178,22 @@ async fn suite(cli: &Cli) -> Result<bool> {
     };
     let mut all_passed = true;
     for scenario in scenarios {
-        println!("scenario {}: {} s of faults, {} relays, {} steps/s", scenario.name, cli.seconds, cli.relays, cli.rate);
+        println!(
+            "scenario {}: {} s of faults, {} relays, {} steps/s",
+            scenario.name, cli.seconds, cli.relays, cli.rate
+        );
         let report = scenario::run(scenario, &plan, &env).await?;
         for (fault, count) in &report.faults {
             println!("  [{}] {count:>4} × {fault}", scenario.name);
         }
-        println!("  [{}] processes that exited by themselves: {}", scenario.name, report.unexpected_exits);
-        println!("  [{}] drained {:.1} s after the faults stopped", scenario.name, report.drain_seconds);
+        println!(
+            "  [{}] processes that exited by themselves: {}",
+            scenario.name, report.unexpected_exits
+        );
+        println!(
+            "  [{}] drained {:.1} s after the faults stopped",
+            scenario.name, report.drain_seconds
+        );
         report.verdict.print(scenario.name);
         let failures = report.verdict.failures();
         if failures.is_empty() {

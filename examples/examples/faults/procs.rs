@@ -48,7 +48,13 @@ impl Proc {
             .stderr(log)
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| format!("cannot start {} ({}): {e}", self.name, self.program.display()))?;
+            .map_err(|e| {
+                format!(
+                    "cannot start {} ({}): {e}",
+                    self.name,
+                    self.program.display()
+                )
+            })?;
         self.child = Some(child);
         Ok(())
     }
@@ -68,7 +74,11 @@ impl Proc {
             return Ok(true);
         };
         if let Some(pid) = child.id() {
-            Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await?;
+            Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status()
+                .await?;
         }
         match tokio::time::timeout(patience, child.wait()).await {
             Ok(status) => Ok(status?.success()),
@@ -88,7 +98,10 @@ impl Proc {
 /// Waits until something listens on `port`.
 pub(crate) async fn listening(port: u16, patience: Duration) -> Result<()> {
     let deadline = tokio::time::Instant::now() + patience;
-    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
         if tokio::time::Instant::now() > deadline {
             return Err(format!("nothing listens on port {port} after {patience:?}").into());
         }
@@ -192,7 +205,10 @@ impl PrivatePostgres {
         let initdb = server.bin.join("initdb");
         let mut command = Command::new("runuser");
         command.args(["-u", "postgres", "--"]).arg(initdb);
-        command.arg("-D").arg(&server.data).args(["-A", "trust", "-U", "root"]);
+        command
+            .arg("-D")
+            .arg(&server.data)
+            .args(["-A", "trust", "-U", "root"]);
         as_postgres(&mut command).await?;
         server.start_server().await?;
         Ok(server)
@@ -217,12 +233,15 @@ impl PrivatePostgres {
             self.data.parent().unwrap_or(&self.data).display()
         );
         let log = self.log.display().to_string();
-        self.pg_ctl(&["start", "-w", "-l", &log, "-o", &options]).await
+        self.pg_ctl(&["start", "-w", "-l", &log, "-o", &options])
+            .await
     }
 
     async fn pg_ctl(&self, args: &[&str]) -> Result<()> {
         let mut command = Command::new("runuser");
-        command.args(["-u", "postgres", "--"]).arg(self.bin.join("pg_ctl"));
+        command
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"));
         command.arg("-D").arg(&self.data).args(args);
         as_postgres(&mut command).await
     }

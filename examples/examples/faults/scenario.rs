@@ -102,17 +102,37 @@ pub(crate) async fn run(scenario: Scenario, plan: &Plan, env: &Env<'_>) -> Resul
     let mut relays: Vec<Proc> = (0..plan.relays)
         .map(|i| {
             let args = [
-                "relay", "--database-url", &db_url, "--nats-url", &nats_url, "--namespace", &tag,
-                "--stream", "FAULTS=faults", "--poll-interval", "0.2",
+                "relay",
+                "--database-url",
+                &db_url,
+                "--nats-url",
+                &nats_url,
+                "--namespace",
+                &tag,
+                "--stream",
+                "FAULTS=faults",
+                "--poll-interval",
+                "0.2",
             ];
-            Proc::new(&format!("relay-{i}"), env.outbox_bin, args.iter().map(Into::into).collect(), &dir)
+            Proc::new(
+                &format!("relay-{i}"),
+                env.outbox_bin,
+                args.iter().map(Into::into).collect(),
+                &dir,
+            )
         })
         .collect();
     for relay in &mut relays {
         relay.start()?;
     }
     let consumer_args = [
-        "consume", "--database-url", &db_url, "--nats-url", &nats_url, "--namespace", &tag,
+        "consume",
+        "--database-url",
+        &db_url,
+        "--nats-url",
+        &nats_url,
+        "--namespace",
+        &tag,
     ];
     let mut consumer = Proc::new(
         "consumer",
@@ -126,7 +146,12 @@ pub(crate) async fn run(scenario: Scenario, plan: &Plan, env: &Env<'_>) -> Resul
     let producer = tokio::spawn(produce(db.clone(), plan.clone(), Arc::clone(&stop)));
 
     let mut report = Report::default();
-    let mut faults = vec![Fault::KillRelay, Fault::KillConsumer, Fault::RestartNats, Fault::RestartConsumer];
+    let mut faults = vec![
+        Fault::KillRelay,
+        Fault::KillConsumer,
+        Fault::RestartNats,
+        Fault::RestartConsumer,
+    ];
     if scenario.store == Store::PrivatePostgres {
         faults.push(Fault::RestartPostgres);
     }
@@ -182,7 +207,10 @@ pub(crate) async fn run(scenario: Scenario, plan: &Plan, env: &Env<'_>) -> Resul
             break;
         }
         if drain_started.elapsed() > plan.drain_timeout {
-            println!("  [{}] not drained after {:?}; checking what is there", scenario.name, plan.drain_timeout);
+            println!(
+                "  [{}] not drained after {:?}; checking what is there",
+                scenario.name, plan.drain_timeout
+            );
             break;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -197,7 +225,9 @@ pub(crate) async fn run(scenario: Scenario, plan: &Plan, env: &Env<'_>) -> Resul
     report.verdict = verify::verdict(&db, &client, &stream).await?;
     db.close().await?;
     if let Some((admin, database)) = admin {
-        admin.execute_unprepared(&format!("DROP DATABASE {database}")).await?;
+        admin
+            .execute_unprepared(&format!("DROP DATABASE {database}"))
+            .await?;
     }
     Ok(report)
 }
@@ -227,7 +257,9 @@ async fn create_database(
         Store::PrivatePostgres => {
             let postgres = postgres.ok_or("no private PostgreSQL")?;
             let admin = connect(&postgres.url("postgres")).await?;
-            admin.execute_unprepared(&format!("CREATE DATABASE {tag}")).await?;
+            admin
+                .execute_unprepared(&format!("CREATE DATABASE {tag}"))
+                .await?;
             admin.close().await?;
             Ok((postgres.url(tag), None))
         }
@@ -237,7 +269,9 @@ async fn create_database(
             let admin = connect(&format!("{server}/test"))
                 .await
                 .map_err(|e| format!("MariaDB at {server} is required: {e}"))?;
-            admin.execute_unprepared(&format!("CREATE DATABASE {tag}")).await?;
+            admin
+                .execute_unprepared(&format!("CREATE DATABASE {tag}"))
+                .await?;
             Ok((format!("{server}/{tag}"), Some((admin, tag.to_owned()))))
         }
     }

@@ -43,15 +43,24 @@ impl Verdict {
         let checks = [
             (self.lost, "committed events missing from the stream"),
             (self.duplicated_in_stream, "events in the stream twice"),
-            (self.rolled_back_in_stream, "rolled-back events in the stream"),
+            (
+                self.rolled_back_in_stream,
+                "rolled-back events in the stream",
+            ),
             (self.unknown_in_stream, "unknown messages in the stream"),
-            (self.reordered_keys_in_stream, "keys out of order in the stream"),
+            (
+                self.reordered_keys_in_stream,
+                "keys out of order in the stream",
+            ),
             (self.outbox_left as usize, "events left in the outbox"),
             (self.relay_dead_letters as usize, "relay dead letters"),
             (self.consumer_dead_letters as usize, "consumer dead letters"),
             (self.not_applied, "committed events never applied"),
             (self.applied_twice, "events applied twice"),
-            (self.order_violations as usize, "handler calls out of per-key order"),
+            (
+                self.order_violations as usize,
+                "handler calls out of per-key order",
+            ),
         ];
         (checks.into_iter())
             .filter(|(count, _)| *count > 0)
@@ -60,13 +69,40 @@ impl Verdict {
     }
 
     pub(crate) fn print(&self, scenario: &str) {
-        println!("  [{scenario}] committed events      {:>8} ({} keyed steps over {} orders, {} unkeyed)", self.committed, self.committed_keyed, self.orders, self.committed - self.committed_keyed);
-        println!("  [{scenario}] rolled back            {:>8}", self.rolled_back);
-        println!("  [{scenario}] stream messages        {:>8}", self.stream_messages);
-        println!("  [{scenario}] lost / duplicated / rolled back / unknown in stream  {} / {} / {} / {}", self.lost, self.duplicated_in_stream, self.rolled_back_in_stream, self.unknown_in_stream);
-        println!("  [{scenario}] keys out of order in stream  {}", self.reordered_keys_in_stream);
-        println!("  [{scenario}] outbox left / relay dead letters / consumer dead letters  {} / {} / {}", self.outbox_left, self.relay_dead_letters, self.consumer_dead_letters);
-        println!("  [{scenario}] effects {} : not applied {} / applied twice {} / out of per-key order {}", self.effects, self.not_applied, self.applied_twice, self.order_violations);
+        println!(
+            "  [{scenario}] committed events      {:>8} ({} keyed steps over {} orders, {} unkeyed)",
+            self.committed,
+            self.committed_keyed,
+            self.orders,
+            self.committed - self.committed_keyed
+        );
+        println!(
+            "  [{scenario}] rolled back            {:>8}",
+            self.rolled_back
+        );
+        println!(
+            "  [{scenario}] stream messages        {:>8}",
+            self.stream_messages
+        );
+        println!(
+            "  [{scenario}] lost / duplicated / rolled back / unknown in stream  {} / {} / {} / {}",
+            self.lost,
+            self.duplicated_in_stream,
+            self.rolled_back_in_stream,
+            self.unknown_in_stream
+        );
+        println!(
+            "  [{scenario}] keys out of order in stream  {}",
+            self.reordered_keys_in_stream
+        );
+        println!(
+            "  [{scenario}] outbox left / relay dead letters / consumer dead letters  {} / {} / {}",
+            self.outbox_left, self.relay_dead_letters, self.consumer_dead_letters
+        );
+        println!(
+            "  [{scenario}] effects {} : not applied {} / applied twice {} / out of per-key order {}",
+            self.effects, self.not_applied, self.applied_twice, self.order_violations
+        );
     }
 }
 
@@ -84,26 +120,29 @@ pub(crate) async fn verdict(
     stream: &str,
 ) -> Result<Verdict> {
     let mut verdict = Verdict::default();
-    let produced: HashMap<String, Produced> = rows(db, "SELECT event_id, keyed, order_id, seq FROM produced")
-        .await?
-        .into_iter()
-        .map(|row| {
-            Ok((
-                row.try_get_by_index::<String>(0)?,
-                Produced {
-                    keyed: row.try_get_by_index(1)?,
-                    order_id: row.try_get_by_index(2)?,
-                    seq: row.try_get_by_index(3)?,
-                },
-            ))
-        })
-        .collect::<std::result::Result<_, sea_orm::DbErr>>()?;
+    let produced: HashMap<String, Produced> =
+        rows(db, "SELECT event_id, keyed, order_id, seq FROM produced")
+            .await?
+            .into_iter()
+            .map(|row| {
+                Ok((
+                    row.try_get_by_index::<String>(0)?,
+                    Produced {
+                        keyed: row.try_get_by_index(1)?,
+                        order_id: row.try_get_by_index(2)?,
+                        seq: row.try_get_by_index(3)?,
+                    },
+                ))
+            })
+            .collect::<std::result::Result<_, sea_orm::DbErr>>()?;
     let ghosts: HashSet<String> = (rows(db, "SELECT event_id FROM ghosts").await?.into_iter())
         .map(|row| row.try_get_by_index::<String>(0))
         .collect::<std::result::Result<_, _>>()?;
     verdict.committed = produced.len();
     verdict.committed_keyed = produced.values().filter(|p| p.keyed).count();
-    verdict.orders = (produced.values().map(|p| p.order_id)).collect::<HashSet<_>>().len();
+    verdict.orders = (produced.values().map(|p| p.order_id))
+        .collect::<HashSet<_>>()
+        .len();
     verdict.rolled_back = ghosts.len();
 
     // The stream, message by message.
@@ -143,10 +182,15 @@ pub(crate) async fn verdict(
 
     let mut applied: HashMap<String, usize> = HashMap::new();
     for row in rows(db, "SELECT event_id FROM effects").await? {
-        *applied.entry(row.try_get_by_index::<String>(0)?).or_default() += 1;
+        *applied
+            .entry(row.try_get_by_index::<String>(0)?)
+            .or_default() += 1;
         verdict.effects += 1;
     }
-    verdict.not_applied = produced.keys().filter(|id| !applied.contains_key(*id)).count();
+    verdict.not_applied = produced
+        .keys()
+        .filter(|id| !applied.contains_key(*id))
+        .count();
     verdict.applied_twice = applied.values().filter(|n| **n > 1).count();
     Ok(verdict)
 }
@@ -162,7 +206,9 @@ pub(crate) async fn progress(db: &DatabaseConnection) -> Result<(u64, u64, u64)>
 
 async fn rows(db: &DatabaseConnection, query: &str) -> Result<Vec<sea_orm::QueryResult>> {
     let backend = db.get_database_backend();
-    Ok(db.query_all_raw(Statement::from_string(backend, query)).await?)
+    Ok(db
+        .query_all_raw(Statement::from_string(backend, query))
+        .await?)
 }
 
 async fn count(db: &DatabaseConnection, query: &str) -> Result<u64> {

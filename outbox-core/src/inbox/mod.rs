@@ -14,6 +14,7 @@
 //! consumer and acknowledges, retries or dead-letters by its [`Processed`]
 //! answer.
 
+mod guard;
 mod handler;
 mod handlers;
 mod store;
@@ -21,6 +22,7 @@ mod store;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+pub use guard::{ConsumerGuard, Taken};
 pub use handler::{Handler, HandlerFn};
 pub use handlers::{DuplicateHandler, Handlers, Processed};
 pub use store::{dead_letter, purge, record};

@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::{AckPolicy, pull};
 use async_nats::jetstream::{self, Context};
 use outbox_core::OutboxEvent;
-use outbox_core::inbox::{DuplicateHandler, Handler, Handlers};
+use outbox_core::inbox::{ConsumerGuard, DuplicateHandler, Handler, Handlers, Taken};
 use outbox_core::relay::Backoff;
 use sea_orm::DatabaseConnection;
 use tokio::sync::watch;
@@ -94,6 +94,20 @@ pub enum ConsumerError {
         stream: String,
         /// What JetStream said.
         error: String,
+    },
+    /// Another process runs this consumer name: per-key order needs one.
+    #[error(
+        "consumer `{0}` is already running in another process; run one process per consumer name (per-key order depends on it)"
+    )]
+    AlreadyRunning(String),
+    /// The database could not be asked for the consumer's lock.
+    #[error("cannot take the lock of consumer `{consumer}` in the database")]
+    Guard {
+        /// The consumer.
+        consumer: String,
+        /// What the database said.
+        #[source]
+        source: sea_orm::DbErr,
     },
     /// The consumer task panicked.
     #[error("consumer task failed: {0}")]
@@ -262,6 +276,15 @@ impl ConsumerBuilder {
         let filters: Vec<String> = (self.filter_subjects.iter())
             .map(|subject| namespaced(subject, ns))
             .collect();
+        let (guard, taken) = ConsumerGuard::take(&self.db, &self.name)
+            .await
+            .map_err(|source| ConsumerError::Guard {
+                consumer: self.name.clone(),
+                source,
+            })?;
+        if taken == Taken::Elsewhere {
+            return Err(ConsumerError::AlreadyRunning(self.name));
+        }
         let context = jetstream::new(self.client.clone());
         let (stream_handle, consumer) =
             durable(&context, &stream, &self.name, &filters, &self.config).await?;
@@ -278,7 +301,7 @@ impl ConsumerBuilder {
             namespace: self.namespace,
             config: self.config,
         };
-        let task = tokio::spawn(worker.run(stopped));
+        let task = tokio::spawn(worker.run(guard, stopped));
         Ok(ConsumerHandle { stop, task })
     }
 }

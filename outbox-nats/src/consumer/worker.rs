@@ -13,7 +13,7 @@ use async_nats::jetstream::message::AckKind;
 use async_nats::jetstream::stream::Stream;
 use chrono::Utc;
 use futures::{FutureExt, StreamExt};
-use outbox_core::inbox::{self, DeadLetterReason, Handlers, Processed};
+use outbox_core::inbox::{self, ConsumerGuard, DeadLetterReason, Handlers, Processed, Taken};
 use outbox_core::relay::Backoff;
 use sea_orm::{DatabaseConnection, TransactionTrait};
 use tokio::sync::watch;
@@ -33,6 +33,10 @@ const RECONNECT: Backoff = Backoff {
 
 /// How often the task extends held messages' ack deadlines and purges the inbox.
 const TICK: Duration = Duration::from_millis(500);
+
+/// How often the task checks that it still holds the consumer's lock (and
+/// that the application has not closed the pool).
+const GUARD_RENEWAL: Duration = Duration::from_secs(2);
 
 pub(super) struct Worker {
     pub(super) client: async_nats::Client,
@@ -68,7 +72,7 @@ enum Recovery {
 }
 
 impl Worker {
-    pub(super) async fn run(self, mut stopped: watch::Receiver<bool>) {
+    pub(super) async fn run(self, mut guard: ConsumerGuard, mut stopped: watch::Receiver<bool>) {
         let shared = Arc::new(self);
         let config = &shared.config;
         let mut tasks: JoinSet<(Held, Outcome)> = JoinSet::new();
@@ -84,6 +88,7 @@ impl Worker {
         let purge_every =
             (config.inbox_retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(600));
         let mut next_purge = Instant::now();
+        let mut next_renewal = Instant::now() + GUARD_RENEWAL;
         tracing::info!(consumer = %shared.name, stream = %shared.stream_name, "consumer started");
         loop {
             // While NATS fails, pulling pauses; handlers in flight are still settled.
@@ -177,6 +182,12 @@ impl Worker {
                             let _ = held.ack(AckKind::Progress).await;
                         }
                     }
+                    if now >= next_renewal {
+                        if !shared.renew(&mut guard).await {
+                            break;
+                        }
+                        next_renewal = now + GUARD_RENEWAL;
+                    }
                     if now >= next_purge {
                         shared.purge().await;
                         next_purge = now + purge_every;
@@ -197,6 +208,7 @@ impl Worker {
         if let Err(error) = shared.client.flush().await {
             tracing::warn!(consumer = %shared.name, %error, "flushing acks at shutdown failed");
         }
+        guard.release().await;
         tracing::info!(consumer = %shared.name, "consumer stopped");
     }
 
@@ -361,6 +373,25 @@ impl Worker {
 
     fn count(&self, outcome: &'static str) {
         metrics::counter!("outbox_inbox_messages_total", "consumer" => self.name.clone(), "outcome" => outcome).increment(1);
+    }
+
+    /// Checks the consumer's lock, taking it again after a database restart;
+    /// `false` if the application closed the pool, which stops the consumer.
+    async fn renew(&self, guard: &mut ConsumerGuard) -> bool {
+        match guard.renew().await {
+            Ok(Taken::Held) => {}
+            Ok(Taken::PoolClosed) => {
+                tracing::warn!(consumer = %self.name, "the database pool was closed; the consumer stops");
+                return false;
+            }
+            Ok(Taken::Elsewhere) => {
+                tracing::error!(consumer = %self.name, "another process took this consumer's lock while the database restarted: two processes now run it, and per-key order does not hold while they do; stop one")
+            }
+            Err(error) => {
+                tracing::warn!(consumer = %self.name, %error, "cannot check the consumer's lock; will try again")
+            }
+        }
+        true
     }
 
     async fn purge(&self) {

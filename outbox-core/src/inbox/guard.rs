@@ -1,0 +1,145 @@
+//! One process per consumer name: a database lock that a second process
+//! cannot take while the first holds it.
+//!
+//! Per-key order is kept by the one process that receives a consumer's
+//! messages: two processes sharing a durable consumer would each handle some
+//! of a key's events, in no common order. The guard turns that
+//! misconfiguration into an error at start instead of silent reordering.
+//!
+//! It is a lock held by a connection, so it goes when the process dies (its
+//! connections close) and a restarted process takes it at once. On
+//! PostgreSQL it is a transaction-scoped advisory lock in a transaction kept
+//! open (idle, with no snapshot held) for the consumer's life; on
+//! MySQL/MariaDB a named lock (`GET_LOCK`) on a connection kept the same way.
+//! SQLite has no such lock: there, nothing stops a second process. The
+//! lock's name holds the schema (PostgreSQL) or database (MySQL) of the
+//! inbox, so one consumer name in two schemas is two consumers.
+//!
+//! It guards against a mistake, it is not a fence: if the database restarts,
+//! the lock goes with the connection, and the holder takes it again (see
+//! [`ConsumerGuard::renew`]); a second process started in that moment could
+//! take it first, and the holder then reports it.
+
+use sea_orm::{
+    ConnAcquireErr, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr,
+    Statement, TransactionTrait,
+};
+
+/// The lock that makes a process the only one running a consumer name.
+#[derive(Debug)]
+pub struct ConsumerGuard {
+    db: DatabaseConnection,
+    consumer: String,
+    /// The transaction that holds the lock; `None` on SQLite or while lost.
+    held: Option<DatabaseTransaction>,
+}
+
+/// What taking the guard found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taken {
+    /// This process holds it now (or the database has no such lock).
+    Held,
+    /// Another process holds it.
+    Elsewhere,
+    /// The application closed the pool: the lock was let go, so that the
+    /// pool's `close` does not wait for its connection forever.
+    PoolClosed,
+}
+
+impl ConsumerGuard {
+    /// Takes the guard of `consumer`, if no other process holds it.
+    pub async fn take(db: &DatabaseConnection, consumer: &str) -> Result<(Self, Taken), DbErr> {
+        let mut guard = Self {
+            db: db.clone(),
+            consumer: consumer.to_owned(),
+            held: None,
+        };
+        let taken = guard.acquire().await?;
+        Ok((guard, taken))
+    }
+
+    /// Checks that the lock is still held, and takes it again if its
+    /// connection was lost (a database restart): [`Taken::Elsewhere`] means
+    /// another process took it meanwhile.
+    pub async fn renew(&mut self) -> Result<Taken, DbErr> {
+        if let Err(DbErr::ConnectionAcquire(ConnAcquireErr::ConnectionClosed)) =
+            self.db.ping().await
+        {
+            if let Some(txn) = self.held.take() {
+                let _ = txn.rollback().await;
+            }
+            return Ok(Taken::PoolClosed);
+        }
+        if let Some(txn) = &self.held {
+            let backend = txn.get_database_backend();
+            match txn
+                .execute_raw(Statement::from_string(backend, "SELECT 1"))
+                .await
+            {
+                Ok(_) => return Ok(Taken::Held),
+                Err(_) => self.held = None,
+            }
+        }
+        self.acquire().await
+    }
+
+    /// Lets the lock go (at shutdown).
+    pub async fn release(mut self) {
+        if let Some(txn) = self.held.take() {
+            if txn.get_database_backend() == DbBackend::MySql {
+                let _ = txn
+                    .execute_raw(lock_statement(
+                        DbBackend::MySql,
+                        "RELEASE_LOCK",
+                        &self.consumer,
+                    ))
+                    .await;
+            }
+            let _ = txn.rollback().await;
+        }
+    }
+
+    async fn acquire(&mut self) -> Result<Taken, DbErr> {
+        let backend = self.db.get_database_backend();
+        let function = match backend {
+            DbBackend::Postgres => "pg_try_advisory_xact_lock",
+            DbBackend::MySql => "GET_LOCK",
+            _ => return Ok(Taken::Held),
+        };
+        let txn = self.db.begin().await?;
+        let row = txn
+            .query_one_raw(lock_statement(backend, function, &self.consumer))
+            .await?;
+        let got = match (backend, row) {
+            (DbBackend::Postgres, Some(row)) => row.try_get_by_index::<bool>(0)?,
+            (_, Some(row)) => row.try_get_by_index::<Option<i64>>(0)? == Some(1),
+            (_, None) => false,
+        };
+        if got {
+            self.held = Some(txn);
+            Ok(Taken::Held)
+        } else {
+            txn.rollback().await?;
+            Ok(Taken::Elsewhere)
+        }
+    }
+}
+
+/// `function` applied to the lock's name for `consumer` in the current
+/// schema (PostgreSQL) or database (MySQL), whose inbox the consumer uses:
+/// PostgreSQL's advisory locks take a number (a hash of the name), MySQL's
+/// names are server-wide and at most 64 characters (`outbox:` and a hash).
+fn lock_statement(backend: DbBackend, function: &str, consumer: &str) -> Statement {
+    let name = format!("outbox-consumer:{consumer}");
+    let sql = match backend {
+        DbBackend::Postgres => {
+            format!("SELECT {function}(hashtextextended(current_schema() || ':' || $1, 0))")
+        }
+        _ => {
+            let lock = "CONCAT('outbox:', LEFT(SHA2(CONCAT(DATABASE(), ':', ?), 256), 56))";
+            let wait = if function == "GET_LOCK" { ", 0" } else { "" };
+            format!("SELECT {function}({lock}{wait})")
+        }
+    };
+    Statement::from_sql_and_values(backend, sql, [name.into()])
+}
