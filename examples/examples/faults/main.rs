@@ -190,6 +190,12 @@ async fn suite(cli: &Cli) -> Result<bool> {
             "  [{}] processes that exited by themselves: {}",
             scenario.name, report.unexpected_exits
         );
+        if report.relays_started_before_nats {
+            println!(
+                "  [{}] relays started 1 s before nats-server: they waited for it",
+                scenario.name
+            );
+        }
         println!(
             "  [{}] drained {:.1} s after the faults stopped",
             scenario.name, report.drain_seconds

@@ -118,7 +118,8 @@ pub(crate) struct Nats {
 }
 
 impl Nats {
-    pub(crate) async fn start(dir: &Path, size: usize) -> Result<Self> {
+    /// Configures `size` nodes in `dir`; [`start`](Self::start) starts them.
+    pub(crate) fn new(dir: &Path, size: usize) -> Result<Self> {
         let ports: Vec<(u16, u16)> = (0..size)
             .map(|_| Ok((free_port()?, free_port()?)))
             .collect::<Result<_>>()?;
@@ -143,14 +144,20 @@ impl Nats {
             let file = store.join("nats.conf");
             std::fs::write(&file, config)?;
             let args = vec!["-c".into(), file.into_os_string()];
-            let mut node = Proc::new(&format!("nats-{i}"), Path::new(binary()), args, dir);
-            node.start()?;
+            let node = Proc::new(&format!("nats-{i}"), Path::new(binary()), args, dir);
             nodes.push((node, *port));
         }
-        for (_, port) in &nodes {
+        Ok(Self { nodes })
+    }
+
+    pub(crate) async fn start(&mut self) -> Result<()> {
+        for (node, _) in &mut self.nodes {
+            node.start()?;
+        }
+        for (_, port) in &self.nodes {
             listening(*port, Duration::from_secs(10)).await?;
         }
-        Ok(Self { nodes })
+        Ok(())
     }
 
     /// `nats://127.0.0.1:a,nats://127.0.0.1:b,...`

@@ -79,6 +79,8 @@ pub(crate) struct Report {
     /// Processes found exited without being told to (restarted each time).
     pub(crate) unexpected_exits: u32,
     pub(crate) drain_seconds: f64,
+    /// The relays were started while NATS was down (they must wait for it).
+    pub(crate) relays_started_before_nats: bool,
     pub(crate) verdict: Verdict,
 }
 
@@ -86,18 +88,13 @@ pub(crate) async fn run(scenario: Scenario, plan: &Plan, env: &Env<'_>) -> Resul
     let dir = env.dir.join(scenario.name);
     std::fs::create_dir_all(&dir)?;
     let tag = format!("f{}", &uuid::Uuid::now_v7().simple().to_string()[20..]);
-    let mut nats = Nats::start(&dir, scenario.nats_nodes).await?;
+    let mut nats = Nats::new(&dir, scenario.nats_nodes)?;
     let nats_url = nats.url();
+    let mut report = Report::default();
     let (db_url, admin) = create_database(scenario.store, env.postgres, &tag).await?;
     let db = connect(&db_url).await?;
     outbox_core::migrate(&db).await?;
     app::create_tables(&db).await?;
-    let client = outbox_nats::connect(
-        &outbox_nats::parse_servers(&nats_url)?,
-        async_nats::ConnectOptions::new,
-    )
-    .await?;
-    let stream = create_stream(&client, &tag, scenario.nats_nodes).await?;
 
     let mut relays: Vec<Proc> = (0..plan.relays)
         .map(|i| {
@@ -122,9 +119,29 @@ pub(crate) async fn run(scenario: Scenario, plan: &Plan, env: &Env<'_>) -> Resul
             )
         })
         .collect();
-    for relay in &mut relays {
-        relay.start()?;
+    // With one server, the relays start a second before it: they must wait
+    // for NATS and then create the stream (`--stream`). The cluster's stream
+    // is replicated, so the suite creates it before they start.
+    let relays_first = scenario.nats_nodes == 1;
+    if relays_first {
+        for relay in &mut relays {
+            relay.start()?;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
+    nats.start().await?;
+    let client = outbox_nats::connect(
+        &outbox_nats::parse_servers(&nats_url)?,
+        async_nats::ConnectOptions::new,
+    )
+    .await?;
+    let stream = stream(&client, &tag, scenario.nats_nodes, !relays_first).await?;
+    if !relays_first {
+        for relay in &mut relays {
+            relay.start()?;
+        }
+    }
+    report.relays_started_before_nats = relays_first;
     let consumer_args = [
         "consume",
         "--database-url",
@@ -145,7 +162,6 @@ pub(crate) async fn run(scenario: Scenario, plan: &Plan, env: &Env<'_>) -> Resul
     let stop = Arc::new(AtomicBool::new(false));
     let producer = tokio::spawn(produce(db.clone(), plan.clone(), Arc::clone(&stop)));
 
-    let mut report = Report::default();
     let mut faults = vec![
         Fault::KillRelay,
         Fault::KillConsumer,
@@ -286,9 +302,14 @@ async fn connect(url: &str) -> Result<DatabaseConnection> {
     Ok(Database::connect(options).await?)
 }
 
-/// The stream, replicated on every node, created before the relays start
-/// (they check it); retried while a cluster elects its leader.
-async fn create_stream(client: &async_nats::Client, tag: &str, replicas: usize) -> Result<String> {
+/// The stream: created replicated on every node (`create`), retried while a
+/// cluster elects its leader; else waited for until the relays create it.
+async fn stream(
+    client: &async_nats::Client,
+    tag: &str,
+    replicas: usize,
+    create: bool,
+) -> Result<String> {
     let context = jetstream::new(client.clone());
     let name = format!("{}_FAULTS", tag.to_uppercase());
     let config = jetstream::stream::Config {
@@ -300,10 +321,25 @@ async fn create_stream(client: &async_nats::Client, tag: &str, replicas: usize) 
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        match context.get_or_create_stream(config.clone()).await {
-            Ok(_) => return Ok(name),
+        let found = if create {
+            context
+                .get_or_create_stream(config.clone())
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        } else {
+            context
+                .get_stream(&name)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        };
+        match found {
+            Ok(()) => return Ok(name),
             Err(error) if Instant::now() < deadline => {
-                eprintln!("  stream not created yet ({error}); retrying");
+                if create {
+                    eprintln!("  stream not created yet ({error}); retrying");
+                }
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
             Err(error) => return Err(error.into()),

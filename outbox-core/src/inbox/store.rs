@@ -1,10 +1,12 @@
 //! Statements on the inbox tables.
 
+use std::collections::HashSet;
+
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::OnConflict;
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, DbBackend, EntityTrait,
-    Insert, QueryFilter, QueryTrait,
+    Insert, QueryFilter, QuerySelect, QueryTrait,
 };
 use uuid::Uuid;
 
@@ -30,6 +32,28 @@ pub async fn record(
         inbox_message::Column::EventId,
     ];
     insert_once(conn, inbox_message::Entity::insert(row), key).await
+}
+
+/// Which of `event_ids` `consumer` has recorded already: the events it
+/// handled (or dead-lettered). Asked in chunks, one statement per 1,000 ids.
+pub async fn recorded(
+    conn: &impl ConnectionTrait,
+    consumer: &str,
+    event_ids: &[Uuid],
+) -> Result<HashSet<Uuid>, Error> {
+    let mut found = HashSet::new();
+    for chunk in event_ids.chunks(1_000) {
+        let rows = inbox_message::Entity::find()
+            .select_only()
+            .column(inbox_message::Column::EventId)
+            .filter(inbox_message::Column::Consumer.eq(consumer))
+            .filter(inbox_message::Column::EventId.is_in(chunk.iter().copied()))
+            .into_tuple::<Uuid>()
+            .all(conn)
+            .await?;
+        found.extend(rows);
+    }
+    Ok(found)
 }
 
 /// Deletes `consumer`'s inbox rows processed before `before`; returns how many.

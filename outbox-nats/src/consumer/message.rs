@@ -79,6 +79,11 @@ impl Held {
         self.copy.message()
     }
 
+    /// The event id (`Nats-Msg-Id`), if the message has a valid one.
+    pub(super) fn event_id(&self) -> Option<Uuid> {
+        Uuid::parse_str(header(self.message(), "Nats-Msg-Id")?).ok()
+    }
+
     /// Deliveries so far, this one included: JetStream's count plus local retries.
     pub(super) fn delivery_count(&self) -> u64 {
         self.position.delivered + self.failures

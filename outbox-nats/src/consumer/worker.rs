@@ -98,6 +98,7 @@ impl Worker {
                 match recovery::recover(&shared.consumer, &shared.stream, &shared.filters).await {
                     Ok(found) => {
                         failures = 0;
+                        let found = shared.unhandled(found).await;
                         last_delivery =
                             Some(shared.recovered(&mut schedule, found, trigger.take()));
                         recovery = Recovery::Done;
@@ -210,6 +211,25 @@ impl Worker {
         }
         guard.release().await;
         tracing::info!(consumer = %shared.name, "consumer stopped");
+    }
+
+    /// Drops from what recovery read back the events the inbox holds
+    /// already, with one look-up per 1,000: most of a long span is handled
+    /// and only waits for its acknowledgement. If the look-up fails, each
+    /// message finds out in its own transaction.
+    async fn unhandled(&self, mut found: Recovered) -> Recovered {
+        let ids: Vec<_> = found.messages.iter().filter_map(Held::event_id).collect();
+        match inbox::recorded(&self.db, &self.name, &ids).await {
+            Ok(handled) => {
+                (found.messages)
+                    .retain(|held| !held.event_id().is_some_and(|id| handled.contains(&id)));
+                tracing::debug!(consumer = %self.name, read = ids.len(), handled = handled.len(), "unsure span read back");
+            }
+            Err(error) => {
+                tracing::warn!(consumer = %self.name, %error, "cannot look the unsure span up in the inbox; handling it message by message")
+            }
+        }
+        found
     }
 
     /// Queues what recovery read back, then the delivery that triggered it;
