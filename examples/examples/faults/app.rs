@@ -160,9 +160,11 @@ pub(crate) fn uuid(id: Uuid) -> Value {
     id.to_string().into()
 }
 
-/// One first delivery in 33 fails.
-fn fails_once(meta: &Metadata) -> bool {
-    meta.delivery_count == 1 && meta.id.as_u128().is_multiple_of(33)
+/// One event in 33 fails its first delivery; one in 97 its first three.
+fn fails(meta: &Metadata) -> bool {
+    let id = meta.id.as_u128();
+    (meta.delivery_count == 1 && id.is_multiple_of(33))
+        || (meta.delivery_count <= 3 && id.is_multiple_of(97))
 }
 
 /// The consumer's handler of steps: applies `seq` on top of `seq - 1`, and
@@ -172,7 +174,7 @@ pub(crate) async fn apply_step(
     meta: Metadata,
     db: &DatabaseTransaction,
 ) -> Result<(), AppError> {
-    if fails_once(&meta) {
+    if fails(&meta) {
         return Err(AppError::Injected);
     }
     let backend = db.get_database_backend();
@@ -222,7 +224,7 @@ pub(crate) async fn apply_audit(
     meta: Metadata,
     db: &DatabaseTransaction,
 ) -> Result<(), AppError> {
-    if fails_once(&meta) {
+    if fails(&meta) {
         return Err(AppError::Injected);
     }
     effect(db, uuid(meta.id), event.order_id.into(), event.seq.into()).await

@@ -190,6 +190,10 @@ async fn suite(cli: &Cli) -> Result<bool> {
             "  [{}] processes that exited by themselves: {}",
             scenario.name, report.unexpected_exits
         );
+        println!(
+            "  [{}] consumer: {} deliveries found gone elsewhere; {} messages handled from unsure spans",
+            scenario.name, report.skipped_deliveries, report.recovered_messages
+        );
         if report.relays_started_before_nats {
             println!(
                 "  [{}] relays started 1 s before nats-server: they waited for it",

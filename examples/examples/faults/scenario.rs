@@ -81,6 +81,10 @@ pub(crate) struct Report {
     pub(crate) drain_seconds: f64,
     /// The relays were started while NATS was down (they must wait for it).
     pub(crate) relays_started_before_nats: bool,
+    /// From the consumer's log: deliveries found gone elsewhere, and the
+    /// messages of unsure spans it handled (not yet in its inbox).
+    pub(crate) skipped_deliveries: usize,
+    pub(crate) recovered_messages: usize,
     pub(crate) verdict: Verdict,
 }
 
@@ -124,9 +128,7 @@ pub(crate) async fn run(scenario: Scenario, plan: &Plan, env: &Env<'_>) -> Resul
     // is replicated, so the suite creates it before they start.
     let relays_first = scenario.nats_nodes == 1;
     if relays_first {
-        for relay in &mut relays {
-            relay.start()?;
-        }
+        relays.iter_mut().try_for_each(Proc::start)?;
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     nats.start().await?;
@@ -137,9 +139,7 @@ pub(crate) async fn run(scenario: Scenario, plan: &Plan, env: &Env<'_>) -> Resul
     .await?;
     let stream = stream(&client, &tag, scenario.nats_nodes, !relays_first).await?;
     if !relays_first {
-        for relay in &mut relays {
-            relay.start()?;
-        }
+        relays.iter_mut().try_for_each(Proc::start)?;
     }
     report.relays_started_before_nats = relays_first;
     let consumer_args = [
@@ -239,6 +239,18 @@ pub(crate) async fn run(scenario: Scenario, plan: &Plan, env: &Env<'_>) -> Resul
         relay.terminate(Duration::from_secs(30)).await?;
     }
     report.verdict = verify::verdict(&db, &client, &stream).await?;
+    let log = std::fs::read_to_string(dir.join("consumer.log"))?;
+    report.skipped_deliveries = log.matches("a delivery went elsewhere").count();
+    report.recovered_messages = (log.lines())
+        .filter(|line| line.contains("did not see"))
+        .filter_map(|line| {
+            line.rsplit("messages=")
+                .next()?
+                .trim()
+                .parse::<usize>()
+                .ok()
+        })
+        .sum();
     db.close().await?;
     if let Some((admin, database)) = admin {
         admin
