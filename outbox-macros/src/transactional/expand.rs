@@ -31,9 +31,12 @@ pub(crate) fn expand(model: Transactional) -> TokenStream {
     let outcome = syn::Ident::new("__outbox_outcome", Span::mixed_site());
     // The one place the error type is converted, spanned on the return type so
     // that an `E` without `From<outbox_core::Error>` is reported there, once.
+    // With `E = outbox_core::Error` the conversion is the identity, which
+    // clippy would flag in the user's code.
     let convert = quote_spanned! {output.span()=>
         match #outcome {
             ::core::result::Result::Ok(result) => result,
+            #[allow(clippy::useless_conversion)]
             ::core::result::Result::Err(error) => {
                 ::core::result::Result::Err(::core::convert::From::from(error))
             }
