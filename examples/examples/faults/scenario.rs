@@ -100,27 +100,26 @@ pub(crate) async fn run(scenario: Scenario, plan: &Plan, env: &Env<'_>) -> Resul
     outbox_core::migrate(&db).await?;
     app::create_tables(&db).await?;
 
+    // What relays and the consumer connect to, as both take it.
+    let connection = [
+        "--database-url",
+        &db_url,
+        "--nats-url",
+        &nats_url,
+        "--namespace",
+        &tag,
+    ];
+    let command = |verb: &str, extra: &[&str]| {
+        let args = std::iter::once(verb)
+            .chain(connection)
+            .chain(extra.iter().copied());
+        args.map(Into::into).collect()
+    };
+    let relay_flags = ["--stream", "FAULTS=faults", "--poll-interval", "0.2"];
     let mut relays: Vec<Proc> = (0..plan.relays)
         .map(|i| {
-            let args = [
-                "relay",
-                "--database-url",
-                &db_url,
-                "--nats-url",
-                &nats_url,
-                "--namespace",
-                &tag,
-                "--stream",
-                "FAULTS=faults",
-                "--poll-interval",
-                "0.2",
-            ];
-            Proc::new(
-                &format!("relay-{i}"),
-                env.outbox_bin,
-                args.iter().map(Into::into).collect(),
-                &dir,
-            )
+            let args = command("relay", &relay_flags);
+            Proc::new(&format!("relay-{i}"), env.outbox_bin, args, &dir)
         })
         .collect();
     // With one server, the relays start a second before it: they must wait
@@ -142,21 +141,7 @@ pub(crate) async fn run(scenario: Scenario, plan: &Plan, env: &Env<'_>) -> Resul
         relays.iter_mut().try_for_each(Proc::start)?;
     }
     report.relays_started_before_nats = relays_first;
-    let consumer_args = [
-        "consume",
-        "--database-url",
-        &db_url,
-        "--nats-url",
-        &nats_url,
-        "--namespace",
-        &tag,
-    ];
-    let mut consumer = Proc::new(
-        "consumer",
-        env.self_bin,
-        consumer_args.iter().map(Into::into).collect(),
-        &dir,
-    );
+    let mut consumer = Proc::new("consumer", env.self_bin, command("consume", &[]), &dir);
     consumer.start()?;
 
     let stop = Arc::new(AtomicBool::new(false));
