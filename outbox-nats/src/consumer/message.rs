@@ -161,7 +161,7 @@ pub(super) fn dead_letter(
         stream: stream.to_owned(),
         stream_sequence: i64::try_from(held.position.stream_sequence).unwrap_or(i64::MAX),
         subject: message.subject.to_string(),
-        event_id: header(message, "Nats-Msg-Id").and_then(|id| Uuid::parse_str(id).ok()),
+        event_id: held.event_id(),
         event_type: header(message, "Outbox-Event-Type").map(str::to_owned),
         event_version: header(message, "Outbox-Event-Version").and_then(|v| v.parse().ok()),
         partition_key: held.key.clone(),

@@ -276,6 +276,11 @@ impl ConsumerBuilder {
         let filters: Vec<String> = (self.filter_subjects.iter())
             .map(|subject| namespaced(subject, ns))
             .collect();
+        let context = jetstream::new(self.client.clone());
+        let (stream_handle, consumer) =
+            durable(&context, &stream, &self.name, &filters, &self.config).await?;
+        // Taken last: nothing after it can fail, so a held lock is never left
+        // behind by a failed `spawn` (MySQL's would stay on a pooled connection).
         let (guard, taken) = ConsumerGuard::take(&self.db, &self.name)
             .await
             .map_err(|source| ConsumerError::Guard {
@@ -285,9 +290,6 @@ impl ConsumerBuilder {
         if taken == Taken::Elsewhere {
             return Err(ConsumerError::AlreadyRunning(self.name));
         }
-        let context = jetstream::new(self.client.clone());
-        let (stream_handle, consumer) =
-            durable(&context, &stream, &self.name, &filters, &self.config).await?;
         let (stop, stopped) = watch::channel(false);
         let worker = worker::Worker {
             client: self.client,
@@ -337,7 +339,10 @@ async fn durable(
             stream: stream.to_owned(),
             error: e.to_string(),
         })?;
-    let mut consumer_config = pull::Config {
+    let (filter_subject, filter_subjects) = filter_fields(filters);
+    let consumer_config = pull::Config {
+        filter_subject,
+        filter_subjects,
         durable_name: Some(name.to_owned()),
         ack_policy: AckPolicy::Explicit,
         ack_wait: config.ack_wait,
@@ -347,11 +352,6 @@ async fn durable(
         max_ack_pending: i64::try_from(config.max_ack_pending).unwrap_or(i64::MAX),
         ..Default::default()
     };
-    match filters {
-        [] => {}
-        [one] => consumer_config.filter_subject = one.clone(),
-        many => consumer_config.filter_subjects = many.to_vec(),
-    }
     let consumer = stream_handle
         .get_or_create_consumer(name, consumer_config)
         .await
@@ -361,6 +361,15 @@ async fn durable(
             error: e.to_string(),
         })?;
     Ok((stream_handle, consumer))
+}
+
+/// Subject filters as JetStream's consumer configurations take them: one
+/// subject, or several (nats-server 2.10 or later).
+fn filter_fields(filters: &[String]) -> (String, Vec<String>) {
+    match filters {
+        [one] => (one.clone(), Vec::new()),
+        many => (String::new(), many.to_vec()),
+    }
 }
 
 /// A running consumer. Dropping it leaves the consumer running; call

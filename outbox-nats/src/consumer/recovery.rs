@@ -93,17 +93,15 @@ async fn read_span(
     to: u64,
     messages: &mut Vec<Held>,
 ) -> Result<(), async_nats::Error> {
-    let mut config = pull::OrderedConfig {
+    let (filter_subject, filter_subjects) = super::filter_fields(filters);
+    let config = pull::OrderedConfig {
+        filter_subject,
+        filter_subjects,
         deliver_policy: DeliverPolicy::ByStartSequence {
             start_sequence: from,
         },
         ..Default::default()
     };
-    match filters {
-        [] => {}
-        [one] => config.filter_subject = one.clone(),
-        many => config.filter_subjects = many.to_vec(),
-    }
     let reader = stream.create_consumer(config).await?;
     if reader.cached_info().num_pending == 0 {
         return Ok(());
