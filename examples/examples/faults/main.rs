@@ -182,7 +182,14 @@ async fn suite(cli: &Cli) -> Result<bool> {
             "scenario {}: {} s of faults, {} relays, {} steps/s",
             scenario.name, cli.seconds, cli.relays, cli.rate
         );
-        let report = scenario::run(scenario, &plan, &env).await?;
+        let report = match scenario::run(scenario, &plan, &env).await {
+            Ok(report) => report,
+            Err(error) => {
+                drop(postgres);
+                println!("logs kept in {}", dir.keep().display());
+                return Err(error);
+            }
+        };
         for (fault, count) in &report.faults {
             println!("  [{}] {count:>4} × {fault}", scenario.name);
         }
@@ -221,7 +228,8 @@ async fn suite(cli: &Cli) -> Result<bool> {
     Ok(all_passed)
 }
 
-/// The consumer process: applies steps and audits once each, in per-key order.
+/// The consumer process: applies steps and audits once each, in per-key
+/// order. SIGTERM stops it cleanly at any point, starting up included.
 async fn consume(database_url: &str, nats_url: &str, namespace: &str) -> Result<bool> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -230,12 +238,29 @@ async fn consume(database_url: &str, nats_url: &str, namespace: &str) -> Result<
         )
         .with_ansi(false)
         .init();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let consumer = tokio::select! {
+        started = start_consumer(database_url, nats_url, namespace) => started?,
+        _ = term.recv() => return Ok(true),
+    };
+    term.recv().await;
+    consumer.shutdown().await?;
+    Ok(true)
+}
+
+/// Connects and spawns the consumer, retrying while NATS or the database is
+/// down or the consumer's lock is still held.
+async fn start_consumer(
+    database_url: &str,
+    nats_url: &str,
+    namespace: &str,
+) -> Result<outbox_nats::ConsumerHandle> {
     let mut options = ConnectOptions::new(database_url);
     options.max_connections(16).sqlx_logging(false);
     let db = Database::connect(options).await?;
     let servers = outbox_nats::parse_servers(nats_url)?;
     let client = outbox_nats::connect(&servers, async_nats::ConnectOptions::new).await?;
-    let consumer = loop {
+    loop {
         let started = Consumer::builder(client.clone(), db.clone(), "faults")
             .namespace(namespace)
             .on::<app::OrderStep, _>(app::apply_step)
@@ -245,15 +270,11 @@ async fn consume(database_url: &str, nats_url: &str, namespace: &str) -> Result<
             .spawn()
             .await;
         match started {
-            Ok(consumer) => break consumer,
+            Ok(consumer) => return Ok(consumer),
             Err(error) => {
                 tracing::warn!(error = %outbox_core::ErrorReport(&error), "cannot start the consumer; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
-    };
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    term.recv().await;
-    consumer.shutdown().await?;
-    Ok(true)
+    }
 }
