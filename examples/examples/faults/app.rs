@@ -145,14 +145,15 @@ pub(crate) async fn committed(
 }
 
 /// Records an event whose transaction was rolled back: it must never reach the stream.
+/// Idempotent, since it is retried when the outcome of a commit is unknown
+/// (the database restarting while it answered).
 pub(crate) async fn ghost(db: &DatabaseConnection, id: Uuid) -> Result<(), DbErr> {
     let backend = db.get_database_backend();
-    db.execute_raw(sql(
-        backend,
-        "INSERT INTO ghosts (event_id) VALUES (?)",
-        vec![uuid(id)],
-    ))
-    .await?;
+    let insert = match backend {
+        DbBackend::Postgres => "INSERT INTO ghosts (event_id) VALUES (?) ON CONFLICT DO NOTHING",
+        _ => "INSERT IGNORE INTO ghosts (event_id) VALUES (?)",
+    };
+    db.execute_raw(sql(backend, insert, vec![uuid(id)])).await?;
     Ok(())
 }
 
