@@ -34,6 +34,7 @@
 //!   (`outbox-nats` provides the JetStream one).
 #![deny(missing_docs)]
 
+pub mod dead_letters;
 mod emit;
 pub mod entity;
 mod error;

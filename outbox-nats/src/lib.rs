@@ -29,7 +29,7 @@ mod consumer;
 mod publisher;
 mod streams;
 
-pub use connect::{ConnectError, connect, parse_servers};
+pub use connect::{ConnectError, NatsAuth, NatsConfig, NatsTls, Secret};
 pub use consumer::{Consumer, ConsumerBuilder, ConsumerConfig, ConsumerError, ConsumerHandle};
 pub use publisher::{InvalidHeader, JetStreamPublisher, headers};
-pub use streams::{ProvisionError, StreamSpec, provision, streams_from_registry};
+pub use streams::{ProvisionError, StreamSettings, StreamSpec, provision, streams_from_registry};

@@ -1,11 +1,12 @@
 //! Stream provisioning: one stream per exchange, capturing `<exchange>.>`,
-//! with a duplicate window longer than the relay's retry horizon.
+//! with a duplicate window longer than the relay's retry horizon, and the
+//! replicas, storage and limits an operator asks for.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_nats::jetstream::Context;
-use async_nats::jetstream::stream::Config;
+use async_nats::jetstream::stream::{Config, StorageType};
 use outbox_core::registry::RegistryError;
 
 /// A stream the relay needs, and the subjects it must capture.
@@ -15,14 +16,88 @@ pub struct StreamSpec {
     pub name: String,
     /// Subjects it must capture, e.g. `orders.>`.
     pub subjects: Vec<String>,
+    /// Replicas, storage and limits, applied when the stream is created.
+    pub settings: StreamSettings,
 }
 
 impl StreamSpec {
-    /// The stream for one exchange: `<exchange>.>`, both under `namespace` if given.
+    /// The stream for one exchange: `<exchange>.>`, both under `namespace` if
+    /// given, with default settings.
     pub fn for_exchange(stream: &str, exchange: &str, namespace: Option<&str>) -> Self {
         Self {
             name: stream_name(stream, namespace),
             subjects: vec![namespaced(&format!("{exchange}.>"), namespace)],
+            settings: StreamSettings::default(),
+        }
+    }
+
+    /// This stream with `settings`.
+    pub fn with_settings(mut self, settings: StreamSettings) -> Self {
+        self.settings = settings;
+        self
+    }
+}
+
+/// How a stream is kept. Each setting left unset takes the server's default
+/// at creation (one replica, file storage, no limit of age or size) and is
+/// not checked on an existing stream.
+///
+/// ```
+/// use std::time::Duration;
+/// use async_nats::jetstream::stream::StorageType;
+///
+/// let settings = outbox_nats::StreamSettings::default()
+///     .replicas(3)
+///     .storage(StorageType::File)
+///     .max_age(Duration::from_secs(7 * 24 * 3600))
+///     .max_bytes(10 << 30);
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StreamSettings {
+    replicas: Option<usize>,
+    storage: Option<StorageType>,
+    max_age: Option<Duration>,
+    max_bytes: Option<u64>,
+}
+
+impl StreamSettings {
+    /// Copies of each message across the cluster's servers (1, 3 or 5 in practice).
+    pub fn replicas(mut self, replicas: usize) -> Self {
+        self.replicas = Some(replicas);
+        self
+    }
+
+    /// File (survives a restart) or memory storage.
+    pub fn storage(mut self, storage: StorageType) -> Self {
+        self.storage = Some(storage);
+        self
+    }
+
+    /// Messages older than this are removed. Keep it longer than a consumer
+    /// may be down, or it misses events.
+    pub fn max_age(mut self, max_age: Duration) -> Self {
+        self.max_age = Some(max_age);
+        self
+    }
+
+    /// The oldest messages are removed when the stream holds more bytes than this.
+    pub fn max_bytes(mut self, max_bytes: u64) -> Self {
+        self.max_bytes = Some(max_bytes);
+        self
+    }
+
+    fn apply(&self, config: &mut Config) {
+        if let Some(replicas) = self.replicas {
+            config.num_replicas = replicas;
+        }
+        if let Some(storage) = self.storage {
+            config.storage = storage;
+        }
+        if let Some(max_age) = self.max_age {
+            config.max_age = max_age;
+        }
+        if let Some(max_bytes) = self.max_bytes {
+            config.max_bytes = i64::try_from(max_bytes).unwrap_or(i64::MAX);
         }
     }
 }
@@ -54,8 +129,8 @@ pub fn streams_from_registry(namespace: Option<&str>) -> Result<Vec<StreamSpec>,
         let entry = streams
             .entry(spec.name.clone())
             .or_insert_with(|| StreamSpec {
-                name: spec.name,
                 subjects: Vec::new(),
+                ..spec.clone()
             });
         for subject in spec.subjects {
             if !entry.subjects.contains(&subject) {
@@ -97,6 +172,19 @@ pub enum ProvisionError {
         /// The window the relay needs.
         required: Duration,
     },
+    /// The stream exists with fewer or more replicas than asked for.
+    #[error(
+        "stream `{stream}` exists with {actual} replica(s), not the {required} asked for: \
+         change the stream's replicas (`nats stream edit`), or ask for {actual}"
+    )]
+    Replicas {
+        /// The stream.
+        stream: String,
+        /// Its replicas.
+        actual: usize,
+        /// The replicas asked for.
+        required: usize,
+    },
     /// JetStream refused a request.
     #[error("JetStream refused to provision stream `{stream}`: {error}")]
     JetStream {
@@ -107,8 +195,11 @@ pub enum ProvisionError {
     },
 }
 
-/// Creates missing streams, and checks existing ones capture the subjects and
-/// keep duplicates for at least `duplicate_window`.
+/// Creates missing streams with their settings, and checks existing ones:
+/// an error if one does not capture the subjects, keeps duplicates for less
+/// than `duplicate_window` or has other replicas than asked for; a warning
+/// naming the setting if its storage, max age or max bytes differ (they do
+/// not break a guarantee, and an operator may have changed them on purpose).
 pub async fn provision(
     context: &Context,
     streams: &[StreamSpec],
@@ -125,17 +216,18 @@ pub async fn provision(
                 check(spec, config, duplicate_window)?;
             }
             Err(error) if is_missing(&error) => {
-                let config = Config {
+                let mut config = Config {
                     name: spec.name.clone(),
                     subjects: spec.subjects.clone(),
                     duplicate_window,
                     ..Config::default()
                 };
+                spec.settings.apply(&mut config);
                 context
                     .create_stream(config)
                     .await
                     .map_err(|e| refused(&e))?;
-                tracing::info!(stream = %spec.name, subjects = ?spec.subjects, "created stream");
+                tracing::info!(stream = %spec.name, subjects = ?spec.subjects, settings = ?spec.settings, "created stream");
             }
             Err(error) => return Err(refused(&error)),
         }
@@ -169,6 +261,25 @@ fn check(
             actual: config.duplicate_window,
             required: duplicate_window,
         });
+    }
+    if let Some(required) = spec.settings.replicas
+        && config.num_replicas.max(1) != required
+    {
+        return Err(ProvisionError::Replicas {
+            stream: spec.name.clone(),
+            actual: config.num_replicas.max(1),
+            required,
+        });
+    }
+    let mut wanted = config.clone();
+    spec.settings.apply(&mut wanted);
+    let differs = [
+        ("storage", wanted.storage != config.storage),
+        ("max_age", wanted.max_age != config.max_age),
+        ("max_bytes", wanted.max_bytes != config.max_bytes),
+    ];
+    for (setting, _) in differs.iter().filter(|(_, differs)| *differs) {
+        tracing::warn!(stream = %spec.name, setting, "an existing stream's setting differs from the one asked for; it is left as it is");
     }
     Ok(())
 }

@@ -258,8 +258,7 @@ async fn start_consumer(
     let mut options = ConnectOptions::new(database_url);
     options.max_connections(16).sqlx_logging(false);
     let db = Database::connect(options).await?;
-    let servers = outbox_nats::parse_servers(nats_url)?;
-    let client = outbox_nats::connect(&servers, async_nats::ConnectOptions::new).await?;
+    let client = outbox_nats::NatsConfig::new(nats_url)?.connect().await?;
     loop {
         let started = Consumer::builder(client.clone(), db.clone(), "faults")
             .namespace(namespace)

@@ -131,11 +131,7 @@ pub(crate) async fn run(scenario: Scenario, plan: &Plan, env: &Env<'_>) -> Resul
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     nats.start().await?;
-    let client = outbox_nats::connect(
-        &outbox_nats::parse_servers(&nats_url)?,
-        async_nats::ConnectOptions::new,
-    )
-    .await?;
+    let client = outbox_nats::NatsConfig::new(&nats_url)?.connect().await?;
     let stream = stream(&client, &tag, scenario.nats_nodes, !relays_first).await?;
     if !relays_first {
         relays.iter_mut().try_for_each(Proc::start)?;

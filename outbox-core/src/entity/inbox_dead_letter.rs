@@ -39,6 +39,9 @@ pub struct Model {
     pub deliveries: i32,
     /// When it was dead-lettered.
     pub failed_at: DateTimeUtc,
+    /// When an operator asked for it to be handled again; the consumer
+    /// picks it up and deletes the row once its handler has run.
+    pub replay_requested_at: Option<DateTimeUtc>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

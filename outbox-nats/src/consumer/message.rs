@@ -38,6 +38,9 @@ pub(super) enum Copy {
     /// saw: it cannot be acknowledged; the durable's own copy, redelivered
     /// later, finds the inbox row and is acknowledged then.
     Recovered(Message),
+    /// A dead letter an operator asked to replay (`outbox_core::dead_letters::inbox`):
+    /// nothing to acknowledge; its row is deleted once it is handled.
+    Replayed { message: Message, dead_letter: Uuid },
 }
 
 impl Held {
@@ -62,6 +65,36 @@ impl Held {
             delivered: 1,
         };
         Self::new(Copy::Recovered(message), position)
+    }
+
+    /// The message a dead letter kept, to be handled again.
+    pub(super) fn replayed(letter: inbox_dead_letter::Model) -> Self {
+        let headers: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(&letter.headers).unwrap_or_default();
+        let mut map = async_nats::HeaderMap::new();
+        for (name, value) in &headers {
+            if let Some(value) = value.as_str() {
+                map.insert(name.as_str(), value);
+            }
+        }
+        let message = Message {
+            subject: letter.subject.into(),
+            reply: None,
+            length: letter.payload.len(),
+            payload: letter.payload.into(),
+            headers: Some(map),
+            status: None,
+            description: None,
+        };
+        let position = Position {
+            stream_sequence: u64::try_from(letter.stream_sequence).unwrap_or(0),
+            delivered: 1,
+        };
+        let copy = Copy::Replayed {
+            message,
+            dead_letter: letter.id,
+        };
+        Self::new(copy, position)
     }
 
     fn new(copy: Copy, position: Position) -> Self {
@@ -90,11 +123,20 @@ impl Held {
     }
 
     /// Acknowledges (or naks, terms, extends) a delivered copy; a recovered
-    /// copy has nothing to acknowledge. An error means JetStream redelivers.
+    /// or replayed copy has nothing to acknowledge. An error means JetStream
+    /// redelivers.
     pub(super) async fn ack(&self, kind: AckKind) -> Result<(), async_nats::Error> {
         match &self.copy {
             Copy::Delivered(message) => message.ack_with(kind).await,
-            Copy::Recovered(_) => Ok(()),
+            Copy::Recovered(_) | Copy::Replayed { .. } => Ok(()),
+        }
+    }
+
+    /// The dead letter this copy replays, if it does.
+    pub(super) fn replays(&self) -> Option<Uuid> {
+        match &self.copy {
+            Copy::Replayed { dead_letter, .. } => Some(*dead_letter),
+            Copy::Delivered(_) | Copy::Recovered(_) => None,
         }
     }
 }
@@ -103,7 +145,7 @@ impl Copy {
     fn message(&self) -> &Message {
         match self {
             Self::Delivered(message) => message,
-            Self::Recovered(message) => message,
+            Self::Recovered(message) | Self::Replayed { message, .. } => message,
         }
     }
 }
@@ -171,5 +213,6 @@ pub(super) fn dead_letter(
         error,
         deliveries: i32::try_from(held.delivery_count()).unwrap_or(i32::MAX),
         failed_at: Utc::now(),
+        replay_requested_at: None,
     }
 }

@@ -3,6 +3,7 @@
 //! acknowledges, retries or dead-letters each message once its transaction
 //! has ended.
 
+use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,12 +14,14 @@ use async_nats::jetstream::message::AckKind;
 use async_nats::jetstream::stream::Stream;
 use chrono::Utc;
 use futures::{FutureExt, StreamExt};
+use outbox_core::dead_letters;
 use outbox_core::inbox::{self, ConsumerGuard, DeadLetterReason, Handlers, Processed, Taken};
 use outbox_core::relay::Backoff;
 use sea_orm::{DatabaseConnection, TransactionTrait};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+use uuid::Uuid;
 
 use super::ConsumerConfig;
 use super::message::{self, Copy, Held};
@@ -37,6 +40,11 @@ const TICK: Duration = Duration::from_millis(500);
 /// How often the task checks that it still holds the consumer's lock (and
 /// that the application has not closed the pool).
 const GUARD_RENEWAL: Duration = Duration::from_secs(2);
+
+/// How often the task looks for dead letters an operator asked to replay,
+/// and how many it takes at a time.
+const REPLAY_POLL: Duration = Duration::from_secs(1);
+const REPLAY_BATCH: u64 = 100;
 
 pub(super) struct Worker {
     pub(super) client: async_nats::Client,
@@ -89,6 +97,9 @@ impl Worker {
             (config.inbox_retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(600));
         let mut next_purge = Instant::now();
         let mut next_renewal = Instant::now() + GUARD_RENEWAL;
+        let mut next_replay_poll = Instant::now();
+        // The dead letters being replayed, not to be picked up twice.
+        let mut replaying: HashSet<Uuid> = HashSet::new();
         tracing::info!(consumer = %shared.name, stream = %shared.stream_name, "consumer started");
         loop {
             // While NATS fails, pulling pauses; handlers in flight are still settled.
@@ -141,7 +152,12 @@ impl Worker {
                     // Tasks catch their own panics, so a join error is a cancellation.
                     let Ok((mut held, outcome)) = joined else { continue };
                     match outcome {
-                        Outcome::Resolved => schedule.resolve(&held),
+                        Outcome::Resolved => {
+                            if let Some(id) = held.replays() {
+                                replaying.remove(&id);
+                            }
+                            schedule.resolve(&held);
+                        }
                         Outcome::Retry(delay) => {
                             held.failures += 1;
                             schedule.retry(held, Instant::now() + delay);
@@ -192,6 +208,10 @@ impl Worker {
                     if now >= next_purge {
                         shared.purge().await;
                         next_purge = now + purge_every;
+                    }
+                    if now >= next_replay_poll && matches!(recovery, Recovery::Done) {
+                        shared.replays(&mut schedule, &mut replaying).await;
+                        next_replay_poll = now + REPLAY_POLL;
                     }
                 }
             }
@@ -252,6 +272,25 @@ impl Worker {
                 delivery
             }
             None => found.delivered_consumer_sequence,
+        }
+    }
+
+    /// Queues the dead letters an operator asked to replay, each behind the
+    /// messages of its key held now.
+    async fn replays(&self, schedule: &mut Schedule, replaying: &mut HashSet<Uuid>) {
+        let busy: Vec<Uuid> = replaying.iter().copied().collect();
+        match dead_letters::inbox::requested(&self.db, &self.name, &busy, REPLAY_BATCH).await {
+            Ok(letters) => {
+                for letter in letters {
+                    tracing::info!(consumer = %self.name, dead_letter = %letter.id, "replaying a dead letter");
+                    replaying.insert(letter.id);
+                    schedule.recovered(Held::replayed(letter));
+                }
+            }
+            Err(error) => {
+                let error = outbox_core::ErrorReport(&error);
+                tracing::warn!(consumer = %self.name, %error, "cannot look for dead letters to replay; will try again");
+            }
         }
     }
 
@@ -351,9 +390,13 @@ impl Worker {
             if let Some(id) = event_id {
                 inbox::record(&txn, &self.name, id).await?;
             }
+            // A replay that failed again replaces its dead letter.
+            if let Some(replayed) = held.replays() {
+                dead_letters::inbox::replayed(&txn, replayed).await?;
+            }
             inbox::dead_letter(&txn, letter).await?;
             txn.commit().await?;
-            Ok::<_, outbox_core::Error>(())
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
         };
         match stored.await {
             Ok(()) => {
@@ -363,7 +406,7 @@ impl Worker {
                 Outcome::Resolved
             }
             Err(error) => {
-                let error = error.to_string();
+                let error = outbox_core::ErrorReport(&*error).to_string();
                 self.retry(held, "storing the dead letter failed", &error)
             }
         }
@@ -385,6 +428,14 @@ impl Worker {
     }
 
     async fn ack(&self, held: &Held, kind: AckKind) {
+        if let (Some(replayed), AckKind::Ack) = (held.replays(), kind) {
+            // If this fails, the next poll replays it again, and the inbox
+            // finds it handled.
+            if let Err(error) = dead_letters::inbox::replayed(&self.db, replayed).await {
+                let error = outbox_core::ErrorReport(&error);
+                tracing::warn!(consumer = %self.name, %error, "cannot delete a replayed dead letter");
+            }
+        }
         if let Err(error) = held.ack(kind).await {
             // Not acknowledged: JetStream redelivers it, and the inbox skips it.
             tracing::warn!(consumer = %self.name, %error, "acknowledgement failed");
