@@ -820,6 +820,97 @@ async fn a_consumer_without_handlers_or_with_two_for_one_type_does_not_start() {
     test.finish().await;
 }
 
+/// An operator's replay hands a dead letter back to the running consumer:
+/// its handler runs again once, however often the replay is asked for; a
+/// replay that fails again is a dead letter again, with its new error.
+async fn a_replayed_dead_letter_is_handled_again_once(setup: Setup) {
+    use outbox_core::dead_letters::{self, Selection};
+    let db = setup.db();
+    for order_id in [13, 14] {
+        let total_cents = order_id * 100;
+        setup
+            .publish(OrderCreated {
+                order_id,
+                total_cents,
+            })
+            .await;
+    }
+    let poisoned = InsertOrder {
+        poison: Some(13),
+        ..InsertOrder::default()
+    };
+    setup
+        .consume("strict", |c| {
+            c.max_deliveries(2).on::<OrderCreated, _>(poisoned.clone())
+        })
+        .await;
+    let [letter] = &dead_letters(db, "strict").await[..] else {
+        panic!("one dead letter");
+    };
+    assert_eq!(orders(db).await, 1, "order 14 went through");
+
+    // Still poisoned: the replay fails twice more and is a dead letter again.
+    let again = setup
+        .consumer("strict")
+        .max_deliveries(2)
+        .on::<OrderCreated, _>(poisoned.clone())
+        .spawn()
+        .await
+        .expect("start the consumer");
+    let replayed = dead_letters::inbox::replay(db, &Selection::id(letter.id))
+        .await
+        .expect("replay");
+    assert_eq!(replayed, [letter.id]);
+    eventually("the replay failed again", async || {
+        let letters = dead_letters(db, "strict").await;
+        letters.len() == 1 && letters[0].id != letter.id
+    })
+    .await;
+    again.shutdown().await.expect("stop");
+    let [letter] = &dead_letters(db, "strict").await[..] else {
+        panic!("one dead letter");
+    };
+    assert_eq!(letter.replay_requested_at, None);
+    assert_eq!(letter.deliveries, 2);
+    assert_eq!(poisoned.calls.load(Ordering::SeqCst), 2 + 1 + 2);
+
+    // Fixed: two replays of the same letter run the handler once.
+    let fixed = InsertOrder::default();
+    let consumer = setup
+        .consumer("strict")
+        .on::<OrderCreated, _>(fixed.clone())
+        .spawn()
+        .await
+        .expect("start the consumer");
+    let selection = Selection::all()
+        .consumer("strict")
+        .event_type("OrderCreated");
+    for _ in 0..2 {
+        let replayed = dead_letters::inbox::replay(db, &selection)
+            .await
+            .expect("replay");
+        assert!(replayed.len() <= 1, "{replayed:?}");
+    }
+    eventually("the replay was handled", async || {
+        dead_letters(db, "strict").await.is_empty()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    consumer.shutdown().await.expect("stop");
+    assert_eq!(
+        fixed.calls.load(Ordering::SeqCst),
+        1,
+        "the handler ran once"
+    );
+    assert_eq!(orders(db).await, 2);
+    let unknown = dead_letters::inbox::replay(db, &Selection::id(letter.id)).await;
+    assert!(
+        matches!(unknown, Err(dead_letters::DeadLetterError::NotFound(id)) if id == letter.id),
+        "{unknown:?}"
+    );
+    setup.finish().await;
+}
+
 async fn inbox_records_once_and_purges_by_age(db: &DatabaseConnection) {
     let id = uuid::Uuid::now_v7();
     let txn = db.begin().await.expect("begin");
@@ -851,4 +942,5 @@ outbox_tests::on_postgres_and_mysql!(
     events_emitted_by_a_handler_reach_the_outbox_only_when_it_commits,
     per_key_order_holds_with_8_in_flight_over_20_keys,
     a_second_process_of_a_running_consumer_refuses_to_start,
+    a_replayed_dead_letter_is_handled_again_once,
 );

@@ -908,7 +908,131 @@ async fn the_jetstream_publisher_sends_a_keys_next_event_once_the_previous_is_st
     setup.finish().await;
 }
 
+/// A replayed relay dead letter goes back to the outbox under its own event
+/// id: it is delivered before the events of its key committed after the
+/// replay, and JetStream drops it if it had stored it already. A discarded
+/// one is gone.
+async fn replayed_dead_letters_keep_their_id_and_order_and_are_stored_once(setup: Setup) {
+    use outbox_core::dead_letters::{DeadLetterError, Selection, relay};
+    let (db, nats, stream) = (&setup.test.db, &setup.nats, &setup.stream);
+    let deliver = async || {
+        let relay = fast(db, nats.publisher()).max_attempts(1).build();
+        while relay.process_batch().await.expect("relay").claimed > 0 {}
+    };
+    let key = |n| Sequenced {
+        key: "k1".into(),
+        n,
+    };
+    // The stray has no stream yet: a dead letter at its first attempt.
+    emit_one(db, Stray { key: "k1".into() })
+        .await
+        .expect("commit");
+    emit_one(db, key(0)).await.expect("commit");
+    let first = outbox_message::Entity::find()
+        .order_by_asc(outbox_message::Column::Id)
+        .all(db)
+        .await
+        .expect("outbox rows")
+        .pop()
+        .expect("k1's first event");
+    deliver().await;
+    let [stray] = &relay::list(db, &Selection::all(), 10).await.expect("list")[..] else {
+        panic!("one dead letter");
+    };
+    assert_eq!(relay::show(db, stray.id).await.expect("show"), *stray);
+
+    // k1's first event was stored, but as if its acknowledgement had been
+    // lost, it is a dead letter too.
+    dead_letter::Entity::insert(dead_letter::ActiveModel::from(dead_letter::Model {
+        id: first.id,
+        event_type: first.event_type,
+        event_version: first.event_version,
+        exchange: first.exchange,
+        subject: first.subject,
+        partition_key: first.partition_key,
+        payload: first.payload,
+        headers: first.headers,
+        content_type: first.content_type,
+        created_at: first.created_at,
+        attempts: 10,
+        last_error: "the acknowledgement timed out".into(),
+        failed_at: chrono::Utc::now(),
+    }))
+    .exec(db)
+    .await
+    .expect("insert a dead letter");
+
+    let nowhere = nats.stream("NOWHERE", "nowhere");
+    provision(
+        nats.publisher().context(),
+        std::slice::from_ref(&nowhere),
+        WINDOW,
+    )
+    .await
+    .expect("provision the stray's stream");
+    let mut replayed = relay::replay(db, &Selection::all()).await.expect("replay");
+    replayed.sort();
+    let mut expected = vec![stray.id, first.id];
+    expected.sort();
+    assert_eq!(replayed, expected);
+    emit_one(db, key(1)).await.expect("commit after the replay");
+    deliver().await;
+
+    assert!(
+        relay::list(db, &Selection::all(), 10)
+            .await
+            .expect("list")
+            .is_empty()
+    );
+    let orders = nats.messages(stream).await;
+    assert_each_once(&orders, 2);
+    assert_eq!(
+        per_key(&orders)["k1"],
+        [0, 1],
+        "the stored copy was dropped"
+    );
+    let strays = nats.messages(&nowhere.name).await;
+    let [stray_message] = &strays[..] else {
+        panic!("the stray is stored once");
+    };
+    assert_eq!(header(stray_message, "Nats-Msg-Id"), stray.id.to_string());
+    let stored_at = |m: &StreamMessage| std::time::SystemTime::from(m.time);
+    assert!(
+        stored_at(stray_message) <= stored_at(&orders[1]),
+        "the replayed event went out before its key's event committed after the replay"
+    );
+
+    // Discarded: gone, and an unknown id is an error naming it.
+    emit_one(
+        db,
+        Blob {
+            data: "x".repeat(2 << 20),
+        },
+    )
+    .await
+    .expect("commit");
+    deliver().await;
+    let discarded = relay::discard(db, &Selection::all().event_type("Blob"))
+        .await
+        .expect("discard");
+    assert_eq!(discarded.len(), 1);
+    let gone = relay::show(db, discarded[0]).await;
+    assert!(
+        matches!(gone, Err(DeadLetterError::NotFound(id)) if id == discarded[0]),
+        "{gone:?}"
+    );
+    let error = relay::replay(db, &Selection::id(discarded[0]))
+        .await
+        .expect_err("unknown id");
+    assert!(
+        error.to_string().contains(&discarded[0].to_string()),
+        "{error}"
+    );
+    setup.finish().await;
+}
+
 outbox_tests::on_postgres_and_mysql!(
+    replayed_dead_letters_keep_their_id_and_order_and_are_stored_once,
     crash_between_publish_and_delete_is_deduplicated,
     three_relays_keep_per_key_commit_order,
     three_relays_keep_one_hot_key_in_order,
