@@ -244,12 +244,7 @@ impl NatsConfig {
                     }
                     return Ok(client);
                 }
-                Err(error)
-                    if matches!(
-                        error.kind(),
-                        ConnectErrorKind::Io | ConnectErrorKind::TimedOut | ConnectErrorKind::Dns
-                    ) =>
-                {
+                Err(error) if is_outage(&error) => {
                     failures += 1;
                     let delay = FIRST_CONNECTION.delay(failures);
                     if failures == 1 {
@@ -262,6 +257,20 @@ impl NatsConfig {
                 Err(error) => return Err(ConnectError::Refused(error)),
             }
         }
+    }
+}
+
+/// Whether a failed connection may succeed later: no server answered. A TLS
+/// handshake that failed (an untrusted certificate, a missing client
+/// certificate) is reported as I/O too, but as invalid data, and retrying
+/// would not change it.
+fn is_outage(error: &async_nats::ConnectError) -> bool {
+    match error.kind() {
+        ConnectErrorKind::TimedOut | ConnectErrorKind::Dns => true,
+        ConnectErrorKind::Io => std::error::Error::source(error)
+            .and_then(|source| source.downcast_ref::<std::io::Error>())
+            .is_none_or(|io| io.kind() != std::io::ErrorKind::InvalidData),
+        _ => false,
     }
 }
 

@@ -197,3 +197,74 @@ fn binary() -> PathBuf {
         PathBuf::from("nats-server")
     }
 }
+
+/// A cluster of `nats-server -js` processes of the test's own, on free
+/// ports, each with its own store; stopped when dropped.
+#[derive(Debug)]
+pub struct PrivateCluster {
+    /// `nats://127.0.0.1:<a>,nats://127.0.0.1:<b>,...`
+    pub url: String,
+    _store: tempfile::TempDir,
+    _nodes: Vec<Child>,
+}
+
+impl PrivateCluster {
+    /// Starts `size` nodes routed to each other, and waits until each listens.
+    pub async fn start(size: usize) -> Self {
+        let store = tempfile::tempdir().expect("store directory");
+        let free = || {
+            TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+                .port()
+        };
+        let ports: Vec<(u16, u16)> = (0..size).map(|_| (free(), free())).collect();
+        let routes: Vec<String> = (ports.iter())
+            .map(|(_, route)| format!("nats-route://127.0.0.1:{route}"))
+            .collect();
+        let mut nodes = Vec::new();
+        for (i, (port, route)) in ports.iter().enumerate() {
+            let dir = store.path().join(format!("n{i}"));
+            std::fs::create_dir_all(&dir).expect("node store");
+            let config = format!(
+                "listen: 127.0.0.1:{port}\nserver_name: n{i}\njetstream {{ store_dir: {:?} }}\n\
+                 cluster {{ name: test, listen: 127.0.0.1:{route}, routes: [{}] }}\n",
+                dir.display().to_string(),
+                routes.join(", ")
+            );
+            let file = dir.join("nats.conf");
+            std::fs::write(&file, config).expect("write the node's configuration");
+            let child = Command::new(binary())
+                .arg("-c")
+                .arg(&file)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("nats-server is required for this test (apt-get install nats-server)");
+            nodes.push(child);
+        }
+        for (port, _) in &ports {
+            let mut tries = 0;
+            while tokio::net::TcpStream::connect(("127.0.0.1", *port))
+                .await
+                .is_err()
+            {
+                tries += 1;
+                assert!(
+                    tries < 200,
+                    "node on port {port} did not listen within 10 s"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let urls: Vec<String> = (ports.iter())
+            .map(|(port, _)| format!("nats://127.0.0.1:{port}"))
+            .collect();
+        Self {
+            url: urls.join(","),
+            _store: store,
+            _nodes: nodes,
+        }
+    }
+}
