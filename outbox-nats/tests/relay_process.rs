@@ -10,25 +10,14 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use async_nats::jetstream;
-use outbox_core::{OutboxEvent, emit, transactional};
 use outbox_nats::{NatsAuth, NatsConfig, NatsTls, Secret, StreamSpec};
+use outbox_tests::emit_one;
+use outbox_tests::fixtures::OrderCreated;
 use outbox_tests::nats::PrivateNats;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-use sea_orm::{Database, DatabaseConnection};
+use sea_orm::Database;
 
 const PASSWORD: &str = "pw-relay-41c7e2";
-
-#[derive(serde::Serialize, serde::Deserialize, OutboxEvent)]
-#[outbox(exchange = "orders", routing_key = "created")]
-struct OrderCreated {
-    order_id: i64,
-}
-
-#[transactional]
-async fn place_order(db: &DatabaseConnection, order_id: i64) -> outbox_core::Result<()> {
-    emit!(OrderCreated { order_id });
-    Ok(())
-}
 
 /// PEM files in `dir`: a CA, and a certificate and key for `server` and `client`.
 fn certificates(dir: &Path) {
@@ -102,7 +91,15 @@ async fn a_relay_process_on_a_secured_server_serves_metrics_and_logs_json_withou
     let db = Database::connect(&url).await.expect("open SQLite");
     outbox_core::migrate(&db).await.expect("migrate");
     for order_id in 1..=3 {
-        place_order(&db, order_id).await.expect("commit");
+        emit_one(
+            &db,
+            OrderCreated {
+                order_id,
+                total_cents: 100,
+            },
+        )
+        .await
+        .expect("commit");
     }
 
     let metrics_port = free_port();

@@ -3,20 +3,9 @@
 
 use std::process::{Command, Output};
 
-use outbox_core::{OutboxEvent, emit, transactional};
-use sea_orm::{Database, DatabaseConnection};
-
-#[derive(serde::Serialize, serde::Deserialize, OutboxEvent)]
-#[outbox(exchange = "orders", routing_key = "created")]
-struct OrderCreated {
-    order_id: i64,
-}
-
-#[transactional]
-async fn place_order(db: &DatabaseConnection, order_id: i64) -> outbox_core::Result<()> {
-    emit!(OrderCreated { order_id });
-    Ok(())
-}
+use outbox_tests::emit_one;
+use outbox_tests::fixtures::OrderCreated;
+use sea_orm::Database;
 
 fn status(url: &str, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_outbox"))
@@ -39,8 +28,24 @@ async fn status_reports_json_and_exits_1_when_a_threshold_is_breached() {
     );
     let db = Database::connect(&url).await.expect("open SQLite");
     outbox_core::migrate(&db).await.expect("migrate");
-    place_order(&db, 1).await.expect("commit");
-    place_order(&db, 2).await.expect("commit");
+    emit_one(
+        &db,
+        OrderCreated {
+            order_id: 1,
+            total_cents: 100,
+        },
+    )
+    .await
+    .expect("commit");
+    emit_one(
+        &db,
+        OrderCreated {
+            order_id: 2,
+            total_cents: 100,
+        },
+    )
+    .await
+    .expect("commit");
     db.close().await.expect("close");
 
     let healthy = status(&url, &["--json", "--max-pending", "2", "--max-age", "3600"]);

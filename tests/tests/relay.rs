@@ -998,7 +998,8 @@ async fn the_jetstream_publisher_sends_a_keys_next_event_once_the_previous_is_st
 /// replay, and JetStream drops it if it had stored it already. A discarded
 /// one is gone.
 async fn replayed_dead_letters_keep_their_id_and_order_and_are_stored_once(setup: Setup) {
-    use outbox_core::dead_letters::{DeadLetterError, Selection, relay};
+    use outbox_core::dead_letters::{self, DeadLetterError, Selection, relay};
+    type Letters = dead_letter::Entity;
     let (db, nats, stream) = (&setup.test.db, &setup.nats, &setup.stream);
     let deliver = async || {
         let relay = fast(db, nats.publisher()).max_attempts(1).build();
@@ -1021,10 +1022,18 @@ async fn replayed_dead_letters_keep_their_id_and_order_and_are_stored_once(setup
         .pop()
         .expect("k1's first event");
     deliver().await;
-    let [stray] = &relay::list(db, &Selection::all(), 10).await.expect("list")[..] else {
+    let [stray] = &dead_letters::list::<Letters>(db, &Selection::all(), 10)
+        .await
+        .expect("list")[..]
+    else {
         panic!("one dead letter");
     };
-    assert_eq!(relay::show(db, stray.id).await.expect("show"), *stray);
+    assert_eq!(
+        dead_letters::show::<Letters>(db, stray.id)
+            .await
+            .expect("show"),
+        *stray
+    );
 
     // k1's first event was stored, but as if its acknowledgement had been
     // lost, it is a dead letter too.
@@ -1064,7 +1073,7 @@ async fn replayed_dead_letters_keep_their_id_and_order_and_are_stored_once(setup
     deliver().await;
 
     assert!(
-        relay::list(db, &Selection::all(), 10)
+        dead_letters::list::<Letters>(db, &Selection::all(), 10)
             .await
             .expect("list")
             .is_empty()
@@ -1097,11 +1106,11 @@ async fn replayed_dead_letters_keep_their_id_and_order_and_are_stored_once(setup
     .await
     .expect("commit");
     deliver().await;
-    let discarded = relay::discard(db, &Selection::all().event_type("Blob"))
+    let discarded = dead_letters::discard::<Letters>(db, &Selection::all().event_type("Blob"))
         .await
         .expect("discard");
     assert_eq!(discarded.len(), 1);
-    let gone = relay::show(db, discarded[0]).await;
+    let gone = dead_letters::show::<Letters>(db, discarded[0]).await;
     assert!(
         matches!(gone, Err(DeadLetterError::NotFound(id)) if id == discarded[0]),
         "{gone:?}"

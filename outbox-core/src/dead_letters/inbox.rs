@@ -18,31 +18,9 @@ use sea_orm::{
 };
 use uuid::Uuid;
 
+use super::table::{self, CHUNK};
 use super::{DeadLetterError, Selection};
 use crate::entity::{inbox_dead_letter, inbox_message};
-
-/// The dead letter `id`, in full.
-pub async fn show(
-    db: &DatabaseConnection,
-    id: Uuid,
-) -> Result<inbox_dead_letter::Model, DeadLetterError> {
-    (inbox_dead_letter::Entity::find_by_id(id).one(db).await?).ok_or(DeadLetterError::NotFound(id))
-}
-
-/// The selected dead letters, newest first, at most `limit`.
-pub async fn list(
-    db: &DatabaseConnection,
-    selection: &Selection,
-    limit: u64,
-) -> Result<Vec<inbox_dead_letter::Model>, DeadLetterError> {
-    let rows = inbox_dead_letter::Entity::find()
-        .filter(condition(selection))
-        .order_by_desc(inbox_dead_letter::Column::FailedAt)
-        .limit(limit)
-        .all(db)
-        .await?;
-    Ok(rows)
-}
 
 /// Hands the selected dead letters back to their consumers, in one
 /// transaction; returns their ids.
@@ -51,43 +29,23 @@ pub async fn replay(
     selection: &Selection,
 ) -> Result<Vec<Uuid>, DeadLetterError> {
     let txn = db.begin().await?;
-    let ids = selected(&txn, selection).await?;
-    for (_, consumer, event_id) in &ids {
-        if let Some(event_id) = event_id {
+    let letters = table::selected::<inbox_dead_letter::Entity>(&txn, selection).await?;
+    for letter in &letters {
+        if let Some(event_id) = letter.event_id {
             inbox_message::Entity::delete_many()
-                .filter(inbox_message::Column::Consumer.eq(consumer))
-                .filter(inbox_message::Column::EventId.eq(*event_id))
+                .filter(inbox_message::Column::Consumer.eq(&letter.consumer))
+                .filter(inbox_message::Column::EventId.eq(event_id))
                 .exec(&txn)
                 .await?;
         }
     }
-    let ids: Vec<Uuid> = ids.into_iter().map(|(id, _, _)| id).collect();
-    for chunk in ids.chunks(500) {
+    let ids: Vec<Uuid> = letters.iter().map(|letter| letter.id).collect();
+    for chunk in ids.chunks(CHUNK) {
         inbox_dead_letter::Entity::update_many()
             .col_expr(
                 inbox_dead_letter::Column::ReplayRequestedAt,
                 Expr::value(Utc::now()),
             )
-            .filter(inbox_dead_letter::Column::Id.is_in(chunk.iter().copied()))
-            .exec(&txn)
-            .await?;
-    }
-    txn.commit().await?;
-    Ok(ids)
-}
-
-/// Deletes the selected dead letters in one transaction; returns their ids.
-/// Their inbox rows stay, so that a redelivery is still skipped.
-pub async fn discard(
-    db: &DatabaseConnection,
-    selection: &Selection,
-) -> Result<Vec<Uuid>, DeadLetterError> {
-    let txn = db.begin().await?;
-    let ids: Vec<Uuid> = (selected(&txn, selection).await?.into_iter())
-        .map(|(id, _, _)| id)
-        .collect();
-    for chunk in ids.chunks(500) {
-        inbox_dead_letter::Entity::delete_many()
             .filter(inbox_dead_letter::Column::Id.is_in(chunk.iter().copied()))
             .exec(&txn)
             .await?;
@@ -122,30 +80,4 @@ pub async fn replayed(conn: &impl ConnectionTrait, id: Uuid) -> Result<(), DeadL
         .exec(conn)
         .await?;
     Ok(())
-}
-
-fn condition(selection: &Selection) -> sea_orm::Condition {
-    use inbox_dead_letter::Column;
-    let consumer = Some(Column::Consumer);
-    selection.condition(Column::Id, Column::EventType, Column::FailedAt, consumer)
-}
-
-/// The selected letters' ids, consumers and event ids.
-async fn selected(
-    txn: &sea_orm::DatabaseTransaction,
-    selection: &Selection,
-) -> Result<Vec<(Uuid, String, Option<Uuid>)>, DeadLetterError> {
-    use inbox_dead_letter::Column;
-    let rows: Vec<(Uuid, String, Option<Uuid>)> = inbox_dead_letter::Entity::find()
-        .select_only()
-        .columns([Column::Id, Column::Consumer, Column::EventId])
-        .filter(condition(selection))
-        .order_by_asc(Column::Id)
-        .into_tuple()
-        .all(txn)
-        .await?;
-    match selection.by_id() {
-        Some(id) if rows.is_empty() => Err(DeadLetterError::NotFound(id)),
-        _ => Ok(rows),
-    }
 }

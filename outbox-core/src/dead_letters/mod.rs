@@ -1,5 +1,7 @@
-//! Dead letters, for an operator: show one, replay or discard a selection,
-//! in the relay's table ([`relay`]) and the consumers' ([`inbox`]).
+//! Dead letters, for an operator: [`show`] one, [`list`], [`discard`] or
+//! replay a selection, in the relay's table (`entity::dead_letter`, replayed
+//! by [`relay::replay`]) and the consumers' (`entity::inbox_dead_letter`,
+//! replayed by [`inbox::replay`]).
 //!
 //! Each action is one transaction and returns the ids it acted on, so that an
 //! application can offer the same operations on its own admin API as the
@@ -17,8 +19,10 @@
 pub mod inbox;
 pub mod relay;
 mod selection;
+mod table;
 
 pub use selection::Selection;
+pub use table::{Table, discard, list, show};
 
 use sea_orm::DbErr;
 use uuid::Uuid;

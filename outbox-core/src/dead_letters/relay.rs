@@ -9,41 +9,12 @@
 //! drops it if it had stored the event after all.
 
 use chrono::Utc;
-use sea_orm::{
-    ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder,
-    TransactionTrait,
-};
+use sea_orm::{ActiveValue::Set, DatabaseConnection, EntityTrait, TransactionTrait};
 use uuid::Uuid;
 
+use super::table::{self, CHUNK};
 use super::{DeadLetterError, Selection};
 use crate::entity::{dead_letter, outbox_message};
-
-/// Rows per statement, well under every backend's bound on parameters.
-const CHUNK: usize = 500;
-
-/// The dead letter `id`, in full.
-pub async fn show(
-    db: &DatabaseConnection,
-    id: Uuid,
-) -> Result<dead_letter::Model, DeadLetterError> {
-    (dead_letter::Entity::find_by_id(id).one(db).await?).ok_or(DeadLetterError::NotFound(id))
-}
-
-/// The selected dead letters, newest first, at most `limit`.
-pub async fn list(
-    db: &DatabaseConnection,
-    selection: &Selection,
-    limit: u64,
-) -> Result<Vec<dead_letter::Model>, DeadLetterError> {
-    use sea_orm::QuerySelect;
-    let rows = dead_letter::Entity::find()
-        .filter(condition(selection))
-        .order_by_desc(dead_letter::Column::FailedAt)
-        .limit(limit)
-        .all(db)
-        .await?;
-    Ok(rows)
-}
 
 /// Moves the selected dead letters back to the outbox, attempts reset, in
 /// one transaction; returns their ids in id order.
@@ -52,7 +23,7 @@ pub async fn replay(
     selection: &Selection,
 ) -> Result<Vec<Uuid>, DeadLetterError> {
     let txn = db.begin().await?;
-    let letters = selected(&txn, selection).await?;
+    let letters = table::selected::<dead_letter::Entity>(&txn, selection).await?;
     let now = Utc::now();
     for chunk in letters.chunks(CHUNK) {
         let rows = chunk.iter().map(|letter| outbox_message::ActiveModel {
@@ -73,53 +44,8 @@ pub async fn replay(
         });
         outbox_message::Entity::insert_many(rows).exec(&txn).await?;
     }
-    let ids = delete(&txn, &letters).await?;
-    txn.commit().await?;
-    Ok(ids)
-}
-
-/// Deletes the selected dead letters in one transaction; returns their ids.
-pub async fn discard(
-    db: &DatabaseConnection,
-    selection: &Selection,
-) -> Result<Vec<Uuid>, DeadLetterError> {
-    let txn = db.begin().await?;
-    let letters = selected(&txn, selection).await?;
-    let ids = delete(&txn, &letters).await?;
-    txn.commit().await?;
-    Ok(ids)
-}
-
-fn condition(selection: &Selection) -> sea_orm::Condition {
-    use dead_letter::Column;
-    selection.condition(Column::Id, Column::EventType, Column::FailedAt, None)
-}
-
-async fn selected(
-    txn: &sea_orm::DatabaseTransaction,
-    selection: &Selection,
-) -> Result<Vec<dead_letter::Model>, DeadLetterError> {
-    let letters = dead_letter::Entity::find()
-        .filter(condition(selection))
-        .order_by_asc(dead_letter::Column::Id)
-        .all(txn)
-        .await?;
-    match selection.by_id() {
-        Some(id) if letters.is_empty() => Err(DeadLetterError::NotFound(id)),
-        _ => Ok(letters),
-    }
-}
-
-async fn delete(
-    txn: &sea_orm::DatabaseTransaction,
-    letters: &[dead_letter::Model],
-) -> Result<Vec<Uuid>, DeadLetterError> {
     let ids: Vec<Uuid> = letters.iter().map(|letter| letter.id).collect();
-    for chunk in ids.chunks(CHUNK) {
-        dead_letter::Entity::delete_many()
-            .filter(dead_letter::Column::Id.is_in(chunk.iter().copied()))
-            .exec(txn)
-            .await?;
-    }
+    table::delete::<dead_letter::Entity>(&txn, &ids).await?;
+    txn.commit().await?;
     Ok(ids)
 }

@@ -102,16 +102,18 @@ pub(crate) async fn run(
     db: &DatabaseConnection,
     command: DeadLetterCommand,
 ) -> Result<(), dead_letters::DeadLetterError> {
-    use dead_letters::{inbox, relay};
+    use dead_letters::{discard, inbox, list, relay, show};
+    type Relay = dead_letter::Entity;
+    type Inbox = inbox_dead_letter::Entity;
     match command {
         DeadLetterCommand::List { table, limit } => {
             let all = Selection::all();
             let lines: Vec<String> = if table.inbox {
-                (inbox::list(db, &all, limit).await?.iter())
+                (list::<Inbox>(db, &all, limit).await?.iter())
                     .map(inbox_line)
                     .collect()
             } else {
-                (relay::list(db, &all, limit).await?.iter())
+                (list::<Relay>(db, &all, limit).await?.iter())
                     .map(relay_line)
                     .collect()
             };
@@ -122,9 +124,9 @@ pub(crate) async fn run(
         }
         DeadLetterCommand::Show { table, id } => {
             let record = if table.inbox {
-                inbox_record(&inbox::show(db, id).await?)
+                inbox_record(&show::<Inbox>(db, id).await?)
             } else {
-                relay_record(&relay::show(db, id).await?)
+                relay_record(&show::<Relay>(db, id).await?)
             };
             println!(
                 "{}",
@@ -147,9 +149,9 @@ pub(crate) async fn run(
         DeadLetterCommand::Discard { table, selector } => {
             let selection = selector.selection();
             let ids = if table.inbox {
-                inbox::discard(db, &selection).await?
+                discard::<Inbox>(db, &selection).await?
             } else {
-                relay::discard(db, &selection).await?
+                discard::<Relay>(db, &selection).await?
             };
             print_done(&ids, "discarded");
         }
