@@ -6,7 +6,15 @@
 //! - [`provision`] creates or checks the stream of each exchange.
 //! - [`Consumer`] feeds JetStream messages to typed handlers through the
 //!   inbox (`outbox_core::inbox`), so that each handler's effect happens once per event.
+//! - [`NatsConfig`] connects to a server list with credentials and TLS,
+//!   waiting for NATS at the first connection.
 //! - The `outbox` command (feature `cli`, on by default) runs a relay as its own process.
+//!
+//! Metrics go through the `metrics` facade. To serve them to Prometheus from
+//! an application running a relay and consumers, install an exporter before
+//! spawning them, e.g. `metrics_exporter_prometheus::PrometheusBuilder::new()
+//! .with_http_listener(([0, 0, 0, 0], 9464)).install()?` (the command does
+//! this with `--metrics-addr`).
 //!
 //! ```no_run
 //! # async fn run(db: sea_orm::DatabaseConnection) -> Result<(), Box<dyn std::error::Error>> {

@@ -56,7 +56,7 @@ pub(crate) struct NatsArgs {
 }
 
 impl NatsArgs {
-    pub(crate) fn config(&self) -> Result<NatsConfig, ConnectError> {
+    pub(crate) fn config(&self) -> Result<NatsConfig, BadServerList> {
         let auth = if let Some(path) = &self.nats_creds {
             NatsAuth::CredentialsFile(path.clone())
         } else if let Some(seed) = &self.nats_nkey {
@@ -78,9 +78,16 @@ impl NatsArgs {
         if let (Some(cert), Some(key)) = (&self.nats_tls_cert, &self.nats_tls_key) {
             tls = tls.client_certificate(cert, key);
         }
-        Ok(NatsConfig::new(&self.nats_url)?.auth(auth).tls(tls))
+        let servers = NatsConfig::new(&self.nats_url).map_err(BadServerList)?;
+        Ok(servers.auth(auth).tls(tls))
     }
 }
+
+/// `--nats-url` does not parse; the cause says why, with passwords masked
+/// (clap's own error would echo the value).
+#[derive(Debug, thiserror::Error)]
+#[error("invalid --nats-url (NATS_URL)")]
+pub(crate) struct BadServerList(#[source] ConnectError);
 
 fn existing_file(value: &str) -> Result<PathBuf, String> {
     let path = PathBuf::from(value);

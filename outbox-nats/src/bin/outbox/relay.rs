@@ -15,9 +15,9 @@ use crate::nats::NatsArgs;
 pub(crate) struct RelayArgs {
     #[command(flatten)]
     nats: NatsArgs,
-    /// A stream to create or check at start, as NAME=EXCHANGE (captures EXCHANGE.>); repeatable.
-    /// Without any, streams are not provisioned.
-    #[arg(long = "stream", value_parser = parse_stream)]
+    /// A stream to create or check at start, as NAME=EXCHANGE (captures EXCHANGE.>); repeatable,
+    /// or comma-separated in the variable. Without any, streams are not provisioned.
+    #[arg(long = "stream", env = "OUTBOX_STREAMS", value_delimiter = ',', value_parser = parse_stream)]
     streams: Vec<(String, String)>,
     /// Replicas of each --stream (an existing stream with others is an error).
     #[arg(long, env = "OUTBOX_STREAM_REPLICAS", value_parser = clap::value_parser!(u8).range(1..=5))]
