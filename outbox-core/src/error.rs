@@ -10,11 +10,11 @@ use sea_orm::DbErr;
 #[non_exhaustive]
 pub enum Error {
     /// The database refused a statement, or the connection failed.
-    #[error("database error: {0}")]
+    #[error("database error")]
     Database(#[from] DbErr),
 
     /// An event's payload could not be serialized; the transaction was rolled back.
-    #[error("cannot serialize event `{event_type}`: {source}")]
+    #[error("cannot serialize event `{event_type}`")]
     Serialize {
         /// The event type (`#[outbox(name = ...)]`).
         event_type: &'static str,
@@ -53,7 +53,7 @@ pub enum Error {
     },
 
     /// A payload received for an event type could not be decoded.
-    #[error("cannot decode event `{event_type}` version {version}: {source}")]
+    #[error("cannot decode event `{event_type}` version {version}")]
     Decode {
         /// The event type named by the message.
         event_type: String,
@@ -79,6 +79,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Displays an error with its chain of causes, `error: cause: cause`, for log
 /// lines and a program's last words (`Debug` would print the structure).
 ///
+/// A cause whose text the message before it already ends with is not
+/// repeated: some libraries (SeaORM's `DbErr`, say) print their cause in
+/// their own message and also return it as `source()`.
+///
 /// ```
 /// #[derive(Debug, thiserror::Error)]
 /// #[error("cannot connect to NATS")]
@@ -87,16 +91,29 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// let error = Connect(std::io::Error::other("connection refused"));
 /// let report = outbox_core::ErrorReport(&error).to_string();
 /// assert_eq!(report, "cannot connect to NATS: connection refused");
+///
+/// #[derive(Debug, thiserror::Error)]
+/// #[error("query failed: {0}")]
+/// struct Query(#[source] std::io::Error);
+///
+/// let error = Query(std::io::Error::other("relation does not exist"));
+/// let report = outbox_core::ErrorReport(&error).to_string();
+/// assert_eq!(report, "query failed: relation does not exist");
 /// ```
 #[derive(Debug, Clone, Copy)]
 pub struct ErrorReport<'a>(pub &'a (dyn std::error::Error + 'static));
 
 impl std::fmt::Display for ErrorReport<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
+        let mut message = self.0.to_string();
+        f.write_str(&message)?;
         let mut cause = self.0.source();
         while let Some(error) = cause {
-            write!(f, ": {error}")?;
+            let text = error.to_string();
+            if !message.ends_with(&text) {
+                write!(f, ": {text}")?;
+            }
+            message = text;
             cause = error.source();
         }
         Ok(())

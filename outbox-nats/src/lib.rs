@@ -38,6 +38,6 @@ mod publisher;
 mod streams;
 
 pub use connect::{ConnectError, NatsAuth, NatsConfig, NatsTls, Secret};
-pub use consumer::{Consumer, ConsumerBuilder, ConsumerConfig, ConsumerError, ConsumerHandle};
+pub use consumer::{Consumer, ConsumerBuilder, ConsumerError, ConsumerHandle};
 pub use publisher::{InvalidHeader, JetStreamPublisher, headers};
 pub use streams::{ProvisionError, StreamSettings, StreamSpec, provision, streams_from_registry};

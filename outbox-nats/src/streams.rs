@@ -186,12 +186,13 @@ pub enum ProvisionError {
         required: usize,
     },
     /// JetStream refused a request.
-    #[error("JetStream refused to provision stream `{stream}`: {error}")]
+    #[error("JetStream refused to provision stream `{stream}`")]
     JetStream {
         /// The stream.
         stream: String,
         /// What JetStream said.
-        error: String,
+        #[source]
+        source: async_nats::Error,
     },
 }
 
@@ -206,13 +207,13 @@ pub async fn provision(
     duplicate_window: Duration,
 ) -> Result<(), ProvisionError> {
     for spec in streams {
-        let refused = |error: &dyn std::fmt::Display| ProvisionError::JetStream {
+        let refused = |source: async_nats::Error| ProvisionError::JetStream {
             stream: spec.name.clone(),
-            error: error.to_string(),
+            source,
         };
         match context.get_stream(&spec.name).await {
             Ok(mut stream) => {
-                let config = &stream.info().await.map_err(|e| refused(&e))?.config;
+                let config = &stream.info().await.map_err(|e| refused(e.into()))?.config;
                 check(spec, config, duplicate_window)?;
             }
             Err(error) if is_missing(&error) => {
@@ -226,16 +227,16 @@ pub async fn provision(
                 context
                     .create_stream(config)
                     .await
-                    .map_err(|e| refused(&e))?;
+                    .map_err(|e| refused(e.into()))?;
                 tracing::info!(stream = %spec.name, subjects = ?spec.subjects, settings = ?spec.settings, "created stream");
             }
-            Err(error) => return Err(refused(&error)),
+            Err(error) => return Err(refused(error.into())),
         }
     }
     Ok(())
 }
 
-fn is_missing(error: &async_nats::jetstream::context::GetStreamError) -> bool {
+pub(crate) fn is_missing(error: &async_nats::jetstream::context::GetStreamError) -> bool {
     use async_nats::jetstream::ErrorCode;
     use async_nats::jetstream::context::GetStreamErrorKind;
     matches!(error.kind(), GetStreamErrorKind::JetStream(e) if e.error_code() == ErrorCode::STREAM_NOT_FOUND)

@@ -6,7 +6,7 @@ pub mod fixtures;
 pub mod nats;
 mod setup;
 
-pub use setup::{FAST_RETRY, Setup, emit_one, eventually, settled};
+pub use setup::{FAST_RETRY, Setup, drained, emit_one, eventually, fast, settled};
 
 use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection};
 

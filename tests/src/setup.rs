@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream;
-use outbox_core::relay::{Backoff, Relay};
+use outbox_core::relay::{Backoff, Publisher, Relay, RelayBuilder};
 use outbox_core::{OutboxEvent, emit, transactional};
 use outbox_nats::{Consumer, ConsumerBuilder};
 use sea_orm::DatabaseConnection;
@@ -148,5 +148,37 @@ pub async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
             "timed out waiting until {what}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A relay tuned for tests: short waits, so that they run in seconds.
+pub fn fast<P: Publisher>(db: &DatabaseConnection, publisher: P) -> RelayBuilder<P> {
+    Relay::builder(db.clone(), publisher)
+        .poll_interval(Duration::from_millis(50))
+        .stats_interval(Duration::from_millis(50))
+        .retry_backoff(Backoff {
+            initial: Duration::from_millis(10),
+            max: Duration::from_millis(40),
+        })
+        .outage_backoff(Backoff {
+            initial: Duration::from_millis(50),
+            max: Duration::from_millis(500),
+        })
+}
+
+/// Waits until the outbox is empty; the bound only keeps a broken relay from hanging the run.
+pub async fn drained(db: &DatabaseConnection, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let stats = outbox_core::relay::stats(db).await.expect("outbox stats");
+        if stats.pending == 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} events still pending",
+            stats.pending
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }

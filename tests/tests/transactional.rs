@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use outbox_core::entity::outbox_message;
-use outbox_core::{CommitSignal, OutboxEvent, emit, transactional};
+use outbox_core::{OutboxEvent, emit, transactional};
 use outbox_tests::fixtures::{AppError, OrderCreated, order};
 use outbox_tests::on_each_backend;
 use sea_orm::ActiveValue::Set;
@@ -29,7 +29,6 @@ on_each_backend!(
     invalid_subject_value_commits_nothing,
     a_partition_key_with_a_line_break_commits_nothing,
     methods_name_their_connection,
-    commit_wakes_relays,
 );
 
 /// Joins a caller's transaction when called with one: generic over the connection.
@@ -421,14 +420,6 @@ async fn methods_name_their_connection(db: &DatabaseConnection) {
         "the body sees its own uncommitted row"
     );
     assert_eq!(orders(db).await, [5]);
-}
-
-async fn commit_wakes_relays(db: &DatabaseConnection) {
-    let mut signal = CommitSignal::subscribe();
-    place_order(db, 1, 10).await.expect("commit");
-    tokio::time::timeout(Duration::from_secs(10), signal.committed())
-        .await
-        .expect("the commit signals relays in this process");
 }
 
 #[test]

@@ -145,7 +145,7 @@ impl Handlers {
         };
         match self.in_transaction(db, consumer, run, event, meta).await {
             Ok(processed) => processed,
-            Err(error) => Processed::Unavailable(error.to_string()),
+            Err(error) => Processed::Unavailable(crate::ErrorReport(&error).to_string()),
         }
     }
 
@@ -175,8 +175,10 @@ impl Handlers {
             let error = format!("event `{name}` version {version} is not in the registry");
             return Err(unhandled(DeadLetterReason::UnknownType, error));
         };
-        let event = (descriptor.decode)(payload)
-            .map_err(|error| unhandled(DeadLetterReason::Undecodable, error.to_string()))?;
+        let event = (descriptor.decode)(payload).map_err(|error| {
+            let error = crate::ErrorReport(&error).to_string();
+            unhandled(DeadLetterReason::Undecodable, error)
+        })?;
         Ok((Arc::clone(run), event))
     }
 

@@ -57,13 +57,14 @@ use crate::Error;
 /// MySQL, 32,766 on SQLite).
 pub const MAX_BATCH_SIZE: usize = 10_000;
 
-/// How a relay batches, retries and keeps delivered events.
+/// How a relay batches, retries and keeps delivered events: set through
+/// [`RelayBuilder`], read through [`Relay::config`].
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct RelayConfig {
     /// Events claimed and published per round (default 2,000; at most
-    /// [`MAX_BATCH_SIZE`]). Larger rounds cost the broker less per event: the
-    /// benchmark drained at 0.35-0.44 of raw JetStream's rate with 500 and at
-    /// 0.47-0.52 with 2,000, and no clearly more with 4,000 or 8,000.
+    /// [`MAX_BATCH_SIZE`]). Larger rounds cost the broker less per event, up
+    /// to a few thousand (the README's performance section has the figures).
     pub batch_size: usize,
     /// How often to look for events when nothing wakes the relay (default 1 s).
     pub poll_interval: Duration,
@@ -79,6 +80,7 @@ pub struct RelayConfig {
     /// Keep delivered rows (marked `delivered_at`) this long instead of deleting them at once.
     pub keep_delivered: Option<Duration>,
     /// Wake on PostgreSQL notifications from other processes (see `notify`).
+    #[cfg(feature = "postgres")]
     pub wake_on_notify: bool,
     /// Commit the relay's own bookkeeping without waiting for the WAL flush
     /// (PostgreSQL `synchronous_commit = off`). A database crash can then
@@ -111,6 +113,7 @@ impl Default for RelayConfig {
                 max: Duration::from_secs(10),
             },
             keep_delivered: None,
+            #[cfg(feature = "postgres")]
             wake_on_notify: false,
             async_commit: false,
             overlap_rounds: true,
@@ -128,6 +131,7 @@ impl RelayConfig {
 
 /// What one round did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct BatchReport {
     /// Events claimed.
     pub claimed: usize,

@@ -71,7 +71,7 @@ pub(super) fn listen(
             if let Err(error) = result {
                 failures += 1;
                 if failures == 1 {
-                    tracing::warn!(%error, "outbox notifications lost; polling until they are back");
+                    tracing::warn!(error = %crate::ErrorReport(&error), "outbox notifications lost; polling until they are back");
                 }
                 tokio::time::sleep(
                     Duration::from_secs(1).min(Duration::from_millis(100) * failures),

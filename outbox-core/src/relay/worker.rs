@@ -66,7 +66,7 @@ async fn run<P: Publisher>(relay: Relay<P>, mut stopped: watch::Receiver<bool>) 
             Err(error) => {
                 failures = failures.saturating_add(1);
                 if failures == 1 {
-                    tracing::warn!(%error, "relay cannot deliver; retrying with backoff");
+                    tracing::warn!(error = %crate::ErrorReport(&error), "relay cannot deliver; retrying with backoff");
                 }
                 config.outage.delay(failures)
             }
@@ -114,11 +114,13 @@ async fn housekeeping<P: Publisher>(relay: &Relay<P>) {
             .exec(&relay.db)
             .await;
         if let Err(error) = expired {
-            tracing::debug!(%error, "could not delete expired delivered events");
+            tracing::debug!(error = %crate::ErrorReport(&error), "could not delete expired delivered events");
         }
     }
     match stats::stats(&relay.db).await {
         Ok(stats) => stats::record_stats(&stats),
-        Err(error) => tracing::debug!(%error, "could not read outbox stats"),
+        Err(error) => {
+            tracing::debug!(error = %crate::ErrorReport(&error), "could not read outbox stats")
+        }
     }
 }

@@ -11,11 +11,13 @@ use proc_macro2::TokenStream;
 pub(crate) fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     let function: syn::ItemFn = match syn::parse2(item.clone()) {
         Ok(function) => function,
-        Err(_) => {
-            let error = syn::Error::new(
+        Err(parse_error) => {
+            // syn's own error says where parsing stopped; ours says what was expected.
+            let mut error = syn::Error::new(
                 proc_macro2::Span::call_site(),
                 "#[transactional] goes on an `async fn` returning `Result<T, E>`",
             );
+            error.combine(parse_error);
             return fallback::unparsed(item, error);
         }
     };

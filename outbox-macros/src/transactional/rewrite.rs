@@ -2,7 +2,8 @@
 //! transaction where the body names the connection expression.
 
 use proc_macro2::Ident;
-use quote::{ToTokens, quote};
+use quote::{quote, quote_spanned};
+use syn::spanned::Spanned;
 use syn::visit_mut::{self, VisitMut};
 use syn::{Block, Expr, Item, Macro};
 
@@ -11,7 +12,7 @@ use super::ast::Conn;
 /// Rewrites `body` in place.
 pub(crate) fn body(body: &mut Block, conn: &Conn, emitter: &Ident, transaction: &Ident) {
     let conn = match conn {
-        Conn::Expr(expr) => Some(expr.to_token_stream().to_string()),
+        Conn::Expr(expr) => Some(expr),
         Conn::Binding(_) => None,
     };
     Rewriter {
@@ -25,8 +26,9 @@ pub(crate) fn body(body: &mut Block, conn: &Conn, emitter: &Ident, transaction: 
 struct Rewriter<'a> {
     emitter: &'a Ident,
     transaction: &'a Ident,
-    /// The `conn = ...` expression as text, to find its occurrences.
-    conn: Option<String>,
+    /// The `conn = ...` expression, found by structure (syn's equality
+    /// ignores spans and spacing).
+    conn: Option<&'a Expr>,
 }
 
 impl VisitMut for Rewriter<'_> {
@@ -41,13 +43,10 @@ impl VisitMut for Rewriter<'_> {
     }
 
     fn visit_expr_mut(&mut self, expr: &mut Expr) {
-        let is_conn = self
-            .conn
-            .as_ref()
-            .is_some_and(|conn| *conn == expr.to_token_stream().to_string());
-        if is_conn {
+        if self.conn.is_some_and(|conn| conn == expr) {
+            // The user's span, so that a type error points at their expression.
             let transaction = self.transaction;
-            *expr = Expr::Verbatim(quote!((*#transaction)));
+            *expr = Expr::Verbatim(quote_spanned!(expr.span()=> (*#transaction)));
         } else {
             visit_mut::visit_expr_mut(self, expr);
         }
@@ -61,6 +60,7 @@ impl VisitMut for Rewriter<'_> {
 mod tests {
     use super::*;
     use proc_macro2::Span;
+    use quote::ToTokens;
 
     fn rewrite(mut block: Block, conn: Conn) -> String {
         let emitter = Ident::new("e", Span::call_site());
@@ -100,5 +100,15 @@ mod tests {
         );
         assert!(out.contains("all(&(*t))"), "{out}");
         assert!(out.contains("self.other.go()"), "{out}");
+        // Structure, not text: `self . db` is the same expression, `self.db2` is not.
+        let out = rewrite(
+            syn::parse_quote!({
+                X::find().all(&self.db).await;
+                Y::find().all(&self.db2).await;
+            }),
+            Conn::Expr(syn::parse_quote!(self.db)),
+        );
+        assert!(out.contains("X::find().all(&(*t))"), "{out}");
+        assert!(out.contains("Y::find().all(&self.db2)"), "{out}");
     }
 }

@@ -20,24 +20,25 @@ use tokio::task::JoinHandle;
 
 use crate::streams::{namespaced, stream_name};
 
-/// How a consumer runs; every field has a default (see [`ConsumerBuilder`]).
+/// How a consumer runs; set through [`ConsumerBuilder`], whose methods give
+/// the defaults.
 #[derive(Debug, Clone)]
-pub struct ConsumerConfig {
+pub(crate) struct ConsumerConfig {
     /// Messages handled at once (default 8).
-    pub max_in_flight: usize,
+    pub(crate) max_in_flight: usize,
     /// Deliveries of a failing message before it is dead-lettered (default 5).
-    pub max_deliveries: u64,
+    pub(crate) max_deliveries: u64,
     /// Delay before a failed message is redelivered (default 1 s doubling to 60 s).
-    pub retry_backoff: Backoff,
+    pub(crate) retry_backoff: Backoff,
     /// How long JetStream waits for an ack before redelivering (default 30 s).
-    pub ack_wait: Duration,
+    pub(crate) ack_wait: Duration,
     /// Messages delivered and not yet acknowledged, at most (default 1,000).
-    pub max_ack_pending: usize,
+    pub(crate) max_ack_pending: usize,
     /// How long inbox rows are kept (default 7 days); must outlast any redelivery.
-    pub inbox_retention: Duration,
+    pub(crate) inbox_retention: Duration,
     /// Acknowledge and count, rather than dead-letter, messages of an event
     /// type or version no handler takes (default: dead-letter).
-    pub skip_unhandled: bool,
+    pub(crate) skip_unhandled: bool,
 }
 
 impl Default for ConsumerConfig {
@@ -69,31 +70,37 @@ pub enum ConsumerError {
     DuplicateHandler(#[from] DuplicateHandler),
     /// The handlers' event types live in several streams; name one with `stream`.
     #[error(
-        "consumer `{consumer}` handles events of several streams ({streams}); one consumer reads one stream"
+        "consumer `{consumer}` handles events of several streams ({}); one consumer reads one stream",
+        streams.join(", ")
     )]
     SeveralStreams {
         /// The consumer.
         consumer: String,
-        /// The streams, comma-separated.
-        streams: String,
+        /// The streams.
+        streams: Vec<String>,
     },
-    /// The stream does not exist or cannot be read.
-    #[error("stream `{stream}` is not available (provision it first): {error}")]
+    /// The stream does not exist: provision it first.
+    #[error("stream `{0}` does not exist (provision it first)")]
+    StreamNotFound(String),
+    /// The stream could not be looked up.
+    #[error("cannot look up stream `{stream}`")]
     Stream {
         /// The stream.
         stream: String,
         /// What JetStream said.
-        error: String,
+        #[source]
+        source: async_nats::jetstream::context::GetStreamError,
     },
     /// JetStream refused to create or look up the durable consumer.
-    #[error("cannot create consumer `{consumer}` on stream `{stream}`: {error}")]
+    #[error("cannot create consumer `{consumer}` on stream `{stream}`")]
     Consumer {
         /// The consumer.
         consumer: String,
         /// The stream.
         stream: String,
         /// What JetStream said.
-        error: String,
+        #[source]
+        source: async_nats::jetstream::stream::ConsumerError,
     },
     /// Another process runs this consumer name: per-key order needs one.
     #[error(
@@ -109,9 +116,6 @@ pub enum ConsumerError {
         #[source]
         source: sea_orm::DbErr,
     },
-    /// The consumer task panicked.
-    #[error("consumer task failed: {0}")]
-    Task(#[from] tokio::task::JoinError),
 }
 
 /// Builds a [`Consumer`]: name it, add handlers, then [`spawn`](Self::spawn) it.
@@ -222,31 +226,32 @@ impl ConsumerBuilder {
         self
     }
 
-    /// Messages handled at once.
+    /// Messages handled at once (default 8).
     pub fn max_in_flight(mut self, n: usize) -> Self {
         self.config.max_in_flight = n.max(1);
         self
     }
 
-    /// Deliveries of a failing message before it is dead-lettered.
+    /// Deliveries of a failing message before it is dead-lettered (default 5).
     pub fn max_deliveries(mut self, n: u64) -> Self {
         self.config.max_deliveries = n.max(1);
         self
     }
 
-    /// The delay before a failed message is redelivered.
+    /// The delay before a failed message is tried again (default 1 s doubling to 60 s).
     pub fn retry_backoff(mut self, backoff: Backoff) -> Self {
         self.config.retry_backoff = backoff;
         self
     }
 
-    /// How long JetStream waits for an ack before redelivering.
+    /// How long JetStream waits for an ack before redelivering (default 30 s).
     pub fn ack_wait(mut self, ack_wait: Duration) -> Self {
         self.config.ack_wait = ack_wait;
         self
     }
 
-    /// How long inbox rows are kept before they are deleted.
+    /// How long inbox rows are kept before they are deleted (default 7 days);
+    /// keep them longer than a message can be redelivered.
     pub fn inbox_retention(mut self, retention: Duration) -> Self {
         self.config.inbox_retention = retention;
         self
@@ -314,7 +319,7 @@ fn single_stream(consumer: &str, handlers: &Handlers) -> Result<String, Consumer
         Some(stream) if streams.len() == 1 => Ok((*stream).to_owned()),
         _ => Err(ConsumerError::SeveralStreams {
             consumer: consumer.to_owned(),
-            streams: streams.iter().copied().collect::<Vec<_>>().join(", "),
+            streams: streams.iter().map(|s| (*s).to_owned()).collect(),
         }),
     }
 }
@@ -332,13 +337,16 @@ async fn durable(
     ),
     ConsumerError,
 > {
-    let stream_handle = context
-        .get_stream(stream)
-        .await
-        .map_err(|e| ConsumerError::Stream {
-            stream: stream.to_owned(),
-            error: e.to_string(),
-        })?;
+    let stream_handle = context.get_stream(stream).await.map_err(|source| {
+        if crate::streams::is_missing(&source) {
+            ConsumerError::StreamNotFound(stream.to_owned())
+        } else {
+            ConsumerError::Stream {
+                stream: stream.to_owned(),
+                source,
+            }
+        }
+    })?;
     let (filter_subject, filter_subjects) = filter_fields(filters);
     let consumer_config = pull::Config {
         filter_subject,
@@ -355,10 +363,10 @@ async fn durable(
     let consumer = stream_handle
         .get_or_create_consumer(name, consumer_config)
         .await
-        .map_err(|e| ConsumerError::Consumer {
+        .map_err(|source| ConsumerError::Consumer {
             consumer: name.to_owned(),
             stream: stream.to_owned(),
-            error: e.to_string(),
+            source,
         })?;
     Ok((stream_handle, consumer))
 }
@@ -383,9 +391,10 @@ pub struct ConsumerHandle {
 impl ConsumerHandle {
     /// Stops taking messages, lets the handlers in flight finish (commit and
     /// ack), returns the messages not started to JetStream for redelivery,
-    /// then stops.
-    pub async fn shutdown(self) -> Result<(), ConsumerError> {
+    /// then stops. Fails only if the consumer's task panicked, like
+    /// `RelayHandle::shutdown`.
+    pub async fn shutdown(self) -> Result<(), tokio::task::JoinError> {
         let _ = self.stop.send(true);
-        Ok(self.task.await?)
+        self.task.await
     }
 }

@@ -246,7 +246,7 @@ impl Worker {
                 tracing::debug!(consumer = %self.name, read = ids.len(), handled = handled.len(), "unsure span read back");
             }
             Err(error) => {
-                tracing::warn!(consumer = %self.name, %error, "cannot look the unsure span up in the inbox; handling it message by message")
+                tracing::warn!(consumer = %self.name, error = %outbox_core::ErrorReport(&error), "cannot look the unsure span up in the inbox; handling it message by message")
             }
         }
         found
@@ -459,7 +459,7 @@ impl Worker {
                 tracing::error!(consumer = %self.name, "another process took this consumer's lock while the database restarted: two processes now run it, and per-key order does not hold while they do; stop one")
             }
             Err(error) => {
-                tracing::warn!(consumer = %self.name, %error, "cannot check the consumer's lock; will try again")
+                tracing::warn!(consumer = %self.name, error = %outbox_core::ErrorReport(&error), "cannot check the consumer's lock; will try again")
             }
         }
         true
@@ -475,7 +475,7 @@ impl Worker {
                 tracing::debug!(consumer = %self.name, deleted, "inbox rows past retention deleted")
             }
             Err(error) => {
-                tracing::warn!(consumer = %self.name, %error, "inbox retention cleanup failed")
+                tracing::warn!(consumer = %self.name, error = %outbox_core::ErrorReport(&error), "inbox retention cleanup failed")
             }
         }
     }

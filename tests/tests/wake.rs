@@ -1,0 +1,70 @@
+//! Waking relays: a commit in this process, and PostgreSQL's `NOTIFY` from
+//! another. In a test binary of their own, where no other test commits
+//! events, so that a wake-up can only come from what the test itself does;
+//! and one test at a time, since a commit in one would wake the other's relay.
+
+use std::time::Duration;
+
+use outbox_core::CommitSignal;
+use outbox_tests::fixtures::OrderCreated;
+use outbox_tests::{Setup, drained, emit_one, fast};
+use sea_orm::{ConnectionTrait, DatabaseConnection};
+use tokio::sync::Mutex;
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
+
+async fn commit_wakes_relays(db: &DatabaseConnection) {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let mut signal = CommitSignal::subscribe();
+    let order = OrderCreated {
+        order_id: 1,
+        total_cents: 10,
+    };
+    emit_one(db, order).await.expect("commit");
+    tokio::time::timeout(Duration::from_secs(10), signal.committed())
+        .await
+        .expect("the commit signals relays in this process");
+}
+
+outbox_tests::on_each_backend!(commit_wakes_relays);
+
+/// The relay polls once an hour, nothing in this process commits events,
+/// and the event is inserted after the relay's last round: only a
+/// notification can make it deliver within the bound. (Without
+/// `notify::enable`, the test fails.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_notify_wakes_a_relay_across_processes() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let setup = Setup::postgres().await;
+    let (db, nats, stream) = (&setup.test.db, &setup.nats, &setup.stream);
+    outbox_core::relay::notify::enable(db)
+        .await
+        .expect("install the trigger");
+    // Another process's commits: plain INSERTs, which signal nothing in this process.
+    let insert = async |order_id: i64| {
+        db.execute_unprepared(&format!(
+            "INSERT INTO outbox_messages (id, event_type, event_version, exchange, subject, \
+             partition_key, payload, content_type, created_at, attempts, next_attempt_at) \
+             VALUES ('{}', 'OrderCreated', 1, 'orders', 'orders.order.{order_id}.created', \
+             '{order_id}', convert_to('{{\"order_id\":{order_id},\"total_cents\":5}}', 'UTF8'), \
+             'application/json', now(), 0, now())",
+            uuid::Uuid::now_v7()
+        ))
+        .await
+        .expect("insert from another process");
+    };
+    insert(1).await;
+    let relay = fast(db, nats.publisher())
+        .poll_interval(Duration::from_secs(3600))
+        .wake_on_notify()
+        .spawn();
+    // Its first rounds deliver the first event; then it waits for an hour.
+    drained(db, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    insert(2).await;
+    drained(db, Duration::from_secs(30)).await;
+    relay.shutdown().await.expect("relay stops");
+    assert_eq!(nats.messages(stream).await.len(), 2);
+    setup.finish().await;
+}
