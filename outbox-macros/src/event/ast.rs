@@ -5,7 +5,7 @@ use proc_macro2::Span;
 use syn::ext::IdentExt;
 use syn::{Data, DeriveInput, Ident, LitStr, Member, Path};
 
-use super::attr::{Attrs, Place};
+use super::attr::{Attrs, Place, Setting};
 use super::check;
 use crate::errors::Errors;
 use crate::pattern;
@@ -48,7 +48,7 @@ impl<'a> Event<'a> {
         let exchange = required(
             &attrs.exchange,
             &attrs.written,
-            "exchange",
+            Setting::Exchange,
             input,
             &mut errors,
         );
@@ -83,8 +83,8 @@ impl<'a> Event<'a> {
             Data::Struct(data) => {
                 let name = attrs.name.as_ref().map_or_else(|| input.ident.unraw().to_string(), LitStr::value);
                 let routing = attrs.routing_key.as_ref().or_else(|| {
-                    if !attrs.written.iter().any(|k| k == "routing_key") {
-                        errors.push(missing("routing_key", input));
+                    if !attrs.written.contains(&Setting::RoutingKey) {
+                        errors.push(missing(Setting::RoutingKey, input));
                     }
                     None
                 });
@@ -130,7 +130,7 @@ impl<'a> Event<'a> {
         errors.finish()?;
         let (Some((exchange, _)), Some(stream)) = (exchange, stream) else {
             // Reported above already; `finish` returned it.
-            return Err(missing("exchange", input));
+            return Err(missing(Setting::Exchange, input));
         };
         Ok(Event {
             ident: &input.ident,
@@ -147,15 +147,15 @@ impl<'a> Event<'a> {
 /// The value of a required key; reports it missing unless it was written (and reported) invalid.
 fn required(
     lit: &Option<LitStr>,
-    written: &[String],
-    key: &str,
+    written: &[Setting],
+    key: Setting,
     input: &DeriveInput,
     errors: &mut Errors,
 ) -> Option<(String, LitStr)> {
     match lit {
         Some(lit) => Some((lit.value(), lit.clone())),
         None => {
-            if !written.iter().any(|k| k == key) {
+            if !written.contains(&key) {
                 errors.push(missing(key, input));
             }
             None
@@ -163,7 +163,8 @@ fn required(
     }
 }
 
-pub(super) fn missing(key: &str, input: &DeriveInput) -> syn::Error {
+pub(super) fn missing(key: Setting, input: &DeriveInput) -> syn::Error {
+    let key = key.as_str();
     syn::Error::new(
         input.ident.span(),
         format!(

@@ -13,19 +13,60 @@ pub(crate) enum Place {
 }
 
 impl Place {
-    fn keys(self) -> &'static [&'static str] {
+    fn keys(self) -> &'static [Setting] {
         match self {
             Place::Container => &[
-                "exchange",
-                "routing_key",
-                "key",
-                "name",
-                "version",
-                "stream",
-                "crate",
+                Setting::Exchange,
+                Setting::RoutingKey,
+                Setting::Key,
+                Setting::Name,
+                Setting::Version,
+                Setting::Stream,
+                Setting::Crate,
             ],
-            Place::Variant => &["routing_key", "name", "key"],
+            Place::Variant => &[Setting::RoutingKey, Setting::Name, Setting::Key],
         }
+    }
+}
+
+/// A key of `#[outbox(...)]`; each has a slot of its own in [`Attrs`].
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Setting {
+    Exchange,
+    RoutingKey,
+    Key,
+    Name,
+    Version,
+    Stream,
+    Crate,
+}
+
+impl Setting {
+    const ALL: [Setting; 7] = [
+        Setting::Exchange,
+        Setting::RoutingKey,
+        Setting::Key,
+        Setting::Name,
+        Setting::Version,
+        Setting::Stream,
+        Setting::Crate,
+    ];
+
+    /// As written in the attribute.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Setting::Exchange => "exchange",
+            Setting::RoutingKey => "routing_key",
+            Setting::Key => "key",
+            Setting::Name => "name",
+            Setting::Version => "version",
+            Setting::Stream => "stream",
+            Setting::Crate => "crate",
+        }
+    }
+
+    fn from_ident(ident: &syn::Ident) -> Option<Setting> {
+        Setting::ALL.into_iter().find(|key| ident == key.as_str())
     }
 }
 
@@ -40,7 +81,7 @@ pub(crate) struct Attrs {
     pub(crate) stream: Option<LitStr>,
     pub(crate) krate: Option<Path>,
     /// Every known key written, valid or not: an invalid one is not also "missing".
-    pub(crate) written: Vec<String>,
+    pub(crate) written: Vec<Setting>,
 }
 
 impl Attrs {
@@ -66,23 +107,21 @@ impl Attrs {
         place: Place,
         errors: &mut Errors,
     ) -> syn::Result<()> {
-        let Some(ident) = meta.path.get_ident() else {
+        let key = meta.path.get_ident().and_then(Setting::from_ident);
+        let Some(key) = key.filter(|key| place.keys().contains(key)) else {
             return Err(unknown_key(meta, place));
         };
-        let key = ident.to_string();
-        if !place.keys().contains(&key.as_str()) {
-            return Err(unknown_key(meta, place));
-        }
-        self.written.push(key.clone());
+        self.written.push(key);
         let value: Expr = meta.value()?.parse()?;
-        let parsed = match key.as_str() {
-            "exchange" => string(&key, value).map(|v| set(&mut self.exchange, v, meta)),
-            "routing_key" => string(&key, value).map(|v| set(&mut self.routing_key, v, meta)),
-            "name" => string(&key, value).map(|v| set(&mut self.name, v, meta)),
-            "stream" => string(&key, value).map(|v| set(&mut self.stream, v, meta)),
-            "version" => integer(value).map(|v| set(&mut self.version, v, meta)),
-            "key" => member(value).map(|v| set(&mut self.key, v, meta)),
-            _ => string(&key, value)
+        let name = key.as_str();
+        let parsed = match key {
+            Setting::Exchange => string(name, value).map(|v| set(&mut self.exchange, v, meta)),
+            Setting::RoutingKey => string(name, value).map(|v| set(&mut self.routing_key, v, meta)),
+            Setting::Name => string(name, value).map(|v| set(&mut self.name, v, meta)),
+            Setting::Stream => string(name, value).map(|v| set(&mut self.stream, v, meta)),
+            Setting::Version => integer(value).map(|v| set(&mut self.version, v, meta)),
+            Setting::Key => member(value).map(|v| set(&mut self.key, v, meta)),
+            Setting::Crate => string(name, value)
                 .and_then(|lit| lit.parse::<Path>())
                 .map(|v| set(&mut self.krate, v, meta)),
         };
@@ -114,7 +153,7 @@ fn unknown_key(meta: &ParseNestedMeta<'_>, place: Place) -> syn::Error {
     let valid = place
         .keys()
         .iter()
-        .map(|k| format!("`{k}`"))
+        .map(|k| format!("`{}`", k.as_str()))
         .collect::<Vec<_>>()
         .join(", ");
     let on = match place {
