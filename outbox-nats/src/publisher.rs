@@ -202,7 +202,10 @@ impl Publisher for JetStreamPublisher {
         events: &[&outbox_message::Model],
         after: &[Option<usize>],
     ) -> Vec<Option<Delivery>> {
-        let mut order = KeyOrder::new(after);
+        let mut order = match KeyOrder::new(after) {
+            Ok(order) => order,
+            Err(invalid) => return invalid.outcome(events.len()),
+        };
         if self.client.connection_state() != State::Connected {
             order.abandon(&Delivery::Unavailable("not connected to NATS".to_owned()));
             return order.into_outcome();

@@ -35,8 +35,8 @@ use sea_orm::sea_query::{
 use sea_orm::{ConnectionTrait, DbBackend, DbErr, Iterable};
 use uuid::Uuid;
 
-use super::decode::{self, Decoded};
-use crate::entity::outbox_message::{Column, Entity, Model};
+use super::decode::{self, Claimed};
+use crate::entity::outbox_message::{Column, Entity};
 
 /// Another round of this relay, being published now and settled before the
 /// claimed events are published.
@@ -58,7 +58,7 @@ pub(super) async fn claim<C: ConnectionTrait>(
     now: DateTime<Utc>,
     keep_delivered: bool,
     in_flight: &InFlight,
-) -> Result<Decoded, DbErr> {
+) -> Result<Vec<Claimed>, DbErr> {
     let backend = conn.get_database_backend();
     let outside = (in_flight.span).map(|(first, last)| {
         Expr::col(Column::Id)
@@ -68,9 +68,9 @@ pub(super) async fn claim<C: ConnectionTrait>(
     let claim = claim_statement(backend, limit, now, keep_delivered, outside);
     let with_ctid = backend == DbBackend::Postgres;
     let mut claimed = decode::decode_all(&conn.query_all(&claim).await?, with_ctid)?;
-    let first_stop = stops(conn, &claimed.events, keep_delivered, &in_flight.keyed).await?;
+    let first_stop = stops(conn, &claimed, keep_delivered, &in_flight.keyed).await?;
     if !first_stop.is_empty() {
-        claimed.retain(|event| {
+        claimed.retain(|Claimed { event, .. }| {
             event.partition_key.as_ref().is_none_or(|key| {
                 first_stop
                     .get(key.as_str())
@@ -85,13 +85,13 @@ pub(super) async fn claim<C: ConnectionTrait>(
 /// claimed event of that key but neither claimed itself nor in flight, by key.
 async fn stops<C: ConnectionTrait>(
     conn: &C,
-    claimed: &[Model],
+    claimed: &[Claimed],
     keep_delivered: bool,
     in_flight: &[Uuid],
 ) -> Result<HashMap<String, Uuid>, DbErr> {
     let mut keys = HashSet::new();
     let mut ids = Vec::new();
-    for event in claimed {
+    for Claimed { event, .. } in claimed {
         if let Some(key) = &event.partition_key {
             keys.insert(key.as_str());
             ids.push(event.id);

@@ -10,59 +10,43 @@ use sea_orm::{DbErr, QueryResult, TryGetable};
 
 use crate::entity::outbox_message::Model;
 
-/// A claim's rows as events; on PostgreSQL also each row's `ctid`, which the
-/// claim selects after the entity's columns for the settle to delete by.
+/// One claimed event and where its row is: on PostgreSQL the `ctid` the
+/// claim selects after the entity's columns, which the settle deletes by.
+/// One record, so that an event and its row's locator cannot part.
 #[derive(Debug)]
-pub(super) struct Decoded {
-    pub events: Vec<Model>,
-    /// Empty unless the rows carry a `ctid`.
-    pub ctids: Vec<String>,
+pub(super) struct Claimed {
+    pub event: Model,
+    pub ctid: Option<String>,
 }
 
 /// Decodes a claim's rows, and their `ctid` if `with_ctid`.
-pub(super) fn decode_all(rows: &[QueryResult], with_ctid: bool) -> Result<Decoded, DbErr> {
-    let mut decoded = Decoded {
-        events: Vec::with_capacity(rows.len()),
-        ctids: Vec::with_capacity(if with_ctid { rows.len() } else { 0 }),
-    };
+pub(super) fn decode_all(rows: &[QueryResult], with_ctid: bool) -> Result<Vec<Claimed>, DbErr> {
+    let mut claimed = Vec::with_capacity(rows.len());
     let Some((first, rest)) = rows.split_first() else {
-        return Ok(decoded);
+        return Ok(claimed);
     };
-    decoded.push(first, with_ctid)?;
+    claimed.push(Claimed::read(first, with_ctid)?);
     for row in rest {
         // The first row was read with the checks: its column types fit every row.
         #[cfg(feature = "postgres")]
         if let Some(row) = row.try_as_pg_row() {
-            decoded.push(&Unchecked(row), with_ctid)?;
+            claimed.push(Claimed::read(&Unchecked(row), with_ctid)?);
             continue;
         }
-        decoded.push(row, with_ctid)?;
+        claimed.push(Claimed::read(row, with_ctid)?);
     }
-    Ok(decoded)
+    Ok(claimed)
 }
 
-impl Decoded {
-    /// Keeps the events `keep` accepts, each with its ctid.
-    pub(super) fn retain(&mut self, keep: impl Fn(&Model) -> bool) {
-        let kept: Vec<bool> = self.events.iter().map(keep).collect();
-        let mut flags = kept.iter();
-        self.events
-            .retain(|_| flags.next().is_some_and(|&keep| keep));
-        let mut flags = kept.iter();
-        self.ctids
-            .retain(|_| flags.next().is_some_and(|&keep| keep));
-    }
-
-    fn push(&mut self, row: &impl Columns, with_ctid: bool) -> Result<(), DbErr> {
-        self.events.push(decode(row)?);
-        if with_ctid {
-            self.ctids.push(row.at(CTID)?);
-        }
-        Ok(())
+impl Claimed {
+    fn read(row: &impl Columns, with_ctid: bool) -> Result<Self, DbErr> {
+        Ok(Self {
+            event: decode(row)?,
+            ctid: if with_ctid { Some(row.at(CTID)?) } else { None },
+        })
     }
 }
 
-/// Where the claim selects the `ctid`: after the entity's columns.
 const CTID: usize = 14;
 
 /// A row's columns by position. Reading by name cost a search of the

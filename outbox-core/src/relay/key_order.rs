@@ -14,7 +14,7 @@ use super::publisher::Publisher;
 /// use outbox_core::relay::{Delivery, KeyOrder};
 ///
 /// // Events 0 and 2 share a key; 1 has its own.
-/// let mut order = KeyOrder::new(&[None, None, Some(0)]);
+/// let mut order = KeyOrder::new(&[None, None, Some(0)]).unwrap();
 /// assert_eq!(order.next_ready(), Some(0));
 /// assert_eq!(order.next_ready(), Some(1));
 /// assert_eq!(order.next_ready(), None); // 2 waits for 0
@@ -22,6 +22,10 @@ use super::publisher::Publisher;
 /// order.settle(1, Delivery::Stored { duplicate: false });
 /// assert_eq!(order.next_ready(), None); // and is held back
 /// assert_eq!(order.into_outcome()[2], None);
+///
+/// // An event may only follow an earlier one, and no two the same.
+/// assert!(KeyOrder::new(&[Some(1), None]).is_err());
+/// assert!(KeyOrder::new(&[None, Some(0), Some(0)]).is_err());
 /// ```
 #[derive(Debug)]
 pub struct KeyOrder {
@@ -32,25 +36,51 @@ pub struct KeyOrder {
     in_flight: usize,
 }
 
+/// An `after` list that is not a set of chains: an event following itself,
+/// a later event or one outside the batch, or two events following one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "event {index} of the batch is to follow event {previous}, which is not an earlier \
+     event of the batch that no other event follows"
+)]
+pub struct InvalidKeyOrder {
+    /// The event.
+    pub index: usize,
+    /// The event it was to follow.
+    pub previous: usize,
+}
+
+impl InvalidKeyOrder {
+    /// What a publisher answers for a batch it cannot order: every event
+    /// unavailable, so that none is charged an attempt and none is lost.
+    pub fn outcome(&self, events: usize) -> Vec<Option<Delivery>> {
+        vec![Some(Delivery::Unavailable(self.to_string())); events]
+    }
+}
+
 impl KeyOrder {
     /// `after[i]`: the previous event of event `i`'s key in the batch, if any
-    /// (as passed to [`Publisher::publish_in_key_order`]).
-    pub fn new(after: &[Option<usize>]) -> Self {
+    /// (as passed to [`Publisher::publish_in_key_order`]). Each must name an
+    /// earlier event, and no event may be named twice.
+    pub fn new(after: &[Option<usize>]) -> Result<Self, InvalidKeyOrder> {
         let mut successors = vec![None; after.len()];
         let mut ready = VecDeque::new();
         for (index, previous) in after.iter().enumerate() {
             match *previous {
-                Some(previous) => successors[previous] = Some(index),
+                Some(previous) if previous < index && successors[previous].is_none() => {
+                    successors[previous] = Some(index);
+                }
+                Some(previous) => return Err(InvalidKeyOrder { index, previous }),
                 None => ready.push_back(index),
             }
         }
-        Self {
+        Ok(Self {
             successors,
             ready,
             sent: vec![false; after.len()],
             outcome: vec![None; after.len()],
             in_flight: 0,
-        }
+        })
     }
 
     /// The next event to send, taken as sent: oldest first of those ready.
@@ -110,10 +140,36 @@ mod tests {
         Delivery::Stored { duplicate: false }
     }
 
+    fn order(after: &[Option<usize>]) -> KeyOrder {
+        KeyOrder::new(after).expect("chains")
+    }
+
+    #[test]
+    fn an_after_list_that_is_not_chains_is_refused() {
+        let invalid = |index, previous| Err(InvalidKeyOrder { index, previous });
+        assert_eq!(KeyOrder::new(&[Some(0)]).map(|_| ()), invalid(0, 0));
+        assert_eq!(KeyOrder::new(&[None, Some(5)]).map(|_| ()), invalid(1, 5));
+        assert_eq!(KeyOrder::new(&[Some(1), None]).map(|_| ()), invalid(0, 1));
+        assert_eq!(
+            KeyOrder::new(&[None, Some(0), Some(0)]).map(|_| ()),
+            invalid(2, 0)
+        );
+        let outcome = InvalidKeyOrder {
+            index: 2,
+            previous: 0,
+        }
+        .outcome(3);
+        assert!(
+            outcome
+                .iter()
+                .all(|d| matches!(d, Some(Delivery::Unavailable(_))))
+        );
+    }
+
     #[test]
     fn a_key_advances_one_stored_event_at_a_time() {
         // Key A: 0, 2, 3; key B: 1, 4; unkeyed: 5.
-        let mut order = KeyOrder::new(&[None, None, Some(0), Some(2), Some(1), None]);
+        let mut order = order(&[None, None, Some(0), Some(2), Some(1), None]);
         let first: Vec<usize> = std::iter::from_fn(|| order.next_ready()).collect();
         assert_eq!(first, [0, 1, 5]);
         order.settle(1, stored());
@@ -132,7 +188,7 @@ mod tests {
 
     #[test]
     fn a_second_delivery_or_one_for_an_event_not_sent_changes_nothing() {
-        let mut order = KeyOrder::new(&[None, Some(0)]);
+        let mut order = order(&[None, Some(0)]);
         assert!(!order.settle(0, stored()), "not sent yet");
         assert_eq!(order.next_ready(), Some(0));
         assert!(order.settle(0, Delivery::Rejected("no".into())));
@@ -149,7 +205,7 @@ mod tests {
     #[test]
     fn abandoning_settles_what_is_in_flight_or_ready_and_holds_back_the_rest() {
         // Key A: 0, 1; unkeyed: 2, 3.
-        let mut order = KeyOrder::new(&[None, Some(0), None, None]);
+        let mut order = order(&[None, Some(0), None, None]);
         assert_eq!(order.next_ready(), Some(0));
         assert_eq!(order.next_ready(), Some(2));
         assert!(order.settle(2, stored()));

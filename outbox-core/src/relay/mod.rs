@@ -44,7 +44,7 @@ use std::time::Duration;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, IsolationLevel, TransactionTrait};
 
 pub use backoff::Backoff;
-pub use key_order::KeyOrder;
+pub use key_order::{InvalidKeyOrder, KeyOrder};
 pub use publisher::{Delivery, Publisher};
 pub use stats::{OutboxStats, stats};
 pub use worker::RelayHandle;

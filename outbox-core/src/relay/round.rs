@@ -11,28 +11,36 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use super::claim::InFlight;
+use super::decode::Claimed;
 use super::publisher::{Delivery, Publisher};
 use super::{BatchReport, Relay, claim, settle, stats, waves};
 use crate::Error;
-use crate::entity::outbox_message::Model;
 
 /// Claimed events, and the transaction whose row locks keep other relays off
 /// them until the round is settled (`None` on SQLite, which has no row locks).
 pub(super) struct Round {
     txn: Option<DatabaseTransaction>,
-    batch: Vec<Model>,
-    /// Each event's `ctid` on PostgreSQL (empty elsewhere), for the settle.
-    ctids: Vec<String>,
+    batch: Vec<Claimed>,
     now: DateTime<Utc>,
     started: Instant,
     /// Whether the next claim may skip this round's span (see [`Round::in_flight`]).
     skippable: bool,
 }
 
-/// A round whose publish is over, waiting to be settled.
+/// A round whose publish is over, waiting to be settled: each claimed event
+/// with what the broker did with it.
 pub(super) struct Published {
-    round: Round,
-    deliveries: Vec<Option<Delivery>>,
+    txn: Option<DatabaseTransaction>,
+    events: Vec<Settled>,
+    now: DateTime<Utc>,
+    started: Instant,
+}
+
+/// A claimed event and its delivery, or `None` when it was held back behind
+/// an earlier event of its key.
+pub(super) struct Settled {
+    pub(super) claimed: Claimed,
+    pub(super) delivery: Option<Delivery>,
 }
 
 /// Keys whose events must wait, with the oldest event of each that the
@@ -61,13 +69,14 @@ impl Round {
     /// say, would otherwise cover it again).
     pub(super) fn in_flight(&self) -> InFlight {
         let keyed = (self.batch.iter())
-            .filter(|event| event.partition_key.is_some())
-            .map(|event| event.id)
+            .filter(|claimed| claimed.event.partition_key.is_some())
+            .map(|claimed| claimed.event.id)
             .collect();
         let span = (self.batch.first()).zip(self.batch.last());
         InFlight {
             keyed,
-            span: (span.filter(|_| self.skippable)).map(|(first, last)| (first.id, last.id)),
+            span: (span.filter(|_| self.skippable))
+                .map(|(first, last)| (first.event.id, last.event.id)),
         }
     }
 }
@@ -77,11 +86,11 @@ impl Published {
     /// its oldest such event.
     pub(super) fn held(&self) -> Held {
         let mut held = Held::new();
-        for (event, delivery) in self.round.batch.iter().zip(&self.deliveries) {
-            if let Some(key) = &event.partition_key
+        for Settled { claimed, delivery } in &self.events {
+            if let Some(key) = &claimed.event.partition_key
                 && !matches!(delivery, Some(Delivery::Stored { .. }))
             {
-                held.entry(key.clone()).or_insert(event.id);
+                held.entry(key.clone()).or_insert(claimed.event.id);
             }
         }
         held
@@ -89,7 +98,7 @@ impl Published {
 
     /// Whether the broker stored something this round.
     pub(super) fn stored_any(&self) -> bool {
-        (self.deliveries.iter()).any(|d| matches!(d, Some(Delivery::Stored { .. })))
+        (self.events.iter()).any(|e| matches!(e.delivery, Some(Delivery::Stored { .. })))
     }
 }
 
@@ -116,11 +125,10 @@ impl<P: Publisher> Relay<P> {
         let claimed = claimed
             .instrument(tracing::debug_span!("outbox.claim"))
             .await?;
-        let skippable = above(in_flight, &claimed.events);
+        let skippable = above(in_flight, &claimed);
         Ok(Round {
             txn,
-            batch: claimed.events,
-            ctids: claimed.ctids,
+            batch: claimed,
             now,
             started,
             skippable,
@@ -130,29 +138,36 @@ impl<P: Publisher> Relay<P> {
     /// Publishes a claimed batch; a keyed event newer than its key's entry in
     /// `held` is held back.
     pub(super) async fn publish_round(&self, round: Round, held: &Held) -> Published {
-        let deliveries = waves::publish(&self.publisher, &round.batch, held)
-            .instrument(tracing::debug_span!(
-                "outbox.publish",
-                events = round.batch.len()
-            ))
+        let Round {
+            txn,
+            batch,
+            now,
+            started,
+            ..
+        } = round;
+        let span = tracing::debug_span!("outbox.publish", events = batch.len());
+        let events = waves::publish(&self.publisher, batch, held)
+            .instrument(span)
             .await;
-        Published { round, deliveries }
+        Published {
+            txn,
+            events,
+            now,
+            started,
+        }
     }
 
     /// Records what the broker did with a round, and releases its events.
     ///
     /// Fails with [`Error::BrokerUnavailable`] when no event reached the broker.
     pub(super) async fn settle_round(&self, published: Published) -> Result<BatchReport, Error> {
-        let Published { round, deliveries } = published;
-        let Round {
+        let Published {
             txn,
-            batch,
-            ctids,
+            events,
             now,
             started,
-            ..
-        } = round;
-        if batch.is_empty() {
+        } = published;
+        if events.is_empty() {
             if let Some(txn) = txn {
                 txn.commit().await?;
             }
@@ -163,7 +178,7 @@ impl<P: Publisher> Relay<P> {
             None => self.begin().await?,
         };
         let settled = async {
-            let report = settle::settle(&txn, batch, &ctids, deliveries, &self.config, now).await?;
+            let report = settle::settle(&txn, events, &self.config, now).await?;
             txn.commit().await?;
             Ok::<_, sea_orm::DbErr>(report)
         };
@@ -181,9 +196,9 @@ impl<P: Publisher> Relay<P> {
 }
 
 /// Whether `batch` (in id order) lies wholly above the span its claim skipped.
-fn above(in_flight: &InFlight, batch: &[Model]) -> bool {
+fn above(in_flight: &InFlight, batch: &[Claimed]) -> bool {
     match (in_flight.span, batch.first()) {
-        (Some((_, last)), Some(first)) => first.id > last,
+        (Some((_, last)), Some(first)) => first.event.id > last,
         _ => true,
     }
 }
@@ -192,11 +207,11 @@ fn above(in_flight: &InFlight, batch: &[Model]) -> bool {
 mod tests {
     use uuid::Uuid;
 
-    use super::{InFlight, above};
+    use super::{Claimed, InFlight, above};
     use crate::entity::outbox_message::Model;
 
-    fn event(id: u128) -> Model {
-        Model {
+    fn event(id: u128) -> Claimed {
+        let event = Model {
             id: Uuid::from_u128(id),
             event_type: "E".into(),
             event_version: 1,
@@ -211,7 +226,8 @@ mod tests {
             next_attempt_at: chrono::Utc::now(),
             last_error: None,
             delivered_at: None,
-        }
+        };
+        Claimed { event, ctid: None }
     }
 
     fn skipped(first: u128, last: u128) -> InFlight {

@@ -13,21 +13,23 @@
 
 use std::collections::HashMap;
 
+use super::decode::Claimed;
 use super::key_order::KeyOrder;
 use super::publisher::{Delivery, Publisher};
-use super::round::Held;
+use super::round::{Held, Settled};
 use crate::entity::outbox_message::Model;
 
-/// Each event's delivery, or `None` when it was held back behind a failure of its key.
+/// Publishes `batch`; returns each event with its delivery, or with `None`
+/// when it was held back behind a failure of its key.
 pub(super) async fn publish<P: Publisher>(
     publisher: &P,
-    batch: &[Model],
+    batch: Vec<Claimed>,
     held: &Held,
-) -> Vec<Option<Delivery>> {
+) -> Vec<Settled> {
     let mut positions = Vec::with_capacity(batch.len());
     let mut after = Vec::with_capacity(batch.len());
     let mut last_of_key: HashMap<&str, usize> = HashMap::with_capacity(batch.len());
-    for (index, event) in batch.iter().enumerate() {
+    for (index, Claimed { event, .. }) in batch.iter().enumerate() {
         let previous = match event.partition_key.as_deref() {
             Some(key) if held.get(key).is_some_and(|oldest| *oldest < event.id) => continue,
             Some(key) => last_of_key.insert(key, positions.len()),
@@ -36,13 +38,18 @@ pub(super) async fn publish<P: Publisher>(
         positions.push(index);
         after.push(previous);
     }
-    let events: Vec<&Model> = positions.iter().map(|&i| &batch[i]).collect();
+    let events: Vec<&Model> = positions.iter().map(|&i| &batch[i].event).collect();
     let deliveries = publisher.publish_in_key_order(&events, &after).await;
-    let mut outcome: Vec<Option<Delivery>> = vec![None; batch.len()];
+    let mut settled: Vec<Settled> = (batch.into_iter())
+        .map(|claimed| Settled {
+            claimed,
+            delivery: None,
+        })
+        .collect();
     for (index, delivery) in positions.into_iter().zip(deliveries) {
-        outcome[index] = delivery;
+        settled[index].delivery = delivery;
     }
-    outcome
+    settled
 }
 
 /// [`Publisher::publish_in_key_order`] for a publisher that can only await
@@ -53,7 +60,10 @@ pub(super) async fn publish_in_waves<P: Publisher + ?Sized>(
     events: &[&Model],
     after: &[Option<usize>],
 ) -> Vec<Option<Delivery>> {
-    let mut order = KeyOrder::new(after);
+    let mut order = match KeyOrder::new(after) {
+        Ok(order) => order,
+        Err(invalid) => return invalid.outcome(events.len()),
+    };
     loop {
         let mut wave: Vec<usize> = std::iter::from_fn(|| order.next_ready()).collect();
         if wave.is_empty() {
