@@ -237,6 +237,15 @@ impl<P: Publisher> Relay<P> {
             && self.overlap.load(Ordering::Relaxed)
     }
 
+    /// Gives up overlapping rounds for this relay's life: the pool had no
+    /// second connection for an overlapped claim.
+    fn stop_overlapping(&self) {
+        tracing::warn!(
+            "the connection pool has no second connection for the relay: rounds no longer overlap"
+        );
+        self.overlap.store(false, Ordering::Relaxed);
+    }
+
     /// Every transaction of a round starts here, so that `async_commit` applies to all of them.
     ///
     /// On MySQL it runs at READ COMMITTED: under InnoDB's default REPEATABLE

@@ -76,13 +76,7 @@ pub(super) async fn drain<P: Publisher>(
                 if !is_pool_timeout(&error) {
                     return Err(error);
                 }
-                tracing::warn!(
-                    "the connection pool has no second connection for the relay: \
-                     rounds no longer overlap"
-                );
-                relay
-                    .overlap
-                    .store(false, std::sync::atomic::Ordering::Relaxed);
+                relay.stop_overlapping();
                 return Ok(total);
             }
         };
