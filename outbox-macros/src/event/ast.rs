@@ -6,7 +6,7 @@ use syn::ext::IdentExt;
 use syn::{Data, DeriveInput, Ident, LitStr, Member, Path};
 
 use super::attr::{Attrs, Place, Setting};
-use super::check;
+use super::check::{self, Resolved};
 use crate::errors::Errors;
 use crate::pattern;
 
@@ -30,12 +30,6 @@ pub(crate) struct Variant<'a> {
     pub(crate) routing_span: Span,
     pub(crate) pieces: Vec<Resolved>,
     pub(crate) key: Option<Member>,
-}
-
-/// A routing-key piece whose placeholder names a field of the type or variant.
-pub(crate) enum Resolved {
-    Literal(String),
-    Field { name: String, member: Member },
 }
 
 impl<'a> Event<'a> {
@@ -89,7 +83,7 @@ impl<'a> Event<'a> {
                     None
                 });
                 routing
-                    .and_then(|lit| check::variant(None, name, lit, attrs.key.clone(), &data.fields, &mut errors))
+                    .and_then(|lit| Variant::new(None, name, lit, attrs.key.clone(), &data.fields, &mut errors))
                     .into_iter()
                     .collect()
             }
@@ -112,7 +106,7 @@ impl<'a> Event<'a> {
                         return None;
                     };
                     let key = own.key.or_else(|| attrs.key.clone());
-                    check::variant(Some(&v.ident), name, routing, key, &v.fields, &mut errors)
+                    Variant::new(Some(&v.ident), name, routing, key, &v.fields, &mut errors)
                 })
                 .collect(),
             Data::Union(_) => Vec::new(),
@@ -140,6 +134,29 @@ impl<'a> Event<'a> {
             version,
             variants,
             is_enum: matches!(input.data, Data::Enum(_)),
+        })
+    }
+}
+
+impl<'a> Variant<'a> {
+    /// The event type `ident` (a variant's, `None` for a struct) with its
+    /// routing and partition keys fitted to its fields.
+    fn new(
+        ident: Option<&'a Ident>,
+        name: String,
+        routing: &LitStr,
+        key: Option<Member>,
+        fields: &syn::Fields,
+        errors: &mut Errors,
+    ) -> Option<Self> {
+        let fitted = check::fit(ident, routing, key, fields, errors)?;
+        Some(Variant {
+            ident,
+            name,
+            routing_key: routing.value(),
+            routing_span: routing.span(),
+            pieces: fitted.pieces,
+            key: fitted.key,
         })
     }
 }

@@ -5,7 +5,6 @@ use syn::ext::IdentExt;
 use syn::spanned::Spanned;
 use syn::{Data, DeriveInput, Fields, Ident, LitStr, Member};
 
-use super::ast::{Resolved, Variant};
 use crate::errors::Errors;
 use crate::pattern::{self, Piece};
 
@@ -57,15 +56,27 @@ pub(super) fn stream(
     Some(value)
 }
 
-/// Checks one event type's routing key and partition key against its fields.
-pub(super) fn variant<'a>(
-    ident: Option<&'a Ident>,
-    name: String,
+/// A routing-key piece whose placeholder names a field of the type or variant.
+pub(crate) enum Resolved {
+    Literal(String),
+    Field { name: String, member: Member },
+}
+
+/// One event type's routing key and partition key, resolved to its fields.
+pub(super) struct Fitted {
+    pub(super) pieces: Vec<Resolved>,
+    pub(super) key: Option<Member>,
+}
+
+/// Checks one event type's routing key and partition key against its fields
+/// (`ident` is the variant's, `None` for a struct).
+pub(super) fn fit(
+    ident: Option<&Ident>,
     routing: &LitStr,
     key: Option<Member>,
     fields: &Fields,
     errors: &mut Errors,
-) -> Option<Variant<'a>> {
+) -> Option<Fitted> {
     let owner = ident.map_or_else(|| "the struct".to_owned(), |i| format!("variant `{i}`"));
     let pieces = match pattern::parse_routing_key(&routing.value()) {
         Ok(pieces) => pieces,
@@ -107,14 +118,7 @@ pub(super) fn variant<'a>(
         }
         found
     });
-    Some(Variant {
-        ident,
-        name,
-        routing_key: routing.value(),
-        routing_span: routing.span(),
-        pieces,
-        key,
-    })
+    Some(Fitted { pieces, key })
 }
 
 /// The field called `name` (unraw, or a tuple index), as a member expression.

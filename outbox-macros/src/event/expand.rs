@@ -3,7 +3,8 @@
 use proc_macro2::{Span, TokenStream};
 use quote::{format_ident, quote, quote_spanned};
 
-use super::ast::{Event, Resolved, Variant};
+use super::ast::{Event, Variant};
+use super::check::Resolved;
 
 pub(super) fn expand(event: &Event<'_>) -> TokenStream {
     let Event {

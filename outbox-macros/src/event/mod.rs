@@ -1,4 +1,5 @@
-//! `#[derive(OutboxEvent)]`: parse (`attr`) → checked model (`ast`, `check`) → tokens (`expand`).
+//! `#[derive(OutboxEvent)]`: parse (`attr`) → rules (`check`, which knows no
+//! model) → checked model (`ast`) → tokens (`expand`). Imports flow that way.
 
 mod ast;
 mod attr;

@@ -154,15 +154,41 @@ fn header<'a>(message: &'a Message, name: &str) -> Option<&'a str> {
     Some(message.headers.as_ref()?.get(name)?.as_str())
 }
 
+/// Why a message is not an outbox event: its dead letter's reason is `malformed`.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum Malformed {
+    #[error("no `{0}` header")]
+    Missing(&'static str),
+    #[error("`Nats-Msg-Id` {value:?} is not a UUID")]
+    EventId {
+        value: String,
+        #[source]
+        source: uuid::Error,
+    },
+    #[error("`Outbox-Event-Version` {value:?} is not a version")]
+    Version {
+        value: String,
+        #[source]
+        source: std::num::ParseIntError,
+    },
+}
+
 /// The event's metadata, or why the message is not an outbox event.
-pub(super) fn metadata(held: &Held, namespace: Option<&str>) -> Result<Metadata, String> {
+pub(super) fn metadata(held: &Held, namespace: Option<&str>) -> Result<Metadata, Malformed> {
     let message = held.message();
-    let required = |name: &str| header(message, name).ok_or_else(|| format!("no `{name}` header"));
+    let required = |name: &'static str| header(message, name).ok_or(Malformed::Missing(name));
     let id = required("Nats-Msg-Id")?;
-    let id = Uuid::parse_str(id).map_err(|e| format!("`Nats-Msg-Id` {id:?} is not a UUID: {e}"))?;
+    let id = Uuid::parse_str(id).map_err(|source| Malformed::EventId {
+        value: id.to_owned(),
+        source,
+    })?;
     let version = required("Outbox-Event-Version")?;
-    let version = (version.parse::<u16>())
-        .map_err(|e| format!("`Outbox-Event-Version` {version:?} is not a version: {e}"))?;
+    let version = version
+        .parse::<u16>()
+        .map_err(|source| Malformed::Version {
+            value: version.to_owned(),
+            source,
+        })?;
     let subject = message.subject.as_str();
     let subject = namespace
         .and_then(|ns| subject.strip_prefix(ns)?.strip_prefix('.'))

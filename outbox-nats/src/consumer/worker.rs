@@ -327,7 +327,8 @@ impl Worker {
             Ok(meta) => meta,
             // The durable's own copy is dead-lettered when it comes back.
             Err(_) if matches!(held.copy, Copy::Recovered(_)) => return Outcome::Resolved,
-            Err(error) => {
+            Err(malformed) => {
+                let error = outbox_core::ErrorReport(&malformed).to_string();
                 return self
                     .dead_letter(held, DeadLetterReason::Malformed, error)
                     .await;
