@@ -156,11 +156,25 @@ impl NatsTls {
 ///     .await?;
 /// # Ok(()) }
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct NatsConfig {
     servers: Vec<ServerAddr>,
     auth: NatsAuth,
     tls: NatsTls,
+}
+
+/// Servers print with their passwords masked.
+impl fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let servers: Vec<String> = (self.servers.iter())
+            .map(|server| mask_passwords(server.as_url_str()))
+            .collect();
+        f.debug_struct("NatsConfig")
+            .field("servers", &servers)
+            .field("auth", &self.auth)
+            .field("tls", &self.tls)
+            .finish()
+    }
 }
 
 impl NatsConfig {
@@ -344,6 +358,12 @@ mod tests {
         };
         let config = NatsConfig::new("a:4222").expect("one server").auth(auth);
         assert!(!format!("{config:?}").contains("s3cret"));
+        let in_url = NatsConfig::new("nats://relay:s3cret@a:4222").expect("one server");
+        let debug = format!("{in_url:?}");
+        assert!(
+            !debug.contains("s3cret") && debug.contains("relay:***@a"),
+            "{debug}"
+        );
         assert_eq!(Secret::new("s3cret").to_string(), "***");
     }
 
