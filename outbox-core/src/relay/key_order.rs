@@ -1,11 +1,9 @@
-//! The rule [`Publisher::publish_in_key_order`] follows, for publishers to
+//! The rule [`Publisher::publish_in_key_order`](super::Publisher::publish_in_key_order) follows, for publishers to
 //! drive: which events may go out now, given the acknowledgements so far.
 
 use std::collections::VecDeque;
 
-use super::publisher::Delivery;
-#[cfg(doc)]
-use super::publisher::Publisher;
+use super::delivery::Delivery;
 
 /// Tracks a batch published in key order: an event is ready once the event
 /// before it of its key is stored, and never if that one was not.
@@ -60,7 +58,7 @@ impl InvalidKeyOrder {
 
 impl KeyOrder {
     /// `after[i]`: the previous event of event `i`'s key in the batch, if any
-    /// (as passed to [`Publisher::publish_in_key_order`]). Each must name an
+    /// (as passed to [`Publisher::publish_in_key_order`](super::Publisher::publish_in_key_order)). Each must name an
     /// earlier event, and no event may be named twice.
     pub fn new(after: &[Option<usize>]) -> Result<Self, InvalidKeyOrder> {
         let mut successors = vec![None; after.len()];

@@ -25,8 +25,10 @@
 //! [`RelayConfig::overlap_rounds`]).
 
 mod backoff;
+mod chain;
 mod claim;
 mod decode;
+mod delivery;
 mod key_order;
 #[cfg(feature = "postgres")]
 pub mod notify;
@@ -35,7 +37,6 @@ mod publisher;
 mod round;
 mod settle;
 mod stats;
-mod waves;
 mod worker;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,8 +45,9 @@ use std::time::Duration;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, IsolationLevel, TransactionTrait};
 
 pub use backoff::Backoff;
+pub use delivery::Delivery;
 pub use key_order::{InvalidKeyOrder, KeyOrder};
-pub use publisher::{Delivery, Publisher};
+pub use publisher::Publisher;
 pub use stats::{OutboxStats, stats};
 pub use worker::RelayHandle;
 
@@ -209,7 +211,7 @@ impl<P: Publisher> Relay<P> {
     /// [`Error::BrokerUnavailable`] when no event of the batch reached the broker.
     pub async fn process_batch(&self) -> Result<BatchReport, Error> {
         let round = self.claim_round(&claim::InFlight::default()).await?;
-        let published = self.publish_round(round, &round::Held::new()).await;
+        let published = self.publish_round(round, &chain::Held::new()).await;
         self.settle_round(published).await
     }
 

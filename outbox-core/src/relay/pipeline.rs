@@ -21,10 +21,11 @@ use sea_orm::{ConnAcquireErr, DbErr};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::chain::Held;
 use super::claim::InFlight;
+use super::round::Published;
 #[cfg(doc)]
 use super::round::Round;
-use super::round::{Held, Published};
 use super::{BatchReport, Publisher, Relay};
 use crate::Error;
 

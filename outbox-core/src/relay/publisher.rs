@@ -2,7 +2,8 @@
 
 use std::future::Future;
 
-use super::waves;
+use super::delivery::Delivery;
+use super::key_order::KeyOrder;
 use crate::entity::outbox_message;
 
 /// A broker the relay delivers to. `outbox-nats` implements it for JetStream.
@@ -36,28 +37,37 @@ pub trait Publisher: Send + Sync + 'static {
         events: &[&outbox_message::Model],
         after: &[Option<usize>],
     ) -> impl Future<Output = Vec<Option<Delivery>>> + Send {
-        waves::publish_in_waves(self, events, after)
+        publish_in_waves(self, events, after)
     }
 }
 
-/// What became of one published event.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Delivery {
-    /// The broker stored it; `duplicate` when it had stored this id before.
-    Stored {
-        /// The broker recognised the id and dropped this copy.
-        duplicate: bool,
-    },
-    /// The broker refused this event; retried with backoff, dead-lettered after the attempt bound.
-    Rejected(String),
-    /// Larger than the broker accepts: dead-lettered at once, since a retry cannot succeed.
-    Oversized(String),
-    /// Not publishable as it stands (a header or subject the broker's
-    /// protocol cannot carry): dead-lettered at once, since a retry cannot
-    /// succeed, so that its key's later events need not wait out the retries.
-    Undeliverable(String),
-    /// The broker could not be reached or did not answer in time. Not the
-    /// event's fault: not counted as an attempt; the relay backs off as a whole.
-    Unavailable(String),
+/// [`Publisher::publish_in_key_order`] for a publisher that can only await
+/// whole batches: each wave is every event ready when the previous wave's
+/// acknowledgements are all in.
+async fn publish_in_waves<P: Publisher + ?Sized>(
+    publisher: &P,
+    events: &[&outbox_message::Model],
+    after: &[Option<usize>],
+) -> Vec<Option<Delivery>> {
+    let mut order = match KeyOrder::new(after) {
+        Ok(order) => order,
+        Err(invalid) => return invalid.outcome(events.len()),
+    };
+    loop {
+        let mut wave: Vec<usize> = std::iter::from_fn(|| order.next_ready()).collect();
+        if wave.is_empty() {
+            break;
+        }
+        wave.sort_unstable();
+        let members: Vec<&outbox_message::Model> = wave.iter().map(|&i| events[i]).collect();
+        let deliveries = publisher.publish(&members).await;
+        let all_unavailable = (deliveries.iter()).all(|d| matches!(d, Delivery::Unavailable(_)));
+        for (i, delivery) in wave.into_iter().zip(deliveries) {
+            order.settle(i, delivery);
+        }
+        if all_unavailable {
+            break; // the broker is down: the rest of the batch waits for the next round
+        }
+    }
+    order.into_outcome()
 }

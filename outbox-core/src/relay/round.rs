@@ -2,18 +2,18 @@
 //! that [`Relay::process_batch`] can run them in turn and `pipeline` can
 //! overlap the stages of consecutive rounds.
 
-use std::collections::HashMap;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use sea_orm::DatabaseTransaction;
 use tracing::Instrument;
-use uuid::Uuid;
 
+use super::chain::{self, Held, Settled};
 use super::claim::InFlight;
 use super::decode::Claimed;
-use super::publisher::{Delivery, Publisher};
-use super::{BatchReport, Relay, claim, settle, stats, waves};
+use super::delivery::Delivery;
+use super::publisher::Publisher;
+use super::{BatchReport, Relay, claim, settle, stats};
 use crate::Error;
 
 /// Claimed events, and the transaction whose row locks keep other relays off
@@ -35,17 +35,6 @@ pub(super) struct Published {
     now: DateTime<Utc>,
     started: Instant,
 }
-
-/// A claimed event and its delivery, or `None` when it was held back behind
-/// an earlier event of its key.
-pub(super) struct Settled {
-    pub(super) claimed: Claimed,
-    pub(super) delivery: Option<Delivery>,
-}
-
-/// Keys whose events must wait, with the oldest event of each that the
-/// previous round did not get stored: newer events of the key go after it.
-pub(super) type Held = HashMap<String, Uuid>;
 
 impl Round {
     pub(super) fn is_empty(&self) -> bool {
@@ -146,7 +135,7 @@ impl<P: Publisher> Relay<P> {
             ..
         } = round;
         let span = tracing::debug_span!("outbox.publish", events = batch.len());
-        let events = waves::publish(&self.publisher, batch, held)
+        let events = chain::publish(&self.publisher, batch, held)
             .instrument(span)
             .await;
         Published {

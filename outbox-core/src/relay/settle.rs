@@ -7,8 +7,8 @@ use sea_orm::sea_query::{Expr, ExprTrait, PgFunc, SimpleExpr};
 use sea_orm::{ColumnTrait, ConnectionTrait, DbBackend, DbErr, EntityTrait, QueryFilter};
 use uuid::Uuid;
 
-use super::publisher::Delivery;
-use super::round::Settled;
+use super::chain::Settled;
+use super::delivery::Delivery;
 use super::{BatchReport, RelayConfig};
 use crate::entity::{dead_letter, outbox_message};
 

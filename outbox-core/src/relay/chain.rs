@@ -13,11 +13,23 @@
 
 use std::collections::HashMap;
 
+use uuid::Uuid;
+
 use super::decode::Claimed;
-use super::key_order::KeyOrder;
-use super::publisher::{Delivery, Publisher};
-use super::round::{Held, Settled};
+use super::delivery::Delivery;
+use super::publisher::Publisher;
 use crate::entity::outbox_message::Model;
+
+/// Keys whose events must wait, with the oldest event of each that the
+/// previous round did not get stored: newer events of the key go after it.
+pub(super) type Held = HashMap<String, Uuid>;
+
+/// A claimed event and its delivery, or `None` when it was held back behind
+/// an earlier event of its key.
+pub(super) struct Settled {
+    pub(super) claimed: Claimed,
+    pub(super) delivery: Option<Delivery>,
+}
 
 /// Publishes `batch`; returns each event with its delivery, or with `None`
 /// when it was held back behind a failure of its key.
@@ -50,35 +62,4 @@ pub(super) async fn publish<P: Publisher>(
         settled[index].delivery = delivery;
     }
     settled
-}
-
-/// [`Publisher::publish_in_key_order`] for a publisher that can only await
-/// whole batches: each wave is every event ready when the previous wave's
-/// acknowledgements are all in.
-pub(super) async fn publish_in_waves<P: Publisher + ?Sized>(
-    publisher: &P,
-    events: &[&Model],
-    after: &[Option<usize>],
-) -> Vec<Option<Delivery>> {
-    let mut order = match KeyOrder::new(after) {
-        Ok(order) => order,
-        Err(invalid) => return invalid.outcome(events.len()),
-    };
-    loop {
-        let mut wave: Vec<usize> = std::iter::from_fn(|| order.next_ready()).collect();
-        if wave.is_empty() {
-            break;
-        }
-        wave.sort_unstable();
-        let members: Vec<&Model> = wave.iter().map(|&i| events[i]).collect();
-        let deliveries = publisher.publish(&members).await;
-        let all_unavailable = (deliveries.iter()).all(|d| matches!(d, Delivery::Unavailable(_)));
-        for (i, delivery) in wave.into_iter().zip(deliveries) {
-            order.settle(i, delivery);
-        }
-        if all_unavailable {
-            break; // the broker is down: the rest of the batch waits for the next round
-        }
-    }
-    order.into_outcome()
 }
