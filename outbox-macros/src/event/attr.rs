@@ -15,15 +15,7 @@ pub(crate) enum Place {
 impl Place {
     fn keys(self) -> &'static [Setting] {
         match self {
-            Place::Container => &[
-                Setting::Exchange,
-                Setting::RoutingKey,
-                Setting::Key,
-                Setting::Name,
-                Setting::Version,
-                Setting::Stream,
-                Setting::Crate,
-            ],
+            Place::Container => &Setting::ALL,
             Place::Variant => &[Setting::RoutingKey, Setting::Name, Setting::Key],
         }
     }
