@@ -23,7 +23,7 @@ use clap::Parser;
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
 use outbox_core::entity::outbox_message;
-use outbox_core::relay::{Delivery, Publisher, Relay};
+use outbox_core::relay::{Batch, Delivery, Publisher, Relay};
 use outbox_core::{OutboxEvent, emit, transactional};
 use outbox_nats::{JetStreamPublisher, StreamSpec, provision};
 use sea_orm::ActiveValue::Set;
@@ -219,13 +219,9 @@ impl Publisher for TimedPublisher {
         deliveries
     }
 
-    async fn publish_in_key_order(
-        &self,
-        events: &[&outbox_message::Model],
-        after: &[Option<usize>],
-    ) -> Vec<Option<Delivery>> {
-        let deliveries = self.inner.publish_in_key_order(events, after).await;
-        self.record(events, deliveries.iter().map(Option::as_ref));
+    async fn publish_in_key_order(&self, batch: &Batch<'_>) -> Vec<Option<Delivery>> {
+        let deliveries = self.inner.publish_in_key_order(batch).await;
+        self.record(batch.events(), deliveries.iter().map(Option::as_ref));
         deliveries
     }
 }

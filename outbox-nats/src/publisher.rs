@@ -10,7 +10,7 @@ use async_nats::jetstream::{self, Context};
 use async_nats::{HeaderMap, HeaderName, HeaderValue, Subscriber};
 use futures::{FutureExt, StreamExt};
 use outbox_core::entity::outbox_message;
-use outbox_core::relay::{Delivery, KeyOrder, Publisher};
+use outbox_core::relay::{Batch, Delivery, Publisher};
 use tokio::sync::Mutex;
 
 use crate::acks;
@@ -183,8 +183,7 @@ pub enum InvalidHeader {
 
 impl Publisher for JetStreamPublisher {
     async fn publish(&self, events: &[&outbox_message::Model]) -> Vec<Delivery> {
-        let unordered = vec![None; events.len()];
-        let deliveries = self.publish_in_key_order(events, &unordered).await;
+        let deliveries = self.publish_in_key_order(&Batch::unordered(events)).await;
         // With no event waiting on another, every one is sent or abandoned.
         (deliveries.into_iter())
             .map(|d| d.unwrap_or_else(|| Delivery::Unavailable("not sent".to_owned())))
@@ -197,15 +196,8 @@ impl Publisher for JetStreamPublisher {
     /// so that the broker is never left idle at the end of a wave. Per event
     /// there is neither a oneshot channel nor a timer, which is what
     /// async-nats' `send_publish` costs (a third of the relay's CPU).
-    async fn publish_in_key_order(
-        &self,
-        events: &[&outbox_message::Model],
-        after: &[Option<usize>],
-    ) -> Vec<Option<Delivery>> {
-        let mut order = match KeyOrder::new(after) {
-            Ok(order) => order,
-            Err(invalid) => return invalid.outcome(events.len()),
-        };
+    async fn publish_in_key_order(&self, batch: &Batch<'_>) -> Vec<Option<Delivery>> {
+        let mut order = batch.key_order();
         if self.client.connection_state() != State::Connected {
             order.abandon(&Delivery::Unavailable("not connected to NATS".to_owned()));
             return order.into_outcome();
@@ -230,8 +222,8 @@ impl Publisher for JetStreamPublisher {
             }
         };
         replies.batch += 1;
-        let batch = replies.batch;
-        let reply_prefix = format!("{}.{batch}.", replies.inbox);
+        let number = replies.batch;
+        let reply_prefix = format!("{}.{number}.", replies.inbox);
         let mut digits = itoa::Buffer::new();
         // An ack resets the clock by updating `answered`; the timer itself is
         // only re-armed when it fires, not once per ack.
@@ -242,7 +234,7 @@ impl Publisher for JetStreamPublisher {
             while order.in_flight() < self.max_in_flight
                 && let Some(index) = order.next_ready()
             {
-                let event = events[index];
+                let event = batch.events()[index];
                 let headers = match headers(event) {
                     Ok(headers) => headers,
                     Err(error) => {
@@ -265,7 +257,7 @@ impl Publisher for JetStreamPublisher {
                 }
                 // Take the acks already in, so that they never fill the subscription's buffer.
                 while let Some(Some(reply)) = replies.subscriber.next().now_or_never() {
-                    if let Some((index, delivery)) = acks::received(batch, &reply) {
+                    if let Some((index, delivery)) = acks::received(number, &reply) {
                         order.settle(index, delivery);
                     }
                 }
@@ -277,7 +269,7 @@ impl Publisher for JetStreamPublisher {
             tokio::select! {
                 reply = replies.subscriber.next() => match reply {
                     Some(reply) => {
-                        if let Some((index, delivery)) = acks::received(batch, &reply)
+                        if let Some((index, delivery)) = acks::received(number, &reply)
                             && order.settle(index, delivery)
                         {
                             answered = Instant::now();

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::message::StreamMessage;
 use outbox_core::entity::{dead_letter, outbox_message};
-use outbox_core::relay::{Delivery, Publisher};
+use outbox_core::relay::{Batch, Delivery, Publisher};
 use outbox_core::{OutboxEvent, emit, transactional};
 use outbox_nats::{JetStreamPublisher, ProvisionError, provision};
 use outbox_tests::fixtures::{AppError, OrderCreated, Sequenced, emit_round};
@@ -796,11 +796,8 @@ impl Publisher for LateInFirstRound {
         self.inner.publish(events).await
     }
 
-    async fn publish_in_key_order(
-        &self,
-        events: &[&outbox_message::Model],
-        after: &[Option<usize>],
-    ) -> Vec<Option<Delivery>> {
+    async fn publish_in_key_order(&self, batch: &Batch<'_>) -> Vec<Option<Delivery>> {
+        let events = batch.events();
         if !self.done.swap(true, std::sync::atomic::Ordering::SeqCst) {
             let (first, last) = (
                 events[0].id.as_u128(),
@@ -821,7 +818,7 @@ impl Publisher for LateInFirstRound {
             };
             emit_one(&self.db, late).await.expect("commit");
         }
-        self.inner.publish_in_key_order(events, after).await
+        self.inner.publish_in_key_order(batch).await
     }
 }
 
@@ -920,9 +917,10 @@ async fn the_jetstream_publisher_sends_a_keys_next_event_once_the_previous_is_st
         .all(db)
         .await
         .expect("rows");
-    let events: Vec<_> = rows.iter().collect();
-    let after = [None, Some(0), None, Some(2), Some(3)];
-    let deliveries = nats.publisher().publish_in_key_order(&events, &after).await;
+    let batch = Batch::new(rows.iter().collect());
+    let chains: Vec<_> = (0..batch.len()).map(|i| batch.after(i)).collect();
+    assert_eq!(chains, [None, Some(0), None, Some(2), Some(3)]);
+    let deliveries = nats.publisher().publish_in_key_order(&batch).await;
 
     assert!(
         matches!(&deliveries[0], Some(Delivery::Rejected(e)) if e.contains("no JetStream stream")),

@@ -26,153 +26,40 @@
 
 mod backoff;
 mod chain;
-mod claim;
-mod decode;
-mod delivery;
-mod key_order;
+mod config;
+#[cfg(test)]
+mod fixture;
 #[cfg(feature = "postgres")]
 pub mod notify;
 mod pipeline;
-mod publisher;
+mod publish;
+mod report;
 mod round;
-mod settle;
 mod stats;
+mod store;
 mod worker;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, IsolationLevel, TransactionTrait};
+use sea_orm::DatabaseConnection;
 
 pub use backoff::Backoff;
-pub use delivery::Delivery;
-pub use key_order::{InvalidKeyOrder, KeyOrder};
-pub use publisher::Publisher;
+pub use config::{MAX_BATCH_SIZE, RelayConfig};
+pub use publish::{Batch, Delivery, KeyOrder, Publisher};
+pub use report::BatchReport;
 pub use stats::{OutboxStats, stats};
 pub use worker::RelayHandle;
 
 use crate::Error;
-
-/// The largest batch a relay claims: the claim binds up to three values per
-/// event (its key and id, and the id of an event of the round in flight),
-/// and databases cap the values of one statement (65,535 on PostgreSQL and
-/// MySQL, 32,766 on SQLite).
-pub const MAX_BATCH_SIZE: usize = 10_000;
-
-/// How a relay batches, retries and keeps delivered events: set through
-/// [`RelayBuilder`], read through [`Relay::config`].
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct RelayConfig {
-    /// Events claimed and published per round (default 2,000; at most
-    /// [`MAX_BATCH_SIZE`]). Larger rounds cost the broker less per event, up
-    /// to a few thousand (the README's performance section has the figures).
-    pub batch_size: usize,
-    /// How often to look for events when nothing wakes the relay (default 1 s).
-    pub poll_interval: Duration,
-    /// How often to refresh the gauges (a count over the outbox) and delete
-    /// kept deliveries past their retention (default 15 s).
-    pub stats_interval: Duration,
-    /// Attempts before an event the broker keeps rejecting is dead-lettered (default 10).
-    pub max_attempts: u32,
-    /// Delays between attempts of one event (default 100 ms doubling to 60 s).
-    pub retry: Backoff,
-    /// Delays between rounds while the database or broker is unreachable (default 100 ms doubling to 10 s).
-    pub outage: Backoff,
-    /// Keep delivered rows (marked `delivered_at`) this long instead of deleting them at once.
-    pub keep_delivered: Option<Duration>,
-    /// Wake on PostgreSQL notifications from other processes (see `notify`).
-    #[cfg(feature = "postgres")]
-    pub wake_on_notify: bool,
-    /// Commit the relay's own bookkeeping without waiting for the WAL flush
-    /// (PostgreSQL `synchronous_commit = off`). A database crash can then
-    /// forget the last moments of deletions: those events are published again,
-    /// and JetStream drops the copies within its duplicate window.
-    pub async_commit: bool,
-    /// Overlap consecutive rounds (default on): while one round is published,
-    /// settle the previous one and claim the next, so that the database and
-    /// the broker work at the same time rather than in turn. The relay then
-    /// holds two connections of the pool; with a pool of one, the first
-    /// overlapped claim waits out the pool's acquire timeout, and the relay
-    /// goes on with rounds in turn. PostgreSQL only: on MySQL and SQLite
-    /// rounds always run in turn.
-    pub overlap_rounds: bool,
-}
-
-impl Default for RelayConfig {
-    fn default() -> Self {
-        Self {
-            batch_size: 2_000,
-            poll_interval: Duration::from_secs(1),
-            stats_interval: Duration::from_secs(15),
-            max_attempts: 10,
-            retry: Backoff {
-                initial: Duration::from_millis(100),
-                max: Duration::from_secs(60),
-            },
-            outage: Backoff {
-                initial: Duration::from_millis(100),
-                max: Duration::from_secs(10),
-            },
-            keep_delivered: None,
-            #[cfg(feature = "postgres")]
-            wake_on_notify: false,
-            async_commit: false,
-            overlap_rounds: true,
-        }
-    }
-}
-
-impl RelayConfig {
-    /// The longest time over which one event may be published again: a
-    /// broker's deduplication window must be at least this long.
-    pub fn retry_horizon(&self) -> Duration {
-        self.retry.horizon(self.max_attempts)
-    }
-}
-
-/// What one round did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct BatchReport {
-    /// Events claimed.
-    pub claimed: usize,
-    /// Events the broker stored (duplicates included).
-    pub published: usize,
-    /// Of those, events the broker had already stored.
-    pub duplicates: usize,
-    /// Events rejected and rescheduled.
-    pub retried: usize,
-    /// Events moved to the dead-letter table.
-    pub dead_lettered: usize,
-    /// Events not published because the broker was unreachable.
-    pub unavailable: usize,
-    /// Events not published because an earlier event of their key failed in this round.
-    pub held_back: usize,
-    /// The broker's error when it was unreachable.
-    pub last_error: Option<String>,
-}
-
-impl BatchReport {
-    /// Adds up the rounds of a drain; the last broker error stays.
-    fn add(&mut self, round: BatchReport) {
-        self.claimed += round.claimed;
-        self.published += round.published;
-        self.duplicates += round.duplicates;
-        self.retried += round.retried;
-        self.dead_lettered += round.dead_lettered;
-        self.unavailable += round.unavailable;
-        self.held_back += round.held_back;
-        if round.last_error.is_some() {
-            self.last_error = round.last_error;
-        }
-    }
-}
+use chain::Held;
+use round::Round;
+use store::{InFlight, Store};
 
 /// Delivers committed events through a [`Publisher`].
 #[derive(Debug)]
 pub struct Relay<P> {
-    db: DatabaseConnection,
+    store: Store,
     publisher: P,
     config: RelayConfig,
     /// Cleared when the pool could not give an overlapped claim its connection.
@@ -190,7 +77,7 @@ impl<P: Publisher> Relay<P> {
     pub fn builder(db: DatabaseConnection, publisher: P) -> RelayBuilder<P> {
         RelayBuilder {
             relay: Relay {
-                db,
+                store: Store::new(db),
                 publisher,
                 config: RelayConfig::default(),
                 overlap: AtomicBool::new(true),
@@ -210,9 +97,9 @@ impl<P: Publisher> Relay<P> {
     /// Fails with [`Error::Database`] when the database fails, and with
     /// [`Error::BrokerUnavailable`] when no event of the batch reached the broker.
     pub async fn process_batch(&self) -> Result<BatchReport, Error> {
-        let round = self.claim_round(&claim::InFlight::default()).await?;
-        let published = self.publish_round(round, &chain::Held::new()).await;
-        self.settle_round(published).await
+        let round = Round::claim(&self.store, &self.config, &InFlight::default()).await?;
+        let published = round.publish(&self.publisher, &Held::new()).await;
+        published.settle(&self.store, &self.config).await
     }
 
     /// Runs rounds, overlapped where [`RelayConfig::overlap_rounds`] allows,
@@ -223,19 +110,10 @@ impl<P: Publisher> Relay<P> {
         pipeline::drain(self, None, None).await
     }
 
-    /// Whether claimed rows stay locked until settled: everywhere but on SQLite.
-    fn locking(&self) -> bool {
-        self.db.get_database_backend() != DbBackend::Sqlite
-    }
-
-    /// Whether rounds overlap: configured, on PostgreSQL, and not given up on.
-    ///
-    /// Not on MySQL: InnoDB's `DELETE ... WHERE id IN (...)` may scan the
-    /// table and wait on every locked row it meets, among them the next
-    /// round's, which this relay releases only after that very delete.
+    /// Whether rounds overlap: configured, where the dialect allows, and not given up on.
     fn overlapping(&self) -> bool {
         self.config.overlap_rounds
-            && self.db.get_database_backend() == DbBackend::Postgres
+            && self.store.dialect().overlaps_rounds()
             && self.overlap.load(Ordering::Relaxed)
     }
 
@@ -246,27 +124,6 @@ impl<P: Publisher> Relay<P> {
             "the connection pool has no second connection for the relay: rounds no longer overlap"
         );
         self.overlap.store(false, Ordering::Relaxed);
-    }
-
-    /// Every transaction of a round starts here, so that `async_commit` applies to all of them.
-    ///
-    /// On MySQL it runs at READ COMMITTED: under InnoDB's default REPEATABLE
-    /// READ the claim's locking read also locks the gaps of the index ranges
-    /// it scans, and handlers inserting events into those gaps deadlock with it.
-    async fn begin(&self) -> Result<sea_orm::DatabaseTransaction, sea_orm::DbErr> {
-        let txn = match self.db.get_database_backend() {
-            DbBackend::MySql => {
-                (self.db)
-                    .begin_with_config(Some(IsolationLevel::ReadCommitted), None)
-                    .await?
-            }
-            _ => self.db.begin().await?,
-        };
-        if self.config.async_commit && txn.get_database_backend() == DbBackend::Postgres {
-            txn.execute_unprepared("SET LOCAL synchronous_commit = off")
-                .await?;
-        }
-        Ok(txn)
     }
 
     /// Runs the relay in a background task until [`RelayHandle::shutdown`].

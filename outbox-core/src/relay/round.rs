@@ -1,6 +1,6 @@
 //! A round's three stages — claim, publish, settle — as steps of their own, so
-//! that [`Relay::process_batch`] can run them in turn and `pipeline` can
-//! overlap the stages of consecutive rounds.
+//! that [`Relay::process_batch`](super::Relay::process_batch) can run them in
+//! turn and `pipeline` can overlap the stages of consecutive rounds.
 
 use std::time::Instant;
 
@@ -8,12 +8,12 @@ use chrono::{DateTime, Utc};
 use sea_orm::DatabaseTransaction;
 use tracing::Instrument;
 
-use super::chain::{self, Held, Settled};
-use super::claim::InFlight;
-use super::decode::Claimed;
-use super::delivery::Delivery;
-use super::publisher::Publisher;
-use super::{BatchReport, Relay, claim, settle, stats};
+use super::chain::{self, Held};
+use super::config::RelayConfig;
+use super::publish::{Delivery, Publisher};
+use super::report::BatchReport;
+use super::stats;
+use super::store::{self, Claimed, InFlight, Settled, Store};
 use crate::Error;
 
 /// Claimed events, and the transaction whose row locks keep other relays off
@@ -37,6 +37,64 @@ pub(super) struct Published {
 }
 
 impl Round {
+    /// Claims the next batch beside the round `in_flight`, if any.
+    pub(super) async fn claim(
+        store: &Store,
+        config: &RelayConfig,
+        in_flight: &InFlight,
+    ) -> Result<Self, Error> {
+        let started = Instant::now();
+        let now = Utc::now();
+        let dialect = store.dialect();
+        let keep = config.keep_delivered.is_some();
+        // Where rows can be locked, the claim's transaction holds them until settled.
+        let txn = if dialect.locks_rows() {
+            Some(store.begin(config.async_commit).await?)
+        } else {
+            None
+        };
+        let limit = config.batch_size;
+        let claimed = async {
+            match &txn {
+                Some(txn) => store::claim(txn, dialect, limit, now, keep, in_flight).await,
+                None => store::claim(store.db(), dialect, limit, now, keep, in_flight).await,
+            }
+        };
+        let claimed = claimed
+            .instrument(tracing::debug_span!("outbox.claim"))
+            .await?;
+        let skippable = above(in_flight, &claimed);
+        Ok(Self {
+            txn,
+            batch: claimed,
+            now,
+            started,
+            skippable,
+        })
+    }
+
+    /// Publishes the claimed batch; a keyed event newer than its key's entry
+    /// in `held` is held back.
+    pub(super) async fn publish<P: Publisher>(self, publisher: &P, held: &Held) -> Published {
+        let Self {
+            txn,
+            batch,
+            now,
+            started,
+            ..
+        } = self;
+        let span = tracing::debug_span!("outbox.publish", events = batch.len());
+        let events = chain::publish(publisher, batch, held)
+            .instrument(span)
+            .await;
+        Published {
+            txn,
+            events,
+            now,
+            started,
+        }
+    }
+
     pub(super) fn is_empty(&self) -> bool {
         self.batch.is_empty()
     }
@@ -51,11 +109,9 @@ impl Round {
 
     /// What the next claim must know of this round while it is in flight:
     /// its keyed events, which are not to stop their keys, and the span it
-    /// may skip. Only the span of a round that lies wholly above the span its
-    /// own claim skipped: then the two spans do not overlap, and an event the
-    /// previous claim passed over is claimable by the next, so it waits one
-    /// round at most (a round that also took older events, retries come due
-    /// say, would otherwise cover it again).
+    /// may skip: only that of a round lying wholly above the span its own
+    /// claim skipped, so that no event is passed over twice (steps 4 and 5
+    /// of the ordering argument in `pipeline`).
     pub(super) fn in_flight(&self) -> InFlight {
         let keyed = (self.batch.iter())
             .filter(|claimed| claimed.event.partition_key.is_some())
@@ -71,6 +127,47 @@ impl Round {
 }
 
 impl Published {
+    /// Records what the broker did with the round, and releases its events.
+    ///
+    /// Fails with [`Error::BrokerUnavailable`] when no event reached the broker.
+    pub(super) async fn settle(
+        self,
+        store: &Store,
+        config: &RelayConfig,
+    ) -> Result<BatchReport, Error> {
+        let Self {
+            txn,
+            events,
+            now,
+            started,
+        } = self;
+        if events.is_empty() {
+            if let Some(txn) = txn {
+                txn.commit().await?;
+            }
+            return Ok(BatchReport::default());
+        }
+        let txn = match txn {
+            Some(txn) => txn,
+            None => store.begin(config.async_commit).await?,
+        };
+        let settled = async {
+            let report = store::settle(&txn, store.dialect(), events, config, now).await?;
+            txn.commit().await?;
+            Ok::<_, sea_orm::DbErr>(report)
+        };
+        let report = settled
+            .instrument(tracing::debug_span!("outbox.settle"))
+            .await?;
+        stats::record_batch(&report, started.elapsed());
+        if report.published == 0 && report.unavailable > 0 {
+            return Err(Error::BrokerUnavailable(
+                report.last_error.unwrap_or_default(),
+            ));
+        }
+        Ok(report)
+    }
+
     /// The keys that had an event this round did not get stored, each with
     /// its oldest such event.
     pub(super) fn held(&self) -> Held {
@@ -91,99 +188,6 @@ impl Published {
     }
 }
 
-impl<P: Publisher> Relay<P> {
-    /// Claims the next batch beside the round `in_flight`, if any.
-    pub(super) async fn claim_round(&self, in_flight: &InFlight) -> Result<Round, Error> {
-        let started = Instant::now();
-        let now = Utc::now();
-        let keep = self.config.keep_delivered.is_some();
-        // Where rows can be locked, the claim's transaction holds them until
-        // settled; SQLite runs one relay and keeps no write lock while publishing.
-        let txn = if self.locking() {
-            Some(self.begin().await?)
-        } else {
-            None
-        };
-        let limit = self.config.batch_size;
-        let claimed = async {
-            match &txn {
-                Some(txn) => claim::claim(txn, limit, now, keep, in_flight).await,
-                None => claim::claim(&self.db, limit, now, keep, in_flight).await,
-            }
-        };
-        let claimed = claimed
-            .instrument(tracing::debug_span!("outbox.claim"))
-            .await?;
-        let skippable = above(in_flight, &claimed);
-        Ok(Round {
-            txn,
-            batch: claimed,
-            now,
-            started,
-            skippable,
-        })
-    }
-
-    /// Publishes a claimed batch; a keyed event newer than its key's entry in
-    /// `held` is held back.
-    pub(super) async fn publish_round(&self, round: Round, held: &Held) -> Published {
-        let Round {
-            txn,
-            batch,
-            now,
-            started,
-            ..
-        } = round;
-        let span = tracing::debug_span!("outbox.publish", events = batch.len());
-        let events = chain::publish(&self.publisher, batch, held)
-            .instrument(span)
-            .await;
-        Published {
-            txn,
-            events,
-            now,
-            started,
-        }
-    }
-
-    /// Records what the broker did with a round, and releases its events.
-    ///
-    /// Fails with [`Error::BrokerUnavailable`] when no event reached the broker.
-    pub(super) async fn settle_round(&self, published: Published) -> Result<BatchReport, Error> {
-        let Published {
-            txn,
-            events,
-            now,
-            started,
-        } = published;
-        if events.is_empty() {
-            if let Some(txn) = txn {
-                txn.commit().await?;
-            }
-            return Ok(BatchReport::default());
-        }
-        let txn = match txn {
-            Some(txn) => txn,
-            None => self.begin().await?,
-        };
-        let settled = async {
-            let report = settle::settle(&txn, events, &self.config, now).await?;
-            txn.commit().await?;
-            Ok::<_, sea_orm::DbErr>(report)
-        };
-        let report = settled
-            .instrument(tracing::debug_span!("outbox.settle"))
-            .await?;
-        stats::record_batch(&report, started.elapsed());
-        if report.published == 0 && report.unavailable > 0 {
-            return Err(Error::BrokerUnavailable(
-                report.last_error.unwrap_or_default(),
-            ));
-        }
-        Ok(report)
-    }
-}
-
 /// Whether `batch` (in id order) lies wholly above the span its claim skipped.
 fn above(in_flight: &InFlight, batch: &[Claimed]) -> bool {
     match (in_flight.span, batch.first()) {
@@ -197,25 +201,10 @@ mod tests {
     use uuid::Uuid;
 
     use super::{Claimed, InFlight, above};
-    use crate::entity::outbox_message::Model;
+    use crate::relay::fixture;
 
     fn event(id: u128) -> Claimed {
-        let event = Model {
-            id: Uuid::from_u128(id),
-            event_type: "E".into(),
-            event_version: 1,
-            exchange: "x".into(),
-            subject: "x.e".into(),
-            partition_key: None,
-            payload: Vec::new(),
-            headers: None,
-            content_type: "application/json".into(),
-            created_at: chrono::Utc::now(),
-            attempts: 0,
-            next_attempt_at: chrono::Utc::now(),
-            last_error: None,
-            delivered_at: None,
-        };
+        let event = fixture::event(id, None);
         Claimed { event, ctid: None }
     }
 

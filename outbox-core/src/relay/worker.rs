@@ -8,7 +8,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::{Publisher, Relay, pipeline, stats};
+use super::publish::Publisher;
+use super::{Relay, pipeline, stats};
 use crate::CommitSignal;
 use crate::entity::outbox_message;
 
@@ -93,7 +94,7 @@ fn listener<P: Publisher>(
     relay
         .config
         .wake_on_notify
-        .then(|| super::notify::listen(&relay.db, notified.clone()))
+        .then(|| super::notify::listen(relay.store.db(), notified.clone()))
         .flatten()
 }
 
@@ -111,13 +112,13 @@ async fn housekeeping<P: Publisher>(relay: &Relay<P>) {
         let cutoff = Utc::now() - retention;
         let expired = outbox_message::Entity::delete_many()
             .filter(outbox_message::Column::DeliveredAt.lt(cutoff))
-            .exec(&relay.db)
+            .exec(relay.store.db())
             .await;
         if let Err(error) = expired {
             tracing::debug!(error = %crate::ErrorReport(&error), "could not delete expired delivered events");
         }
     }
-    match stats::stats(&relay.db).await {
+    match stats::stats(relay.store.db()).await {
         Ok(stats) => stats::record_stats(&stats),
         Err(error) => {
             tracing::debug!(error = %crate::ErrorReport(&error), "could not read outbox stats")

@@ -1,12 +1,9 @@
 //! The claim: which committed events a relay may publish now.
 //!
 //! It takes the oldest `limit` due events, locked `FOR UPDATE SKIP LOCKED`
-//! where the database can (so that relays never take the same row). A keyed
-//! event is publishable when every undelivered event of its key before it is
-//! in this same claim: a key is then published from its oldest event on, in
-//! order, and stops at the first event this relay does not hold (another
-//! relay's, one backing off, one not yet claimed). Several relays therefore
-//! split the keys between them without ever reordering one.
+//! where the database can (so that relays never take the same row), and
+//! drops each keyed event that an unclaimed older event of its key stops
+//! (step 1 of the ordering argument in `relay/pipeline.rs`).
 //!
 //! The events that stop a key are found by a second statement over the
 //! claimed keys (one index range per key), which returns nothing unless a key
@@ -20,28 +17,24 @@
 //! PostgreSQL a check that its locker is still running, and with 2,000 rows
 //! in flight that made the claim 1.7 times as long (2.7 ms against 1.6 ms
 //! in `psql`; 1.3 ms with the span's upper bound as the index condition,
-//! which needs a second statement for the rows below). What became
-//! claimable inside that span meanwhile (an event committed late with a
-//! lower id, a retry come due, another relay's row let go) waits for the
-//! next claim, whose skipped span cannot cover it (`Round::in_flight`); a
-//! key it stops stays stopped until then, so order still holds.
+//! which needs a second statement for the rows below). Why that keeps order
+//! is step 5 of the argument in `relay/pipeline.rs`.
 
 use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
-use sea_orm::sea_query::{
-    Expr, ExprTrait, LockBehavior, LockType, Order, Query, SelectStatement, SimpleExpr,
-};
-use sea_orm::{ConnectionTrait, DbBackend, DbErr, Iterable};
+use sea_orm::sea_query::{Expr, ExprTrait, Order, Query, SelectStatement, SimpleExpr};
+use sea_orm::{ConnectionTrait, DbErr, Iterable};
 use uuid::Uuid;
 
 use super::decode::{self, Claimed};
+use super::dialect::Dialect;
 use crate::entity::outbox_message::{Column, Entity};
 
 /// Another round of this relay, being published now and settled before the
 /// claimed events are published.
 #[derive(Debug, Default)]
-pub(super) struct InFlight {
+pub(in crate::relay) struct InFlight {
     /// Its keyed events, which do not stop their keys here: that round
     /// holds back what follows its failures.
     pub keyed: Vec<Uuid>,
@@ -52,22 +45,22 @@ pub(super) struct InFlight {
 
 /// The publishable events among the oldest `limit` due ones outside the
 /// in-flight round's span, in id (emit) order, with their `ctid` on PostgreSQL.
-pub(super) async fn claim<C: ConnectionTrait>(
+pub(in crate::relay) async fn claim<C: ConnectionTrait>(
     conn: &C,
+    dialect: Dialect,
     limit: usize,
     now: DateTime<Utc>,
     keep_delivered: bool,
     in_flight: &InFlight,
 ) -> Result<Vec<Claimed>, DbErr> {
-    let backend = conn.get_database_backend();
     let outside = (in_flight.span).map(|(first, last)| {
         Expr::col(Column::Id)
             .lt(first)
             .or(Expr::col(Column::Id).gt(last))
     });
-    let claim = claim_statement(backend, limit, now, keep_delivered, outside);
-    let with_ctid = backend == DbBackend::Postgres;
-    let mut claimed = decode::decode_all(&conn.query_all(&claim).await?, with_ctid)?;
+    let claim = claim_statement(dialect, limit, now, keep_delivered, outside);
+    let rows = conn.query_all(&claim).await?;
+    let mut claimed = decode::decode_all(&rows, dialect.locates_rows())?;
     let first_stop = stops(conn, &claimed, keep_delivered, &in_flight.keyed).await?;
     if !first_stop.is_empty() {
         claimed.retain(|Claimed { event, .. }| {
@@ -158,10 +151,10 @@ async fn keyed_rows_through<C: ConnectionTrait>(
     Ok(usize::try_from(count).unwrap_or(usize::MAX))
 }
 
-/// The oldest `limit` due rows, those matching `bound` if given; on
-/// PostgreSQL each with its `ctid` after the entity's columns.
+/// The oldest `limit` due rows, those matching `bound` if given, each with
+/// its locator after the entity's columns where the dialect has one.
 fn claim_statement(
-    backend: DbBackend,
+    dialect: Dialect,
     limit: usize,
     now: DateTime<Utc>,
     keep_delivered: bool,
@@ -178,11 +171,6 @@ fn claim_statement(
     if keep_delivered {
         claim.and_where(Expr::col(Column::DeliveredAt).is_null());
     }
-    if backend == DbBackend::Postgres {
-        claim.expr(Expr::cust("ctid::text"));
-    }
-    if backend != DbBackend::Sqlite {
-        claim.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
-    }
+    dialect.finish_claim(&mut claim);
     claim
 }

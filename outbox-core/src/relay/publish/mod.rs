@@ -1,9 +1,18 @@
-//! What the relay needs from a broker: publish a batch, report each event's fate.
+//! The broker's side of the relay: the [`Publisher`] trait, the [`Batch`] it
+//! is given, the [`Delivery`] it answers per event, and the [`KeyOrder`] that
+//! publishers follow to keep each key in order. Imports nothing else of the
+//! relay.
+
+mod batch;
+mod delivery;
+mod key_order;
 
 use std::future::Future;
 
-use super::delivery::Delivery;
-use super::key_order::KeyOrder;
+pub use batch::Batch;
+pub use delivery::Delivery;
+pub use key_order::KeyOrder;
+
 use crate::entity::outbox_message;
 
 /// A broker the relay delivers to. `outbox-nats` implements it for JetStream.
@@ -19,11 +28,11 @@ pub trait Publisher: Send + Sync + 'static {
         events: &[&outbox_message::Model],
     ) -> impl Future<Output = Vec<Delivery>> + Send;
 
-    /// Publishes `events` so that each partition key stays in order: event
-    /// `i` is sent only once `after[i]` (the previous event of its key in
-    /// `events`, if any) is [`Delivery::Stored`], and is held back (`None`)
-    /// when that one was not. `after[i] < i`, and no two events name the same
-    /// event in `after`.
+    /// Publishes `batch` so that each partition key stays in order: an event
+    /// is sent only once the previous event of its key ([`Batch::after`]) is
+    /// [`Delivery::Stored`], and is held back (`None`) when that one was not.
+    /// Returns one entry per event of the batch, in its order;
+    /// [`Batch::key_order`] tracks all of this.
     ///
     /// The provided method publishes in waves through [`publish`](Self::publish):
     /// wave *n* holds the events whose predecessor wave *n − 1* got stored,
@@ -34,10 +43,9 @@ pub trait Publisher: Send + Sync + 'static {
     /// end of each, and following each ack drained a backlog about 5 % faster.
     fn publish_in_key_order(
         &self,
-        events: &[&outbox_message::Model],
-        after: &[Option<usize>],
+        batch: &Batch<'_>,
     ) -> impl Future<Output = Vec<Option<Delivery>>> + Send {
-        publish_in_waves(self, events, after)
+        publish_in_waves(self, batch)
     }
 }
 
@@ -46,20 +54,17 @@ pub trait Publisher: Send + Sync + 'static {
 /// acknowledgements are all in.
 async fn publish_in_waves<P: Publisher + ?Sized>(
     publisher: &P,
-    events: &[&outbox_message::Model],
-    after: &[Option<usize>],
+    batch: &Batch<'_>,
 ) -> Vec<Option<Delivery>> {
-    let mut order = match KeyOrder::new(after) {
-        Ok(order) => order,
-        Err(invalid) => return invalid.outcome(events.len()),
-    };
+    let mut order = batch.key_order();
     loop {
         let mut wave: Vec<usize> = std::iter::from_fn(|| order.next_ready()).collect();
         if wave.is_empty() {
             break;
         }
         wave.sort_unstable();
-        let members: Vec<&outbox_message::Model> = wave.iter().map(|&i| events[i]).collect();
+        let members: Vec<&outbox_message::Model> =
+            wave.iter().map(|&i| batch.events()[i]).collect();
         let deliveries = publisher.publish(&members).await;
         let all_unavailable = (deliveries.iter()).all(|d| matches!(d, Delivery::Unavailable(_)));
         for (i, delivery) in wave.into_iter().zip(deliveries) {

@@ -3,18 +3,28 @@
 
 use chrono::{DateTime, Utc};
 use sea_orm::ActiveValue::Set;
-use sea_orm::sea_query::{Expr, ExprTrait, PgFunc, SimpleExpr};
-use sea_orm::{ColumnTrait, ConnectionTrait, DbBackend, DbErr, EntityTrait, QueryFilter};
+use sea_orm::sea_query::Expr;
+use sea_orm::{ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter};
 use uuid::Uuid;
 
-use super::chain::Settled;
-use super::delivery::Delivery;
-use super::{BatchReport, RelayConfig};
+use super::decode::Claimed;
+use super::dialect::Dialect;
 use crate::entity::{dead_letter, outbox_message};
+use crate::relay::config::RelayConfig;
+use crate::relay::publish::Delivery;
+use crate::relay::report::BatchReport;
+
+/// A claimed event and its delivery, or `None` when it was held back behind
+/// an earlier event of its key.
+pub(in crate::relay) struct Settled {
+    pub claimed: Claimed,
+    pub delivery: Option<Delivery>,
+}
 
 /// Settles a published round, each event by its delivery.
-pub(super) async fn settle<C: ConnectionTrait>(
+pub(in crate::relay) async fn settle<C: ConnectionTrait>(
     conn: &C,
+    dialect: Dialect,
     events: Vec<Settled>,
     config: &RelayConfig,
     now: DateTime<Utc>,
@@ -56,7 +66,7 @@ pub(super) async fn settle<C: ConnectionTrait>(
         }
     }
     if !stored.is_empty() {
-        let delivered = delivered(conn.get_database_backend(), stored, &stored_ctids);
+        let delivered = dialect.delivered(stored, &stored_ctids);
         if config.keep_delivered.is_some() {
             outbox_message::Entity::update_many()
                 .col_expr(outbox_message::Column::DeliveredAt, Expr::value(now))
@@ -84,56 +94,11 @@ pub(super) async fn settle<C: ConnectionTrait>(
             .exec_without_returning(conn)
             .await?;
         outbox_message::Entity::delete_many()
-            .filter(ids_in(conn.get_database_backend(), ids))
+            .filter(dialect.ids_in(ids))
             .exec(conn)
             .await?;
     }
     Ok(report)
-}
-
-/// The rows of the stored events. On PostgreSQL by `ctid` (when every stored
-/// event has its own, which the claim reads there): a row locked by
-/// this transaction stays where the claim found it, and fetching 2,000 rows
-/// by position took PostgreSQL a quarter of the time that looking each id up
-/// in the primary key did (0.5 ms against 2.6, `EXPLAIN ANALYZE` in `psql`).
-/// The array goes through a subquery so that the planner cannot see its
-/// length: it costs a fetch by `ctid` as a random page read, and for a few
-/// thousand would rather read the whole table.
-///
-/// The ctids go as one array literal, `{"(0,1)","(0,2)"}`: a single text
-/// value to bind, where SeaORM copied a `text[]` of 2,000 string by string.
-fn delivered(backend: DbBackend, ids: Vec<Uuid>, ctids: &[String]) -> SimpleExpr {
-    if backend == DbBackend::Postgres && ctids.len() == ids.len() {
-        let mut literal = String::with_capacity(ctids.len() * 16 + 2);
-        literal.push('{');
-        for (index, ctid) in ctids.iter().enumerate() {
-            if index > 0 {
-                literal.push(',');
-            }
-            literal.push('"');
-            literal.push_str(ctid);
-            literal.push('"');
-        }
-        literal.push('}');
-        Expr::cust_with_values(
-            "ctid = ANY(ARRAY(SELECT unnest(CAST($1 AS tid[]))))",
-            [literal],
-        )
-    } else {
-        ids_in(backend, ids)
-    }
-}
-
-/// The rows with these ids. On PostgreSQL one array parameter (`= ANY($1)`)
-/// rather than a list of a parameter per id: the statement's text is the same
-/// whatever the count, so it is parsed once per connection, and the
-/// relay binds one value instead of thousands.
-fn ids_in(backend: DbBackend, ids: Vec<Uuid>) -> SimpleExpr {
-    if backend == DbBackend::Postgres {
-        Expr::col(outbox_message::Column::Id).eq(PgFunc::any(Expr::val(ids)))
-    } else {
-        outbox_message::Column::Id.is_in(ids)
-    }
 }
 
 async fn reschedule<C: ConnectionTrait>(

@@ -14,7 +14,7 @@ use crate::entity::outbox_message::Model;
 /// claim selects after the entity's columns, which the settle deletes by.
 /// One record, so that an event and its row's locator cannot part.
 #[derive(Debug)]
-pub(super) struct Claimed {
+pub(in crate::relay) struct Claimed {
     pub event: Model,
     pub ctid: Option<String>,
 }

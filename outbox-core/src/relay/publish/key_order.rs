@@ -1,18 +1,30 @@
-//! The rule [`Publisher::publish_in_key_order`](super::Publisher::publish_in_key_order) follows, for publishers to
-//! drive: which events may go out now, given the acknowledgements so far.
+//! The rule [`Publisher::publish_in_key_order`](super::Publisher::publish_in_key_order)
+//! follows, for publishers to drive: which events may go out now, given the
+//! acknowledgements so far.
 
 use std::collections::VecDeque;
 
 use super::delivery::Delivery;
 
-/// Tracks a batch published in key order: an event is ready once the event
-/// before it of its key is stored, and never if that one was not.
+/// Tracks a [`Batch`](super::Batch) published in key order: an event is ready
+/// once the event before it of its key is stored, and never if that one was
+/// not. Made by [`Batch::key_order`](super::Batch::key_order).
 ///
 /// ```
-/// use outbox_core::relay::{Delivery, KeyOrder};
-///
-/// // Events 0 and 2 share a key; 1 has its own.
-/// let mut order = KeyOrder::new(&[None, None, Some(0)]).unwrap();
+/// # use outbox_core::entity::outbox_message::Model;
+/// use outbox_core::relay::{Batch, Delivery};
+/// # fn event(key: Option<&str>) -> Model {
+/// #     let now = chrono::Utc::now();
+/// #     Model { id: uuid::Uuid::now_v7(), event_type: "E".into(), event_version: 1,
+/// #         exchange: "x".into(), subject: "x.e".into(), partition_key: key.map(Into::into),
+/// #         payload: Vec::new(), headers: None, content_type: "application/json".into(),
+/// #         created_at: now, attempts: 0, next_attempt_at: now, last_error: None,
+/// #         delivered_at: None }
+/// # }
+/// // Events 0 and 2 share a key; 1 has none.
+/// let events = [event(Some("a")), event(None), event(Some("a"))];
+/// let batch = Batch::new(events.iter().collect());
+/// let mut order = batch.key_order();
 /// assert_eq!(order.next_ready(), Some(0));
 /// assert_eq!(order.next_ready(), Some(1));
 /// assert_eq!(order.next_ready(), None); // 2 waits for 0
@@ -20,10 +32,6 @@ use super::delivery::Delivery;
 /// order.settle(1, Delivery::Stored { duplicate: false });
 /// assert_eq!(order.next_ready(), None); // and is held back
 /// assert_eq!(order.into_outcome()[2], None);
-///
-/// // An event may only follow an earlier one, and no two the same.
-/// assert!(KeyOrder::new(&[Some(1), None]).is_err());
-/// assert!(KeyOrder::new(&[None, Some(0), Some(0)]).is_err());
 /// ```
 #[derive(Debug)]
 pub struct KeyOrder {
@@ -34,51 +42,25 @@ pub struct KeyOrder {
     in_flight: usize,
 }
 
-/// An `after` list that is not a set of chains: an event following itself,
-/// a later event or one outside the batch, or two events following one.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "event {index} of the batch is to follow event {previous}, which is not an earlier \
-     event of the batch that no other event follows"
-)]
-pub struct InvalidKeyOrder {
-    /// The event.
-    pub index: usize,
-    /// The event it was to follow.
-    pub previous: usize,
-}
-
-impl InvalidKeyOrder {
-    /// What a publisher answers for a batch it cannot order: every event
-    /// unavailable, so that none is charged an attempt and none is lost.
-    pub fn outcome(&self, events: usize) -> Vec<Option<Delivery>> {
-        vec![Some(Delivery::Unavailable(self.to_string())); events]
-    }
-}
-
 impl KeyOrder {
-    /// `after[i]`: the previous event of event `i`'s key in the batch, if any
-    /// (as passed to [`Publisher::publish_in_key_order`](super::Publisher::publish_in_key_order)). Each must name an
-    /// earlier event, and no event may be named twice.
-    pub fn new(after: &[Option<usize>]) -> Result<Self, InvalidKeyOrder> {
+    /// `after[i]`: the previous event of event `i`'s key, if any. [`Batch`](super::Batch)
+    /// builds it, so each names an earlier event that no other event names.
+    pub(super) fn new(after: &[Option<usize>]) -> Self {
         let mut successors = vec![None; after.len()];
         let mut ready = VecDeque::new();
         for (index, previous) in after.iter().enumerate() {
             match *previous {
-                Some(previous) if previous < index && successors[previous].is_none() => {
-                    successors[previous] = Some(index);
-                }
-                Some(previous) => return Err(InvalidKeyOrder { index, previous }),
+                Some(previous) => successors[previous] = Some(index),
                 None => ready.push_back(index),
             }
         }
-        Ok(Self {
+        Self {
             successors,
             ready,
             sent: vec![false; after.len()],
             outcome: vec![None; after.len()],
             in_flight: 0,
-        })
+        }
     }
 
     /// The next event to send, taken as sent: oldest first of those ready.
@@ -139,29 +121,7 @@ mod tests {
     }
 
     fn order(after: &[Option<usize>]) -> KeyOrder {
-        KeyOrder::new(after).expect("chains")
-    }
-
-    #[test]
-    fn an_after_list_that_is_not_chains_is_refused() {
-        let invalid = |index, previous| Err(InvalidKeyOrder { index, previous });
-        assert_eq!(KeyOrder::new(&[Some(0)]).map(|_| ()), invalid(0, 0));
-        assert_eq!(KeyOrder::new(&[None, Some(5)]).map(|_| ()), invalid(1, 5));
-        assert_eq!(KeyOrder::new(&[Some(1), None]).map(|_| ()), invalid(0, 1));
-        assert_eq!(
-            KeyOrder::new(&[None, Some(0), Some(0)]).map(|_| ()),
-            invalid(2, 0)
-        );
-        let outcome = InvalidKeyOrder {
-            index: 2,
-            previous: 0,
-        }
-        .outcome(3);
-        assert!(
-            outcome
-                .iter()
-                .all(|d| matches!(d, Some(Delivery::Unavailable(_))))
-        );
+        KeyOrder::new(after)
     }
 
     #[test]

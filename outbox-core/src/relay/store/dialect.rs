@@ -1,0 +1,122 @@
+//! Every way PostgreSQL, MySQL and SQLite differ for the relay, in one place.
+
+use sea_orm::sea_query::{
+    Expr, ExprTrait, LockBehavior, LockType, PgFunc, SelectStatement, SimpleExpr,
+};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr,
+    IsolationLevel, TransactionTrait,
+};
+use uuid::Uuid;
+
+use crate::entity::outbox_message::Column;
+
+/// The outbox's database backend, as the relay's statements need it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(in crate::relay) struct Dialect(DbBackend);
+
+impl Dialect {
+    pub(super) fn of(db: &impl ConnectionTrait) -> Self {
+        Self(db.get_database_backend())
+    }
+
+    /// Whether claimed rows stay locked until settled (`FOR UPDATE SKIP
+    /// LOCKED`): everywhere but on SQLite, which runs one relay and keeps no
+    /// write lock while publishing.
+    pub(in crate::relay) fn locks_rows(self) -> bool {
+        self.0 != DbBackend::Sqlite
+    }
+
+    /// Whether consecutive rounds may overlap: PostgreSQL only. Not on MySQL:
+    /// InnoDB's `DELETE ... WHERE id IN (...)` may scan the table and wait on
+    /// every locked row it meets, among them the next round's, which the
+    /// relay releases only after that very delete.
+    pub(in crate::relay) fn overlaps_rounds(self) -> bool {
+        self.0 == DbBackend::Postgres
+    }
+
+    /// Whether the claim reads each row's locator (PostgreSQL's `ctid`),
+    /// which the settle then deletes by (see [`delivered`](Self::delivered)).
+    pub(super) fn locates_rows(self) -> bool {
+        self.0 == DbBackend::Postgres
+    }
+
+    /// Adds the row locator after the entity's columns, and the row lock.
+    pub(super) fn finish_claim(self, claim: &mut SelectStatement) {
+        if self.locates_rows() {
+            claim.expr(Expr::cust("ctid::text"));
+        }
+        if self.locks_rows() {
+            claim.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
+        }
+    }
+
+    /// Begins one of the relay's transactions.
+    ///
+    /// On MySQL at READ COMMITTED: under InnoDB's default REPEATABLE READ the
+    /// claim's locking read also locks the gaps of the index ranges it scans,
+    /// and handlers inserting events into those gaps deadlock with it. With
+    /// `async_commit`, on PostgreSQL, without waiting for the WAL flush.
+    pub(super) async fn begin(
+        self,
+        db: &DatabaseConnection,
+        async_commit: bool,
+    ) -> Result<DatabaseTransaction, DbErr> {
+        let txn = match self.0 {
+            DbBackend::MySql => {
+                db.begin_with_config(Some(IsolationLevel::ReadCommitted), None)
+                    .await?
+            }
+            _ => db.begin().await?,
+        };
+        if async_commit && self.0 == DbBackend::Postgres {
+            txn.execute_unprepared("SET LOCAL synchronous_commit = off")
+                .await?;
+        }
+        Ok(txn)
+    }
+
+    /// The rows of the stored events. On PostgreSQL by `ctid` (when every
+    /// stored event has its own, which the claim reads there): a row locked
+    /// by this transaction stays where the claim found it, and fetching 2,000
+    /// rows by position took PostgreSQL a quarter of the time that looking
+    /// each id up in the primary key did (0.5 ms against 2.6, `EXPLAIN
+    /// ANALYZE` in `psql`). The array goes through a subquery so that the
+    /// planner cannot see its length: it costs a fetch by `ctid` as a random
+    /// page read, and for a few thousand would rather read the whole table.
+    ///
+    /// The ctids go as one array literal, `{"(0,1)","(0,2)"}`: a single text
+    /// value to bind, where SeaORM copied a `text[]` of 2,000 string by string.
+    pub(super) fn delivered(self, ids: Vec<Uuid>, ctids: &[String]) -> SimpleExpr {
+        if !self.locates_rows() || ctids.len() != ids.len() {
+            return self.ids_in(ids);
+        }
+        let mut literal = String::with_capacity(ctids.len() * 16 + 2);
+        literal.push('{');
+        for (index, ctid) in ctids.iter().enumerate() {
+            if index > 0 {
+                literal.push(',');
+            }
+            literal.push('"');
+            literal.push_str(ctid);
+            literal.push('"');
+        }
+        literal.push('}');
+        Expr::cust_with_values(
+            "ctid = ANY(ARRAY(SELECT unnest(CAST($1 AS tid[]))))",
+            [literal],
+        )
+    }
+
+    /// The rows with these ids. On PostgreSQL one array parameter (`= ANY($1)`)
+    /// rather than a list of a parameter per id: the statement's text is the
+    /// same whatever the count, so it is parsed once per connection, and the
+    /// relay binds one value instead of thousands.
+    pub(super) fn ids_in(self, ids: Vec<Uuid>) -> SimpleExpr {
+        if self.0 == DbBackend::Postgres {
+            Expr::col(Column::Id).eq(PgFunc::any(Expr::val(ids)))
+        } else {
+            Column::Id.is_in(ids)
+        }
+    }
+}

@@ -1,0 +1,43 @@
+//! The database's side of the relay: the claim, the decoding of claimed
+//! rows, the settle, and the [`Dialect`] that holds every difference between
+//! PostgreSQL, MySQL and SQLite. Imports of the relay only the leaf types
+//! (`Delivery`, `RelayConfig`, `BatchReport`).
+
+mod claim;
+mod decode;
+mod dialect;
+mod settle;
+
+use sea_orm::{DatabaseConnection, DatabaseTransaction, DbErr};
+
+pub(super) use claim::{InFlight, claim};
+pub(super) use decode::Claimed;
+pub(super) use dialect::Dialect;
+pub(super) use settle::{Settled, settle};
+
+/// The outbox's database and its dialect.
+#[derive(Debug)]
+pub(super) struct Store {
+    db: DatabaseConnection,
+    dialect: Dialect,
+}
+
+impl Store {
+    pub(super) fn new(db: DatabaseConnection) -> Self {
+        let dialect = Dialect::of(&db);
+        Self { db, dialect }
+    }
+
+    pub(super) fn db(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
+    pub(super) fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    /// Begins one of the relay's transactions; see [`Dialect::begin`].
+    pub(super) async fn begin(&self, async_commit: bool) -> Result<DatabaseTransaction, DbErr> {
+        self.dialect.begin(&self.db, async_commit).await
+    }
+}
