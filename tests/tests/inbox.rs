@@ -189,6 +189,60 @@ async fn a_handler_failing_twice_then_succeeding_applies_once(setup: Setup) {
     setup.finish().await;
 }
 
+/// Panics on order 21; inserts the others.
+#[derive(Clone)]
+struct PanicsOn21;
+
+impl Handler<OrderCreated> for PanicsOn21 {
+    type Error = AppError;
+
+    async fn handle(
+        &self,
+        event: OrderCreated,
+        meta: Metadata,
+        db: &DatabaseTransaction,
+    ) -> Result<(), AppError> {
+        assert_ne!(event.order_id, 21, "a bug in the handler");
+        InsertOrder::default().handle(event, meta, db).await
+    }
+}
+
+/// A panic is a failed delivery, not a dead consumer: retried, then
+/// dead-lettered with the panic's message, and the next event is handled.
+async fn a_panicking_handler_is_retried_then_dead_lettered_and_the_consumer_goes_on(
+    setup: Setup,
+) {
+    let db = setup.db();
+    for order_id in [21, 22] {
+        let total_cents = 100;
+        setup
+            .publish(OrderCreated {
+                order_id,
+                total_cents,
+            })
+            .await;
+    }
+    setup
+        .consume("fragile", |c| c.max_deliveries(2).on::<OrderCreated, _>(PanicsOn21))
+        .await;
+
+    let letters = dead_letters(db, "fragile").await;
+    assert_eq!(letters.len(), 1, "{letters:#?}");
+    assert_eq!(letters[0].reason, "handler_failed");
+    assert_eq!(letters[0].deliveries, 2);
+    assert!(
+        letters[0].error.starts_with("handler panicked: assertion"),
+        "{}",
+        letters[0].error
+    );
+    let ids: Vec<i64> = (order::Entity::find().all(db).await.expect("orders"))
+        .iter()
+        .map(|o| o.id)
+        .collect();
+    assert_eq!(ids, [22]);
+    setup.finish().await;
+}
+
 async fn poison_and_undecodable_messages_are_dead_lettered_and_later_ones_continue(setup: Setup) {
     let db = setup.db();
     setup
@@ -939,6 +993,7 @@ outbox_tests::on_each_backend!(inbox_records_once_and_purges_by_age);
 
 outbox_tests::on_postgres_and_mysql!(
     a_handler_failing_twice_then_succeeding_applies_once,
+    a_panicking_handler_is_retried_then_dead_lettered_and_the_consumer_goes_on,
     poison_and_undecodable_messages_are_dead_lettered_and_later_ones_continue,
     a_database_failure_is_retried_and_never_dead_letters,
     events_emitted_by_a_handler_reach_the_outbox_only_when_it_commits,

@@ -21,7 +21,7 @@ pub enum Processed {
     /// The inbox already held the event: the handler was skipped; acknowledge.
     Duplicate,
     /// The handler failed or panicked: nothing committed; deliver again later.
-    Failed(String),
+    Failed(HandlerFailure),
     /// The database failed around the handler (begin, inbox row, commit):
     /// nothing committed; deliver again later, without blaming the message.
     Unavailable(String),
@@ -33,6 +33,19 @@ pub enum Processed {
         /// The detail, naming the event type and version.
         error: String,
     },
+}
+
+/// Why a handler did not take effect. Its text goes to logs and dead letters.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum HandlerFailure {
+    /// The handler returned an error, kept as its text (handlers' error
+    /// types only promise `Display`).
+    #[error("{0}")]
+    Returned(String),
+    /// The handler panicked; the panic's message, if it was a string.
+    #[error("handler panicked: {0}")]
+    Panicked(String),
 }
 
 /// Two handlers registered for one event type and version on one consumer.
@@ -201,7 +214,10 @@ impl Handlers {
         let outcome = AssertUnwindSafe(run(event, meta, &txn))
             .catch_unwind()
             .await;
-        let result = outcome.unwrap_or_else(|panic| Err(panic_message(&*panic)));
+        let result = match outcome {
+            Ok(result) => result.map_err(HandlerFailure::Returned),
+            Err(panic) => Err(HandlerFailure::Panicked(panic_message(&*panic))),
+        };
         match result {
             Ok(()) => {
                 txn.commit().await?;
@@ -228,5 +244,5 @@ fn panic_message(panic: &(dyn Any + Send)) -> String {
         .copied()
         .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
         .unwrap_or("a non-string payload");
-    format!("handler panicked: {text}")
+    text.to_owned()
 }

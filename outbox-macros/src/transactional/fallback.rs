@@ -1,21 +1,48 @@
-//! On a compile error, still emits the function with its signature unchanged,
-//! so that its callers do not add errors of their own.
+//! On a compile error, still emits the function with its signature
+//! unchanged, so that its callers do not add errors of their own; and, as
+//! tokio's macros do, with its body as written (run outside any transaction,
+//! which the error stops from ever happening), so that the body's own
+//! mistakes are reported too and rust-analyzer still sees it.
 
-use proc_macro2::TokenStream;
+use proc_macro2::{Span, TokenStream};
 use quote::quote;
-use syn::ItemFn;
+use syn::{ItemFn, Path};
 
-pub(crate) fn expand(function: ItemFn, errors: syn::Error) -> TokenStream {
+use super::rewrite;
+
+/// `krate`: where the runtime is, when the arguments said and could be read.
+pub(crate) fn expand(mut function: ItemFn, krate: Option<Path>, errors: syn::Error) -> TokenStream {
     let errors = errors.to_compile_error();
     let ItemFn {
         attrs, vis, sig, ..
+    } = &function;
+    if sig.asyncness.is_none() {
+        // A body written for an async fn would only add `.await` errors here.
+        return quote! {
+            #errors
+            #(#attrs)*
+            #[allow(unused_variables)]
+            #vis #sig {
+                ::core::unimplemented!("#[transactional] reported a compile error")
+            }
+        };
+    }
+    let krate = krate.unwrap_or_else(|| syn::parse_quote!(::outbox_core));
+    let emitter = syn::Ident::new("__outbox_emitter", Span::mixed_site());
+    rewrite::emits(&mut function.block, &emitter);
+    let ItemFn {
+        attrs,
+        vis,
+        sig,
+        block,
     } = function;
     quote! {
         #errors
         #(#attrs)*
-        #[allow(unused_variables)]
         #vis #sig {
-            ::core::unimplemented!("#[transactional] reported a compile error")
+            #[allow(unused_variables)]
+            let #emitter = &#krate::__private::Emitter::default();
+            #block
         }
     }
 }

@@ -21,9 +21,10 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
             return fallback::unparsed(item, error);
         }
     };
-    let checked = attr::Args::parse(args).and_then(|args| ast::Transactional::new(&function, args));
-    match checked {
+    let args = attr::Args::parse(args);
+    let krate = args.as_ref().ok().and_then(|args| args.krate.clone());
+    match args.and_then(|args| ast::Transactional::new(&function, args)) {
         Ok(model) => expand::expand(model),
-        Err(errors) => fallback::expand(function, errors),
+        Err(errors) => fallback::expand(function, krate, errors),
     }
 }

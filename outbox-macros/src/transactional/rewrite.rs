@@ -12,23 +12,27 @@ use super::ast::Conn;
 /// Rewrites `body` in place.
 pub(crate) fn body(body: &mut Block, conn: &Conn, emitter: &Ident, transaction: &Ident) {
     let conn = match conn {
-        Conn::Expr(expr) => Some(expr),
+        Conn::Expr(expr) => Some((expr, transaction)),
         Conn::Binding(_) => None,
     };
+    Rewriter { emitter, conn }.visit_block_mut(body);
+}
+
+/// Hands `emit!` its emitter and touches nothing else: for a function the
+/// macro rejected, whose body is kept as written.
+pub(crate) fn emits(body: &mut Block, emitter: &Ident) {
     Rewriter {
         emitter,
-        transaction,
-        conn,
+        conn: None,
     }
     .visit_block_mut(body);
 }
 
 struct Rewriter<'a> {
     emitter: &'a Ident,
-    transaction: &'a Ident,
     /// The `conn = ...` expression, found by structure (syn's equality
-    /// ignores spans and spacing).
-    conn: Option<&'a Expr>,
+    /// ignores spans and spacing), and the transaction that replaces it.
+    conn: Option<(&'a Expr, &'a Ident)>,
 }
 
 impl VisitMut for Rewriter<'_> {
@@ -43,9 +47,10 @@ impl VisitMut for Rewriter<'_> {
     }
 
     fn visit_expr_mut(&mut self, expr: &mut Expr) {
-        if self.conn.is_some_and(|conn| conn == expr) {
+        if let Some((conn, transaction)) = self.conn
+            && conn == expr
+        {
             // The user's span, so that a type error points at their expression.
-            let transaction = self.transaction;
             *expr = Expr::Verbatim(quote_spanned!(expr.span()=> (*#transaction)));
         } else {
             visit_mut::visit_expr_mut(self, expr);

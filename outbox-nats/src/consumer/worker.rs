@@ -353,12 +353,13 @@ impl Worker {
                 Outcome::Resolved
             }
             Processed::Failed(error) if held.delivery_count() >= config.max_deliveries => {
+                let error = error.to_string();
                 self.dead_letter(held, DeadLetterReason::HandlerFailed, error)
                     .await
             }
             Processed::Failed(error) => {
                 self.count("failed");
-                self.retry(held, "handler failed", &error)
+                self.retry(held, "handler failed", &error.to_string())
             }
             // Not the message's fault: it does not move towards a dead letter,
             // however often it is retried.
