@@ -189,6 +189,94 @@ async fn a_handler_failing_twice_then_succeeding_applies_once(setup: Setup) {
     setup.finish().await;
 }
 
+/// Inserts the order and notes the transaction it ran in; order 7's first
+/// delivery fails after its insert.
+#[derive(Default, Clone)]
+struct NotesTransaction {
+    seen: Arc<Mutex<Vec<(i64, u64, i64)>>>,
+}
+
+impl Handler<OrderCreated> for NotesTransaction {
+    type Error = AppError;
+
+    async fn handle(
+        &self,
+        event: OrderCreated,
+        meta: Metadata,
+        db: &DatabaseTransaction,
+    ) -> Result<(), AppError> {
+        let row = db
+            .query_one_raw(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Postgres,
+                "SELECT txid_current()::BIGINT",
+            ))
+            .await?
+            .expect("a row");
+        let txid: i64 = row.try_get_by_index(0)?;
+        let seen = (event.order_id, meta.delivery_count, txid);
+        self.seen.lock().expect("lock").push(seen);
+        InsertOrder::default().handle(event, meta, db).await?;
+        if seen.0 == 7 && seen.1 == 1 {
+            return Err(AppError::Rejected);
+        }
+        Ok(())
+    }
+}
+
+/// Messages that arrive together are handled in one transaction, committed
+/// once; a handler that fails there rolls back its own effect only (its
+/// insert is undone, so that its retry can insert again), and the others of
+/// its batch commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_commits_together_and_a_failing_handler_rolls_back_only_its_own_effect() {
+    let setup = Setup::postgres().await;
+    let db = setup.db();
+    for order_id in 1..=20 {
+        let total_cents = 100;
+        let order = OrderCreated {
+            order_id,
+            total_cents,
+        };
+        emit_one(db, order).await.expect("commit");
+    }
+    setup.relay().await;
+    let handler = NotesTransaction::default();
+    setup
+        .consume("batched", |c| {
+            c.max_in_flight(1)
+                .batch_size(20)
+                .on::<OrderCreated, _>(handler.clone())
+        })
+        .await;
+
+    let seen = handler.seen.lock().expect("lock").clone();
+    let first_try_of_7 = seen
+        .iter()
+        .find(|(order, delivery, _)| (*order, *delivery) == (7, 1));
+    let (_, _, failed_in) = *first_try_of_7.expect("order 7 ran");
+    let batch_of_7: Vec<i64> = (seen.iter())
+        .filter(|(order, _, txid)| *txid == failed_in && *order != 7)
+        .map(|(order, _, _)| *order)
+        .collect();
+    assert!(
+        !batch_of_7.is_empty(),
+        "order 7 shared its transaction with other orders: {seen:?}"
+    );
+    let deliveries = |order| seen.iter().filter(|(o, _, _)| *o == order).count();
+    assert_eq!(deliveries(7), 2, "order 7 ran again after its failure");
+    for order in batch_of_7 {
+        assert_eq!(
+            deliveries(order),
+            1,
+            "order {order} committed with its batch"
+        );
+    }
+    assert_eq!(orders(db).await, 20);
+    assert_eq!(inbox_rows(db).await, 20);
+    assert!(dead_letters(db, "batched").await.is_empty());
+    setup.finish().await;
+}
+
 /// Panics on order 21; inserts the others.
 #[derive(Clone)]
 struct PanicsOn21;
@@ -209,9 +297,7 @@ impl Handler<OrderCreated> for PanicsOn21 {
 
 /// A panic is a failed delivery, not a dead consumer: retried, then
 /// dead-lettered with the panic's message, and the next event is handled.
-async fn a_panicking_handler_is_retried_then_dead_lettered_and_the_consumer_goes_on(
-    setup: Setup,
-) {
+async fn a_panicking_handler_is_retried_then_dead_lettered_and_the_consumer_goes_on(setup: Setup) {
     let db = setup.db();
     for order_id in [21, 22] {
         let total_cents = 100;
@@ -223,7 +309,9 @@ async fn a_panicking_handler_is_retried_then_dead_lettered_and_the_consumer_goes
             .await;
     }
     setup
-        .consume("fragile", |c| c.max_deliveries(2).on::<OrderCreated, _>(PanicsOn21))
+        .consume("fragile", |c| {
+            c.max_deliveries(2).on::<OrderCreated, _>(PanicsOn21)
+        })
         .await;
 
     let letters = dead_letters(db, "fragile").await;

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use sea_orm::{DatabaseConnection, DatabaseTransaction, TransactionTrait};
+use tracing::Instrument;
 
 use super::{DeadLetterReason, Handler, Metadata, store};
 use crate::{Error, OutboxEvent, signal};
@@ -152,14 +153,74 @@ impl Handlers {
         meta: Metadata,
         payload: &[u8],
     ) -> Processed {
-        let (run, event) = match self.decode(&meta, payload) {
-            Ok(found) => found,
-            Err(unhandled) => return unhandled,
-        };
-        match self.in_transaction(db, consumer, run, event, meta).await {
-            Ok(processed) => processed,
-            Err(error) => Processed::Unavailable(crate::ErrorReport(&error).to_string()),
+        let mut processed = self
+            .process_batch(db, consumer, vec![Incoming { meta, payload }])
+            .await;
+        processed
+            .pop()
+            .unwrap_or(Processed::Unavailable(String::new()))
+    }
+
+    /// Handles several messages for `consumer` in one transaction of `db`,
+    /// committed once: one WAL flush for the batch rather than one per
+    /// message. Each message runs in a savepoint of its own with its inbox
+    /// row, so that a failing handler rolls back only its own effect. Returns
+    /// one answer per message, in order.
+    ///
+    /// If the database fails around the handlers (begin, a savepoint, an
+    /// inbox row, the commit), nothing of the batch commits: every message
+    /// that was not [`Failed`](Processed::Failed) or unhandled is
+    /// [`Unavailable`](Processed::Unavailable). The messages must be of
+    /// distinct events; those of one partition key belong in separate
+    /// batches, in order.
+    pub async fn process_batch(
+        &self,
+        db: &DatabaseConnection,
+        consumer: &str,
+        messages: Vec<Incoming<'_>>,
+    ) -> Vec<Processed> {
+        let mut answers = Vec::with_capacity(messages.len());
+        let mut decoded = Vec::with_capacity(messages.len());
+        for Incoming { meta, payload } in messages {
+            match self.decode(&meta, payload) {
+                Ok((run, event)) => {
+                    answers.push(Processed::Unavailable(String::new()));
+                    decoded.push(Decoded {
+                        index: answers.len() - 1,
+                        run,
+                        event,
+                        meta,
+                    });
+                }
+                Err(unhandled) => answers.push(unhandled),
+            }
         }
+        if decoded.is_empty() {
+            return answers;
+        }
+        let commits_before = signal::count();
+        if let Err(error) = self
+            .in_transaction(db, consumer, decoded, &mut answers)
+            .await
+        {
+            let error = crate::ErrorReport(&error).to_string();
+            for answer in &mut answers {
+                if matches!(answer, Processed::Handled | Processed::Duplicate) {
+                    *answer = Processed::Unavailable(error.clone());
+                } else if let Processed::Unavailable(reason) = answer {
+                    reason.clone_from(&error);
+                }
+            }
+            return answers;
+        }
+        // A #[transactional] handler signals at its savepoint, before its
+        // events are visible: signal again now that they are. A batch that
+        // emitted nothing wakes no relay (a concurrent one's events may
+        // cause a spare wake-up, which is harmless).
+        if signal::count() != commits_before {
+            signal::committed();
+        }
+        answers
     }
 
     fn decode(
@@ -195,47 +256,90 @@ impl Handlers {
         Ok((Arc::clone(run), event))
     }
 
+    /// Runs `decoded` in one transaction, writing each one's answer; an
+    /// error means nothing committed.
     async fn in_transaction(
         &self,
         db: &DatabaseConnection,
         consumer: &str,
-        run: Arc<Run>,
-        event: Box<dyn Any + Send>,
-        meta: Metadata,
-    ) -> Result<Processed, Error> {
+        decoded: Vec<Decoded>,
+        answers: &mut [Processed],
+    ) -> Result<(), Error> {
         let txn = db.begin().await?;
-        if !store::record(&txn, consumer, meta.id).await? {
-            txn.rollback().await?;
-            return Ok(Processed::Duplicate);
-        }
-        let commits_before = signal::count();
-        // A panicking handler is a failed delivery, not a dead consumer; the
-        // transaction is dropped with the unwound future, which rolls it back.
-        let outcome = AssertUnwindSafe(run(event, meta, &txn))
-            .catch_unwind()
-            .await;
-        let result = match outcome {
-            Ok(result) => result.map_err(HandlerFailure::Returned),
-            Err(panic) => Err(HandlerFailure::Panicked(panic_message(&*panic))),
-        };
-        match result {
-            Ok(()) => {
-                txn.commit().await?;
-                // A #[transactional] handler signals at its savepoint, before
-                // its events are visible: signal again now that they are. A
-                // handler that emitted nothing wakes no relay (a concurrent
-                // one's events may cause a spare wake-up, which is harmless).
-                if signal::count() != commits_before {
-                    signal::committed();
+        // One message needs no savepoint: its transaction is its own.
+        let alone = decoded.len() == 1;
+        for Decoded {
+            index,
+            run,
+            event,
+            meta,
+        } in decoded
+        {
+            let savepoint = if alone {
+                None
+            } else {
+                Some(txn.begin().await?)
+            };
+            let scope = savepoint.as_ref().unwrap_or(&txn);
+            if !store::record(scope, consumer, meta.id).await? {
+                answers[index] = Processed::Duplicate;
+                if let Some(savepoint) = savepoint {
+                    savepoint.commit().await?;
                 }
-                Ok(Processed::Handled)
+                continue;
             }
-            Err(error) => {
-                txn.rollback().await?;
-                Ok(Processed::Failed(error))
-            }
+            let span = tracing::debug_span!("outbox.handler", event_type = %meta.event_type, event_id = %meta.id);
+            // A panicking handler is a failed delivery, not a dead consumer;
+            // its savepoint (or, alone, the transaction) is rolled back.
+            let outcome = AssertUnwindSafe(run(event, meta, scope))
+                .catch_unwind()
+                .instrument(span)
+                .await;
+            let result = match outcome {
+                Ok(result) => result.map_err(HandlerFailure::Returned),
+                Err(panic) => Err(HandlerFailure::Panicked(panic_message(&*panic))),
+            };
+            answers[index] = match result {
+                Ok(()) => {
+                    if let Some(savepoint) = savepoint {
+                        savepoint.commit().await?;
+                    }
+                    Processed::Handled
+                }
+                Err(failure) => {
+                    match savepoint {
+                        Some(savepoint) => savepoint.rollback().await?,
+                        None => {
+                            txn.rollback().await?;
+                            answers[index] = Processed::Failed(failure);
+                            return Ok(());
+                        }
+                    }
+                    Processed::Failed(failure)
+                }
+            };
         }
+        txn.commit().await?;
+        Ok(())
     }
+}
+
+/// A message of [`Handlers::process_batch`]: its metadata and payload.
+#[derive(Debug, Clone)]
+pub struct Incoming<'a> {
+    /// What the transport says of the message.
+    pub meta: Metadata,
+    /// The event, as serialized.
+    pub payload: &'a [u8],
+}
+
+/// A message whose handler was found and whose payload decoded, with where
+/// its answer goes.
+struct Decoded {
+    index: usize,
+    run: Arc<Run>,
+    event: Box<dyn Any + Send>,
+    meta: Metadata,
 }
 
 fn panic_message(panic: &(dyn Any + Send)) -> String {

@@ -24,7 +24,7 @@ use uuid::Uuid;
 
 pub use guard::{ConsumerGuard, Taken};
 pub use handler::{Handler, HandlerFn};
-pub use handlers::{DuplicateHandler, HandlerFailure, Handlers, Processed};
+pub use handlers::{DuplicateHandler, HandlerFailure, Handlers, Incoming, Processed};
 pub use store::{dead_letter, purge, record, recorded};
 
 /// What a handler learns about a message besides the event itself.

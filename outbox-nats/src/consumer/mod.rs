@@ -24,8 +24,10 @@ use crate::streams::{namespaced, stream_name};
 /// the defaults.
 #[derive(Debug, Clone)]
 pub(crate) struct ConsumerConfig {
-    /// Messages handled at once (default 8).
+    /// Transactions at once, each a batch of messages (default 8).
     pub(crate) max_in_flight: usize,
+    /// Messages handled in one transaction, at most (default 64).
+    pub(crate) batch_size: usize,
     /// Deliveries of a failing message before it is dead-lettered (default 5).
     pub(crate) max_deliveries: u64,
     /// Delay before a failed message is redelivered (default 1 s doubling to 60 s).
@@ -45,6 +47,7 @@ impl Default for ConsumerConfig {
     fn default() -> Self {
         Self {
             max_in_flight: 8,
+            batch_size: 64,
             max_deliveries: 5,
             retry_backoff: Backoff {
                 initial: Duration::from_secs(1),
@@ -226,9 +229,20 @@ impl ConsumerBuilder {
         self
     }
 
-    /// Messages handled at once (default 8).
+    /// Transactions handling messages at once (default 8); each takes a
+    /// batch of up to [`batch_size`](Self::batch_size) messages of distinct keys.
     pub fn max_in_flight(mut self, n: usize) -> Self {
         self.config.max_in_flight = n.max(1);
+        self
+    }
+
+    /// Messages handled in one transaction, at most (default 64; 1 handles
+    /// each message in a transaction of its own). A batch is what has
+    /// arrived when a transaction starts, never waited for: its messages
+    /// commit together, one WAL flush for all, each in a savepoint of its
+    /// own so that a failing handler rolls back only its own effect.
+    pub fn batch_size(mut self, n: usize) -> Self {
+        self.config.batch_size = n.max(1);
         self
     }
 

@@ -35,6 +35,11 @@ impl Schedule {
         self.keys.queued() + self.ready.len() + self.retries.len()
     }
 
+    /// Messages that wait only for room to start.
+    pub(super) fn ready(&self) -> usize {
+        self.ready.len()
+    }
+
     /// Whether a message waits only for room to start.
     pub(super) fn has_ready(&self) -> bool {
         !self.ready.is_empty()

@@ -15,7 +15,9 @@ use async_nats::jetstream::stream::Stream;
 use chrono::Utc;
 use futures::{FutureExt, StreamExt};
 use outbox_core::dead_letters;
-use outbox_core::inbox::{self, ConsumerGuard, DeadLetterReason, Handlers, Processed, Taken};
+use outbox_core::inbox::{
+    self, ConsumerGuard, DeadLetterReason, Handlers, Incoming, Processed, Taken,
+};
 use outbox_core::relay::Backoff;
 use sea_orm::{DatabaseConnection, TransactionTrait};
 use tokio::sync::watch;
@@ -83,7 +85,7 @@ impl Worker {
     pub(super) async fn run(self, mut guard: ConsumerGuard, mut stopped: watch::Receiver<bool>) {
         let shared = Arc::new(self);
         let config = &shared.config;
-        let mut tasks: JoinSet<(Held, Outcome)> = JoinSet::new();
+        let mut tasks: JoinSet<Vec<(Held, Outcome)>> = JoinSet::new();
         let mut schedule = Schedule::new();
         let mut recovery = Recovery::Owed { trigger: None };
         // The consumer sequence of the last delivery seen: a delivery that
@@ -134,14 +136,15 @@ impl Worker {
                     }
                 }
             }
-            while tasks.len() < config.max_in_flight
-                && let Some(held) = schedule.pop_ready()
-            {
-                shared.start(&mut tasks, held);
+            // A batch is what is ready now: it never waits to fill up.
+            while tasks.len() < config.max_in_flight && schedule.has_ready() {
+                let batch = std::iter::from_fn(|| schedule.pop_ready());
+                shared.start(&mut tasks, batch.take(config.batch_size).collect());
             }
+            // Pull while the next batch is not full, so that one is ready
+            // when a transaction ends.
             let room = matches!(recovery, Recovery::Done)
-                && !schedule.has_ready()
-                && tasks.len() < config.max_in_flight
+                && schedule.ready() < config.batch_size
                 && schedule.len() < config.max_ack_pending
                 && Instant::now() >= resume;
             let next_retry = schedule.next_retry();
@@ -150,17 +153,19 @@ impl Worker {
                 Ok(()) = stopped.changed() => break,
                 Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
                     // Tasks catch their own panics, so a join error is a cancellation.
-                    let Ok((mut held, outcome)) = joined else { continue };
-                    match outcome {
-                        Outcome::Resolved => {
-                            if let Some(id) = held.replays() {
-                                replaying.remove(&id);
+                    let Ok(settled) = joined else { continue };
+                    for (mut held, outcome) in settled {
+                        match outcome {
+                            Outcome::Resolved => {
+                                if let Some(id) = held.replays() {
+                                    replaying.remove(&id);
+                                }
+                                schedule.resolve(&held);
                             }
-                            schedule.resolve(&held);
-                        }
-                        Outcome::Retry(delay) => {
-                            held.failures += 1;
-                            schedule.retry(held, Instant::now() + delay);
+                            Outcome::Retry(delay) => {
+                                held.failures += 1;
+                                schedule.retry(held, Instant::now() + delay);
+                            }
                         }
                     }
                 }
@@ -222,8 +227,10 @@ impl Worker {
             let _ = held.ack(AckKind::Nak(None)).await;
         }
         while let Some(joined) = tasks.join_next().await {
-            if let Ok((held, Outcome::Retry(_))) = joined {
-                let _ = held.ack(AckKind::Nak(None)).await;
+            for (held, outcome) in joined.unwrap_or_default() {
+                if let Outcome::Retry(_) = outcome {
+                    let _ = held.ack(AckKind::Nak(None)).await;
+                }
             }
         }
         if let Err(error) = shared.client.flush().await {
@@ -295,7 +302,7 @@ impl Worker {
     }
 
     async fn open(&self) -> Result<pull::Stream, async_nats::jetstream::consumer::StreamError> {
-        let batch = (self.config.max_in_flight * 2)
+        let batch = (self.config.max_in_flight * self.config.batch_size * 2)
             .min(self.config.max_ack_pending)
             .max(1);
         (self.consumer.stream())
@@ -304,43 +311,79 @@ impl Worker {
             .await
     }
 
-    fn start(self: &Arc<Self>, tasks: &mut JoinSet<(Held, Outcome)>, held: Held) {
+    fn start(self: &Arc<Self>, tasks: &mut JoinSet<Vec<(Held, Outcome)>>, batch: Vec<Held>) {
         let shared = Arc::clone(self);
         tasks.spawn(async move {
-            let outcome = AssertUnwindSafe(shared.handle(&held))
-                .catch_unwind()
-                .await
-                .unwrap_or_else(|_| {
-                    let sequence = held.position.stream_sequence;
-                    tracing::error!(consumer = %shared.name, sequence, "the consumer panicked on a message; it will be retried");
-                    Outcome::Retry(shared.retry_delay(&held))
-                });
-            (held, outcome)
+            match AssertUnwindSafe(shared.handle(&batch)).catch_unwind().await {
+                Ok(outcomes) => batch.into_iter().zip(outcomes).collect(),
+                Err(_) => {
+                    tracing::error!(consumer = %shared.name, messages = batch.len(), "the consumer panicked on a batch; its messages will be retried");
+                    (batch.into_iter())
+                        .map(|held| {
+                            let delay = shared.retry_delay(&held);
+                            (held, Outcome::Retry(delay))
+                        })
+                        .collect()
+                }
+            }
         });
     }
 
-    /// Handles one message to its end: ack, retry later (with its key held),
-    /// or dead letter and term.
-    async fn handle(&self, held: &Held) -> Outcome {
-        let config = &self.config;
-        let meta = match message::metadata(held, self.namespace.as_deref()) {
-            Ok(meta) => meta,
-            // The durable's own copy is dead-lettered when it comes back.
-            Err(_) if matches!(held.copy, Copy::Recovered(_)) => return Outcome::Resolved,
-            Err(malformed) => {
-                let error = outbox_core::ErrorReport(&malformed).to_string();
-                return self
-                    .dead_letter(held, DeadLetterReason::Malformed, error)
-                    .await;
+    /// Handles a batch of messages, of distinct keys, in one transaction
+    /// (see [`Handlers::process_batch`]), then each to its end: ack, retry
+    /// later (with its key held), or dead letter and term. One outcome per
+    /// message, in order.
+    async fn handle(&self, batch: &[Held]) -> Vec<Outcome> {
+        // `None`: the message goes into the transaction, as `incoming`'s next.
+        let mut settled: Vec<Option<Outcome>> = Vec::with_capacity(batch.len());
+        let mut incoming = Vec::with_capacity(batch.len());
+        for held in batch {
+            match message::metadata(held, self.namespace.as_deref()) {
+                Ok(meta) => {
+                    let payload = &held.message().payload;
+                    incoming.push(Incoming { meta, payload });
+                    settled.push(None);
+                }
+                // The durable's own copy is dead-lettered when it comes back.
+                Err(_) if matches!(held.copy, Copy::Recovered(_)) => {
+                    settled.push(Some(Outcome::Resolved));
+                }
+                Err(malformed) => {
+                    let error = outbox_core::ErrorReport(&malformed).to_string();
+                    let outcome = self
+                        .dead_letter(held, DeadLetterReason::Malformed, error)
+                        .await;
+                    settled.push(Some(outcome));
+                }
             }
-        };
-        let span = tracing::debug_span!("outbox.handle", consumer = %self.name, event_type = %meta.event_type, event_id = %meta.id, delivery = meta.delivery_count);
-        let processed = tracing::Instrument::instrument(
-            self.handlers
-                .process(&self.db, &self.name, meta, &held.message().payload),
+        }
+        let span =
+            tracing::debug_span!("outbox.handle", consumer = %self.name, messages = incoming.len());
+        let mut processed = tracing::Instrument::instrument(
+            self.handlers.process_batch(&self.db, &self.name, incoming),
             span,
         )
-        .await;
+        .await
+        .into_iter();
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for (held, settled) in batch.iter().zip(settled) {
+            let outcome = match settled {
+                Some(outcome) => outcome,
+                None => {
+                    let processed = processed.next().unwrap_or_else(|| {
+                        Processed::Unavailable("no answer for the message".to_owned())
+                    });
+                    self.settle(held, processed).await
+                }
+            };
+            outcomes.push(outcome);
+        }
+        outcomes
+    }
+
+    /// Ends one message by what its transaction did.
+    async fn settle(&self, held: &Held, processed: Processed) -> Outcome {
+        let config = &self.config;
         match processed {
             Processed::Handled | Processed::Duplicate => {
                 let outcome = if processed == Processed::Handled {

@@ -7,9 +7,13 @@
 //! cargo run --example bench -- --smoke                # a few thousand events, for CI
 //! ```
 //!
+//! The consumer section is in `consumer.rs`.
+//!
 //! Needs PostgreSQL (`DATABASE_URL`) and NATS (`NATS_URL`); works in a schema
 //! and a stream namespace of its own, removed at the end. Prints a table, then
 //! one JSON object as the last line.
+
+mod consumer;
 
 use std::collections::HashMap;
 use std::future::IntoFuture;
@@ -69,6 +73,15 @@ struct Args {
     /// Handler calls per variant in the overhead comparison.
     #[arg(long, default_value_t = 3_000)]
     handler_calls: usize,
+    /// Events of the consumer section's stream.
+    #[arg(long, default_value_t = 20_000)]
+    consumer_events: usize,
+    /// Messages (hand-written consumer) or transactions (outbox `Consumer`) at once.
+    #[arg(long, default_value_t = 16)]
+    consumer_in_flight: usize,
+    /// The outbox `Consumer`'s batch size (messages per transaction); its default if not given.
+    #[arg(long)]
+    consumer_batch: Option<usize>,
     /// Let the relay commit its bookkeeping without waiting for the WAL flush.
     #[arg(long)]
     async_commit: bool,
@@ -258,6 +271,7 @@ async fn run(mut args: Args) -> Result<(), BoxError> {
         args.rate = args.rate.min(200);
         args.handler_calls = args.handler_calls.min(200);
         args.repeat = args.repeat.min(2);
+        args.consumer_events = args.consumer_events.min(2_000);
     }
     if let Some(target) = args.drain_only.clone() {
         return drain_only(&args, &target[0], &target[1]).await;
@@ -281,11 +295,11 @@ fn nats_url() -> String {
     std::env::var("NATS_URL").unwrap_or_else(|_| "127.0.0.1:4222".into())
 }
 
-async fn connect_schema(schema: &str) -> Result<DatabaseConnection, DbErr> {
+async fn connect_schema(schema: &str, connections: usize) -> Result<DatabaseConnection, DbErr> {
     let mut options = ConnectOptions::new(database_url());
     options
         .set_schema_search_path(schema.to_owned())
-        .max_connections(16)
+        .max_connections(u32::try_from(connections).unwrap_or(u32::MAX))
         .sqlx_logging(false);
     Database::connect(options).await
 }
@@ -297,7 +311,7 @@ fn publisher(client: async_nats::Client, args: &Args, namespace: &str) -> JetStr
 
 /// The child process of [`Bench::relay_drain`]: one relay drains the backlog until the outbox is empty.
 async fn drain_only(args: &Args, schema: &str, namespace: &str) -> Result<(), BoxError> {
-    let db = connect_schema(schema).await?;
+    let db = connect_schema(schema, 16).await?;
     let client = async_nats::connect(nats_url()).await?;
     let relay = Relay::builder(db, publisher(client, args, namespace))
         .batch_size(args.batch)
@@ -330,7 +344,7 @@ impl Bench {
         admin
             .execute_unprepared(&format!("CREATE SCHEMA {schema}"))
             .await?;
-        let db = connect_schema(&schema).await?;
+        let db = connect_schema(&schema, 16).await?;
         outbox_core::migrate(&db).await?;
         db.execute_unprepared(
             "CREATE TABLE bench_orders (id BIGINT PRIMARY KEY, total_cents BIGINT NOT NULL)",
@@ -357,12 +371,37 @@ impl Bench {
             .await;
     }
 
-    /// The raw runs' stream and the relay's, in this run's namespace.
+    /// The raw runs' stream and the relay's (which the consumers read), in
+    /// this run's namespace.
     fn streams(&self) -> [StreamSpec; 2] {
         [
             StreamSpec::for_exchange("RAW", "raw", Some(&self.namespace)),
             StreamSpec::for_exchange("BENCH", "bench", Some(&self.namespace)),
         ]
+    }
+
+    /// The consumer section, on a fresh `BENCH` stream filled with
+    /// `consumer_events` events as the relay would have published them.
+    async fn consumers(&self) -> Result<consumer::ConsumerFigures, BoxError> {
+        self.fresh_streams().await?;
+        let messages = self.messages("bench", self.args.consumer_events, true)?;
+        self.send(messages).await?;
+        let pool = connect_schema(&self.schema, self.args.consumer_in_flight + 8).await?;
+        let publisher = self.publisher();
+        let stream = self.streams()[1].name.clone();
+        let section = consumer::Section {
+            db: &pool,
+            context: publisher.context(),
+            client: &self.client,
+            namespace: &self.namespace,
+            stream: &stream,
+            events: self.args.consumer_events,
+            keys: self.args.keys,
+            in_flight: self.args.consumer_in_flight,
+            batch: self.args.consumer_batch,
+            repeat: self.args.repeat.min(3),
+        };
+        section.run().await
     }
 
     async fn delete_streams(&self, context: &Context) {
@@ -512,15 +551,36 @@ impl Bench {
         let (manual, plain) = self.handler_overhead().await?;
         figures.insert("handler_ratio_manual".into(), round3(manual).into());
         figures.insert("handler_ratio_plain".into(), round3(plain).into());
+        let consumers = self.consumers().await?;
+        figures.insert(
+            "relay_drain_over_consumer".into(),
+            round3(drain.eps / consumers.consumer_eps).into(),
+        );
+        for (name, value) in consumers.into_figures() {
+            figures.insert(name.into(), value);
+        }
         Ok(figures)
     }
 
     /// The ceiling: the same payloads straight to JetStream, `in_flight` acks
     /// pipelined, with `Nats-Msg-Id` only, or with every header the relay sends.
     async fn raw_jetstream(&self, all_headers: bool) -> Result<f64, BoxError> {
-        let context = self.publisher().context().clone();
+        let messages = self.messages("raw", self.args.events, all_headers)?;
+        let started = Instant::now();
+        self.send(messages).await?;
+        Ok(self.args.events as f64 / started.elapsed().as_secs_f64())
+    }
+
+    /// `count` events of `exchange` as messages, with `Nats-Msg-Id` only or
+    /// with every header the relay sends.
+    fn messages(
+        &self,
+        exchange: &str,
+        count: usize,
+        all_headers: bool,
+    ) -> Result<Vec<(String, PublishMessage)>, outbox_nats::InvalidHeader> {
         let now = chrono::Utc::now();
-        let messages = (0..self.args.events as u64)
+        (0..count as u64)
             .map(|seq| {
                 let event = BenchEvent::sized(seq, self.args.keys, self.args.payload);
                 let payload = serde_json::to_vec(&event).unwrap_or_default();
@@ -528,8 +588,8 @@ impl Bench {
                     id: Uuid::now_v7(),
                     event_type: "BenchEvent".into(),
                     event_version: 1,
-                    exchange: "raw".into(),
-                    subject: format!("raw.k.{}", event.key),
+                    exchange: exchange.into(),
+                    subject: format!("{exchange}.k.{}", event.key),
                     partition_key: Some(event.key.to_string()),
                     payload,
                     headers: None,
@@ -555,8 +615,12 @@ impl Bench {
                         .headers(headers),
                 ))
             })
-            .collect::<Result<Vec<(String, PublishMessage)>, outbox_nats::InvalidHeader>>()?;
-        let started = Instant::now();
+            .collect()
+    }
+
+    /// Publishes `messages` with `in_flight` acks pipelined.
+    async fn send(&self, messages: Vec<(String, PublishMessage)>) -> Result<(), BoxError> {
+        let context = self.publisher().context().clone();
         let mut acks = FuturesOrdered::new();
         for (subject, message) in messages {
             acks.push_back(context.send_publish(subject, message).await?.into_future());
@@ -567,7 +631,7 @@ impl Bench {
         while let Some(ack) = acks.next().await {
             ack?;
         }
-        Ok(self.args.events as f64 / started.elapsed().as_secs_f64())
+        Ok(())
     }
 
     /// A raw run into fresh streams, with the CPU that it and nats-server used.

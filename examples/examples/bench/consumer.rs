@@ -1,0 +1,198 @@
+//! The consumer section: how fast a pre-filled stream is consumed by
+//!
+//! - a plain JetStream pull consumer that only acks (`raw_consume_eps`, the ceiling);
+//! - a hand-written pull consumer that applies a one-row `UPDATE` per
+//!   message in a transaction of its own, then acks, with `in_flight`
+//!   messages at once and neither an inbox nor per-key order
+//!   (`handwritten_consumer_eps`, what a user would write);
+//! - `outbox_nats::Consumer` with the same `UPDATE` as its handler and
+//!   `in_flight` transactions at once (`consumer_eps`).
+//!
+//! Each variant reads the whole stream through a durable consumer of its
+//! own; the three run in turn, `repeat` times, and the medians are reported.
+
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt};
+use outbox_core::inbox::Metadata;
+use outbox_nats::Consumer;
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, Statement,
+    TransactionTrait,
+};
+
+use super::{BenchEvent, BoxError, median, round, round3};
+
+/// What the section measures, and with what.
+pub(crate) struct Section<'a> {
+    pub db: &'a DatabaseConnection,
+    pub context: &'a async_nats::jetstream::Context,
+    pub client: &'a async_nats::Client,
+    pub namespace: &'a str,
+    /// The stream holding the events, already filled.
+    pub stream: &'a str,
+    pub events: usize,
+    pub keys: u32,
+    /// Messages (hand-written) or transactions (`Consumer`) at once.
+    pub in_flight: usize,
+    /// The `Consumer`'s batch size; its default if `None`.
+    pub batch: Option<usize>,
+    pub repeat: u32,
+}
+
+/// The figures of the section.
+pub(crate) struct ConsumerFigures {
+    pub raw_consume_eps: f64,
+    pub handwritten_consumer_eps: f64,
+    pub consumer_eps: f64,
+}
+
+impl ConsumerFigures {
+    pub(crate) fn into_figures(self) -> [(&'static str, serde_json::Value); 4] {
+        [
+            ("raw_consume_eps", round(self.raw_consume_eps).into()),
+            (
+                "handwritten_consumer_eps",
+                round(self.handwritten_consumer_eps).into(),
+            ),
+            ("consumer_eps", round(self.consumer_eps).into()),
+            (
+                "consumer_ratio",
+                round3(self.consumer_eps / self.handwritten_consumer_eps).into(),
+            ),
+        ]
+    }
+}
+
+/// The handler of both the hand-written consumer and the `Consumer`.
+async fn bump(db: &impl ConnectionTrait, key: u32) -> Result<(), DbErr> {
+    db.execute_raw(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "UPDATE bench_stock SET n = n + 1 WHERE key = $1",
+        [i64::from(key).into()],
+    ))
+    .await
+    .map(drop)
+}
+
+async fn handle(event: BenchEvent, _: Metadata, db: &DatabaseTransaction) -> Result<(), DbErr> {
+    bump(db, event.key).await
+}
+
+impl Section<'_> {
+    pub(crate) async fn run(&self) -> Result<ConsumerFigures, BoxError> {
+        self.db
+            .execute_unprepared(
+                "CREATE TABLE IF NOT EXISTS bench_stock (key BIGINT PRIMARY KEY, n BIGINT NOT NULL)",
+            )
+            .await?;
+        let (mut raw, mut handwritten, mut outbox) = (Vec::new(), Vec::new(), Vec::new());
+        for run in 1..=self.repeat {
+            raw.push(self.raw(run).await?);
+            handwritten.push(self.handwritten(run).await?);
+            outbox.push(self.consumer(run).await?);
+            eprintln!(
+                "consumers, run {run}/{}: raw {:.0}/s, hand-written {:.0}/s, outbox Consumer {:.0}/s",
+                self.repeat,
+                raw[raw.len() - 1],
+                handwritten[handwritten.len() - 1],
+                outbox[outbox.len() - 1],
+            );
+        }
+        Ok(ConsumerFigures {
+            raw_consume_eps: median(raw),
+            handwritten_consumer_eps: median(handwritten),
+            consumer_eps: median(outbox),
+        })
+    }
+
+    /// A durable pull consumer of its own on the stream, from its start.
+    async fn durable(
+        &self,
+        name: &str,
+    ) -> Result<async_nats::jetstream::consumer::PullConsumer, BoxError> {
+        let stream = self.context.get_stream(self.stream).await?;
+        let config = async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some(name.to_owned()),
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+            max_ack_pending: 10_000,
+            ..Default::default()
+        };
+        Ok(stream.create_consumer(config).await?)
+    }
+
+    async fn raw(&self, run: u32) -> Result<f64, BoxError> {
+        let consumer = self.durable(&format!("raw{run}")).await?;
+        let started = Instant::now();
+        let mut messages = consumer.messages().await?.take(self.events);
+        while let Some(message) = messages.next().await {
+            message?.ack().await.map_err(|e| e as BoxError)?;
+        }
+        self.client.flush().await?;
+        Ok(self.events as f64 / started.elapsed().as_secs_f64())
+    }
+
+    async fn handwritten(&self, run: u32) -> Result<f64, BoxError> {
+        self.reset_stock().await?;
+        let consumer = self.durable(&format!("hand{run}")).await?;
+        let started = Instant::now();
+        (consumer.messages().await?.take(self.events))
+            .map_err(BoxError::from)
+            .try_for_each_concurrent(self.in_flight, |message| async move {
+                let event: BenchEvent = serde_json::from_slice(&message.payload)?;
+                let txn = self.db.begin().await?;
+                bump(&txn, event.key).await?;
+                txn.commit().await?;
+                message.ack().await.map_err(|e| e as BoxError)?;
+                Ok(())
+            })
+            .await?;
+        self.client.flush().await?;
+        Ok(self.events as f64 / started.elapsed().as_secs_f64())
+    }
+
+    async fn consumer(&self, run: u32) -> Result<f64, BoxError> {
+        self.reset_stock().await?;
+        let mut builder =
+            Consumer::builder(self.client.clone(), self.db.clone(), format!("outbox{run}"))
+                .namespace(self.namespace)
+                .max_in_flight(self.in_flight)
+                .on::<BenchEvent, _>(handle);
+        if let Some(batch) = self.batch {
+            builder = builder.batch_size(batch);
+        }
+        let started = Instant::now();
+        let consumer = builder.spawn().await?;
+        while self.applied().await? < self.events as i64 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let eps = self.events as f64 / started.elapsed().as_secs_f64();
+        consumer.shutdown().await?;
+        Ok(eps)
+    }
+
+    /// One row per key, at zero.
+    async fn reset_stock(&self) -> Result<(), DbErr> {
+        self.db.execute_unprepared("TRUNCATE bench_stock").await?;
+        self.db
+            .execute_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                "INSERT INTO bench_stock SELECT k, 0 FROM generate_series(0, $1 - 1) AS k",
+                [i64::from(self.keys).into()],
+            ))
+            .await
+            .map(drop)
+    }
+
+    /// Updates committed so far.
+    async fn applied(&self) -> Result<i64, DbErr> {
+        let row = self
+            .db
+            .query_one_raw(Statement::from_string(
+                DbBackend::Postgres,
+                "SELECT COALESCE(SUM(n), 0)::BIGINT FROM bench_stock",
+            ))
+            .await?;
+        row.map_or(Ok(0), |row| row.try_get_by_index(0))
+    }
+}
