@@ -11,6 +11,7 @@
 //! Each variant reads the whole stream through a durable consumer of its
 //! own; the three run in turn, `repeat` times, and the medians are reported.
 
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
@@ -21,7 +22,7 @@ use sea_orm::{
     TransactionTrait,
 };
 
-use super::{BenchEvent, BoxError, median, round, round3};
+use super::{BenchEvent, BoxError, ServiceCpu, own_cpu_seconds, round, round3};
 
 /// What the section measures, and with what.
 pub(crate) struct Section<'a> {
@@ -40,28 +41,81 @@ pub(crate) struct Section<'a> {
     pub repeat: u32,
 }
 
-/// The figures of the section.
+/// One variant's run: its rate, and the CPU time per event of this
+/// process (the consumer) and of PostgreSQL's backends.
+#[derive(Debug, Clone, Copy)]
+struct Measured {
+    eps: f64,
+    process_us: f64,
+    postgres_us: f64,
+}
+
+impl Measured {
+    /// Times `run`, which consumes `events` messages.
+    async fn of<F: Future<Output = Result<(), BoxError>>>(
+        events: usize,
+        run: F,
+    ) -> Result<Self, BoxError> {
+        let (services, own, started) = (ServiceCpu::now(), own_cpu_seconds(), Instant::now());
+        run.await?;
+        let seconds = started.elapsed().as_secs_f64();
+        let per_event = |cpu: f64| cpu * 1e6 / events as f64;
+        Ok(Self {
+            eps: events as f64 / seconds,
+            process_us: per_event(own_cpu_seconds() - own),
+            postgres_us: per_event(services.since().postgres),
+        })
+    }
+}
+
+/// The median run of each variant, by rate.
 pub(crate) struct ConsumerFigures {
-    pub raw_consume_eps: f64,
-    pub handwritten_consumer_eps: f64,
-    pub consumer_eps: f64,
+    raw: Measured,
+    handwritten: Measured,
+    outbox: Measured,
 }
 
 impl ConsumerFigures {
-    pub(crate) fn into_figures(self) -> [(&'static str, serde_json::Value); 4] {
-        [
-            ("raw_consume_eps", round(self.raw_consume_eps).into()),
-            (
-                "handwritten_consumer_eps",
-                round(self.handwritten_consumer_eps).into(),
-            ),
-            ("consumer_eps", round(self.consumer_eps).into()),
+    /// The rate of the outbox `Consumer`.
+    pub(crate) fn consumer_eps(&self) -> f64 {
+        self.outbox.eps
+    }
+
+    pub(crate) fn into_figures(self) -> Vec<(&'static str, serde_json::Value)> {
+        let Self {
+            raw,
+            handwritten,
+            outbox,
+        } = self;
+        vec![
+            ("raw_consume_eps", round(raw.eps).into()),
+            ("handwritten_consumer_eps", round(handwritten.eps).into()),
+            ("consumer_eps", round(outbox.eps).into()),
             (
                 "consumer_ratio",
-                round3(self.consumer_eps / self.handwritten_consumer_eps).into(),
+                round3(outbox.eps / handwritten.eps).into(),
+            ),
+            (
+                "handwritten_cpu_us_process",
+                round3(handwritten.process_us).into(),
+            ),
+            (
+                "handwritten_cpu_us_postgres",
+                round3(handwritten.postgres_us).into(),
+            ),
+            ("consumer_cpu_us_process", round3(outbox.process_us).into()),
+            (
+                "consumer_cpu_us_postgres",
+                round3(outbox.postgres_us).into(),
             ),
         ]
     }
+}
+
+/// The run of median rate.
+fn median_run(mut runs: Vec<Measured>) -> Measured {
+    runs.sort_by(|a, b| a.eps.total_cmp(&b.eps));
+    runs[(runs.len() - 1) / 2]
 }
 
 /// The handler of both the hand-written consumer and the `Consumer`.
@@ -91,18 +145,26 @@ impl Section<'_> {
             raw.push(self.raw(run).await?);
             handwritten.push(self.handwritten(run).await?);
             outbox.push(self.consumer(run).await?);
+            let last = |runs: &[Measured]| runs[runs.len() - 1];
+            let (r, h, o) = (last(&raw), last(&handwritten), last(&outbox));
             eprintln!(
-                "consumers, run {run}/{}: raw {:.0}/s, hand-written {:.0}/s, outbox Consumer {:.0}/s",
+                "consumers, run {run}/{}: raw {:.0}/s, hand-written {:.0}/s \
+                 ({:.1} + {:.1} µs CPU/event here + PostgreSQL), outbox Consumer {:.0}/s \
+                 ({:.1} + {:.1})",
                 self.repeat,
-                raw[raw.len() - 1],
-                handwritten[handwritten.len() - 1],
-                outbox[outbox.len() - 1],
+                r.eps,
+                h.eps,
+                h.process_us,
+                h.postgres_us,
+                o.eps,
+                o.process_us,
+                o.postgres_us,
             );
         }
         Ok(ConsumerFigures {
-            raw_consume_eps: median(raw),
-            handwritten_consumer_eps: median(handwritten),
-            consumer_eps: median(outbox),
+            raw: median_run(raw),
+            handwritten: median_run(handwritten),
+            outbox: median_run(outbox),
         })
     }
 
@@ -121,37 +183,39 @@ impl Section<'_> {
         Ok(stream.create_consumer(config).await?)
     }
 
-    async fn raw(&self, run: u32) -> Result<f64, BoxError> {
+    async fn raw(&self, run: u32) -> Result<Measured, BoxError> {
         let consumer = self.durable(&format!("raw{run}")).await?;
-        let started = Instant::now();
-        let mut messages = consumer.messages().await?.take(self.events);
-        while let Some(message) = messages.next().await {
-            message?.ack().await.map_err(|e| e as BoxError)?;
-        }
-        self.client.flush().await?;
-        Ok(self.events as f64 / started.elapsed().as_secs_f64())
+        Measured::of(self.events, async {
+            let mut messages = consumer.messages().await?.take(self.events);
+            while let Some(message) = messages.next().await {
+                message?.ack().await.map_err(|e| e as BoxError)?;
+            }
+            Ok(self.client.flush().await?)
+        })
+        .await
     }
 
-    async fn handwritten(&self, run: u32) -> Result<f64, BoxError> {
+    async fn handwritten(&self, run: u32) -> Result<Measured, BoxError> {
         self.reset_stock().await?;
         let consumer = self.durable(&format!("hand{run}")).await?;
-        let started = Instant::now();
-        (consumer.messages().await?.take(self.events))
-            .map_err(BoxError::from)
-            .try_for_each_concurrent(self.in_flight, |message| async move {
-                let event: BenchEvent = serde_json::from_slice(&message.payload)?;
-                let txn = self.db.begin().await?;
-                bump(&txn, event.key).await?;
-                txn.commit().await?;
-                message.ack().await.map_err(|e| e as BoxError)?;
-                Ok(())
-            })
-            .await?;
-        self.client.flush().await?;
-        Ok(self.events as f64 / started.elapsed().as_secs_f64())
+        Measured::of(self.events, async {
+            (consumer.messages().await?.take(self.events))
+                .map_err(BoxError::from)
+                .try_for_each_concurrent(self.in_flight, |message| async move {
+                    let event: BenchEvent = serde_json::from_slice(&message.payload)?;
+                    let txn = self.db.begin().await?;
+                    bump(&txn, event.key).await?;
+                    txn.commit().await?;
+                    message.ack().await.map_err(|e| e as BoxError)?;
+                    Ok(())
+                })
+                .await?;
+            Ok(self.client.flush().await?)
+        })
+        .await
     }
 
-    async fn consumer(&self, run: u32) -> Result<f64, BoxError> {
+    async fn consumer(&self, run: u32) -> Result<Measured, BoxError> {
         self.reset_stock().await?;
         let mut builder =
             Consumer::builder(self.client.clone(), self.db.clone(), format!("outbox{run}"))
@@ -161,14 +225,19 @@ impl Section<'_> {
         if let Some(batch) = self.batch {
             builder = builder.batch_size(batch);
         }
-        let started = Instant::now();
-        let consumer = builder.spawn().await?;
-        while self.applied().await? < self.events as i64 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        let mut consumer = None;
+        let measured = Measured::of(self.events, async {
+            consumer = Some(builder.spawn().await?);
+            while self.applied().await? < self.events as i64 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Ok(())
+        })
+        .await?;
+        if let Some(consumer) = consumer {
+            consumer.shutdown().await?;
         }
-        let eps = self.events as f64 / started.elapsed().as_secs_f64();
-        consumer.shutdown().await?;
-        Ok(eps)
+        Ok(measured)
     }
 
     /// One row per key, at zero.

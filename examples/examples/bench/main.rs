@@ -82,6 +82,9 @@ struct Args {
     /// The outbox `Consumer`'s batch size (messages per transaction); its default if not given.
     #[arg(long)]
     consumer_batch: Option<usize>,
+    /// Run the consumer section only.
+    #[arg(long)]
+    consumers_only: bool,
     /// Let the relay commit its bookkeeping without waiting for the WAL flush.
     #[arg(long)]
     async_commit: bool,
@@ -277,7 +280,17 @@ async fn run(mut args: Args) -> Result<(), BoxError> {
         return drain_only(&args, &target[0], &target[1]).await;
     }
     let mut bench = Bench::connect(args).await?;
-    let result = bench.run().await;
+    let result = if bench.args.consumers_only {
+        bench.consumers().await.map(|consumers| {
+            consumers
+                .into_figures()
+                .into_iter()
+                .map(|(name, value)| (name.to_owned(), value))
+                .collect()
+        })
+    } else {
+        bench.run().await
+    };
     bench.cleanup().await;
     let figures = result?;
     print_table(&bench.args, &figures);
@@ -554,7 +567,7 @@ impl Bench {
         let consumers = self.consumers().await?;
         figures.insert(
             "relay_drain_over_consumer".into(),
-            round3(drain.eps / consumers.consumer_eps).into(),
+            round3(drain.eps / consumers.consumer_eps()).into(),
         );
         for (name, value) in consumers.into_figures() {
             figures.insert(name.into(), value);

@@ -8,8 +8,11 @@ use std::sync::Arc;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use sea_orm::{DatabaseConnection, DatabaseTransaction, TransactionTrait};
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, TransactionTrait,
+};
 use tracing::Instrument;
+use uuid::Uuid;
 
 use super::{DeadLetterReason, Handler, Metadata, store};
 use crate::{Error, OutboxEvent, signal};
@@ -164,8 +167,9 @@ impl Handlers {
     /// Handles several messages for `consumer` in one transaction of `db`,
     /// committed once: one WAL flush for the batch rather than one per
     /// message. Each message runs in a savepoint of its own with its inbox
-    /// row, so that a failing handler rolls back only its own effect. Returns
-    /// one answer per message, in order.
+    /// row, so that a failing handler rolls back only its own effect while
+    /// the others of the batch commit. Returns one answer per message, in
+    /// order.
     ///
     /// If the database fails around the handlers (begin, a savepoint, an
     /// inbox row, the commit), nothing of the batch commits: every message
@@ -195,14 +199,15 @@ impl Handlers {
                 Err(unhandled) => answers.push(unhandled),
             }
         }
-        if decoded.is_empty() {
-            return answers;
-        }
         let commits_before = signal::count();
-        if let Err(error) = self
-            .in_transaction(db, consumer, decoded, &mut answers)
-            .await
-        {
+        // One message needs no savepoint: its transaction is its own.
+        let mode = match decoded.len() {
+            0 => return answers,
+            1 => Mode::Alone,
+            _ => Mode::Savepoints,
+        };
+        let ran = (self.in_transaction(db, consumer, decoded, &mut answers, mode)).await;
+        if let Err(error) = ran {
             let error = crate::ErrorReport(&error).to_string();
             for answer in &mut answers {
                 if matches!(answer, Processed::Handled | Processed::Duplicate) {
@@ -258,16 +263,27 @@ impl Handlers {
 
     /// Runs `decoded` in one transaction, writing each one's answer; an
     /// error means nothing committed.
+    ///
+    /// The inbox rows go in first, in one statement where the database
+    /// allows. Each handler then runs in the savepoint `outbox_message`,
+    /// released and set again in one round trip before the next handler; a
+    /// failing handler is rolled back to it, and its inbox row removed before
+    /// the commit. (SeaORM's nested transactions would cost each message two
+    /// more round trips; a `#[transactional]` handler still takes one of its
+    /// own inside, which the rollback to `outbox_message` undoes as well.)
     async fn in_transaction(
         &self,
         db: &DatabaseConnection,
         consumer: &str,
         decoded: Vec<Decoded>,
         answers: &mut [Processed],
+        mode: Mode,
     ) -> Result<(), Error> {
         let txn = db.begin().await?;
-        // One message needs no savepoint: its transaction is its own.
-        let alone = decoded.len() == 1;
+        let ids: Vec<Uuid> = decoded.iter().map(|d| d.meta.id).collect();
+        let fresh = store::record_all(&txn, consumer, &ids).await?;
+        let mut savepoint = Savepoint::new(txn.get_database_backend());
+        let mut failed = Vec::new();
         for Decoded {
             index,
             run,
@@ -275,23 +291,17 @@ impl Handlers {
             meta,
         } in decoded
         {
-            let savepoint = if alone {
-                None
-            } else {
-                Some(txn.begin().await?)
-            };
-            let scope = savepoint.as_ref().unwrap_or(&txn);
-            if !store::record(scope, consumer, meta.id).await? {
+            if !fresh.contains(&meta.id) {
                 answers[index] = Processed::Duplicate;
-                if let Some(savepoint) = savepoint {
-                    savepoint.commit().await?;
-                }
                 continue;
             }
-            let span = tracing::debug_span!("outbox.handler", event_type = %meta.event_type, event_id = %meta.id);
-            // A panicking handler is a failed delivery, not a dead consumer;
-            // its savepoint (or, alone, the transaction) is rolled back.
-            let outcome = AssertUnwindSafe(run(event, meta, scope))
+            if mode == Mode::Savepoints {
+                savepoint.set(&txn).await?;
+            }
+            let id = meta.id;
+            let span = tracing::debug_span!("outbox.handler", event_type = %meta.event_type, event_id = %id);
+            // A panicking handler is a failed delivery, not a dead consumer.
+            let outcome = AssertUnwindSafe(run(event, meta, &txn))
                 .catch_unwind()
                 .instrument(span)
                 .await;
@@ -300,27 +310,73 @@ impl Handlers {
                 Err(panic) => Err(HandlerFailure::Panicked(panic_message(&*panic))),
             };
             answers[index] = match result {
-                Ok(()) => {
-                    if let Some(savepoint) = savepoint {
-                        savepoint.commit().await?;
-                    }
-                    Processed::Handled
+                Ok(()) => Processed::Handled,
+                Err(failure) if mode == Mode::Alone => {
+                    txn.rollback().await?;
+                    answers[index] = Processed::Failed(failure);
+                    return Ok(());
                 }
                 Err(failure) => {
-                    match savepoint {
-                        Some(savepoint) => savepoint.rollback().await?,
-                        None => {
-                            txn.rollback().await?;
-                            answers[index] = Processed::Failed(failure);
-                            return Ok(());
-                        }
-                    }
+                    savepoint.roll_back(&txn).await?;
+                    failed.push(id);
                     Processed::Failed(failure)
                 }
             };
         }
+        if !failed.is_empty() {
+            store::forget(&txn, consumer, failed).await?;
+        }
         txn.commit().await?;
         Ok(())
+    }
+}
+
+/// How a batch's handlers share its transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// One message: its failure rolls the transaction back.
+    Alone,
+    /// Each in a savepoint: a failure rolls back that handler's effect only.
+    Savepoints,
+}
+
+/// The one savepoint of a batch, set before each handler.
+struct Savepoint {
+    /// Whether RELEASE and SAVEPOINT may go as one query (not on MySQL,
+    /// whose driver sends one statement at a time).
+    together: bool,
+    set: bool,
+}
+
+impl Savepoint {
+    fn new(backend: DbBackend) -> Self {
+        Self {
+            together: backend != DbBackend::MySql,
+            set: false,
+        }
+    }
+
+    /// Releases the savepoint if set (keeping what the last handler did), and sets it anew.
+    async fn set(&mut self, txn: &DatabaseTransaction) -> Result<(), sea_orm::DbErr> {
+        const RELEASE: &str = "RELEASE SAVEPOINT outbox_message";
+        const SET: &str = "SAVEPOINT outbox_message";
+        match (self.set, self.together) {
+            (false, _) => txn.execute_unprepared(SET).await?,
+            (true, true) => txn.execute_unprepared(&format!("{RELEASE}; {SET}")).await?,
+            (true, false) => {
+                txn.execute_unprepared(RELEASE).await?;
+                txn.execute_unprepared(SET).await?
+            }
+        };
+        self.set = true;
+        Ok(())
+    }
+
+    /// Undoes what the last handler did.
+    async fn roll_back(&self, txn: &DatabaseTransaction) -> Result<(), sea_orm::DbErr> {
+        txn.execute_unprepared("ROLLBACK TO SAVEPOINT outbox_message")
+            .await
+            .map(drop)
     }
 }
 

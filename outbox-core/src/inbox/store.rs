@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 
 use chrono::{DateTime, Utc};
-use sea_orm::sea_query::OnConflict;
+use sea_orm::sea_query::{OnConflict, Query};
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, DbBackend, EntityTrait,
     Insert, QueryFilter, QuerySelect, QueryTrait,
@@ -32,6 +32,72 @@ pub async fn record(
         inbox_message::Column::EventId,
     ];
     insert_once(conn, inbox_message::Entity::insert(row), key).await
+}
+
+/// Records that `consumer` handles each of `event_ids` (distinct), in the
+/// caller's transaction; returns those recorded now, leaving out those whose
+/// row was already there (redeliveries). One statement on PostgreSQL and
+/// SQLite (`ON CONFLICT DO NOTHING RETURNING`); one per event on MySQL,
+/// whose `INSERT IGNORE` returns nothing.
+pub(super) async fn record_all(
+    conn: &impl ConnectionTrait,
+    consumer: &str,
+    event_ids: &[Uuid],
+) -> Result<HashSet<Uuid>, Error> {
+    let backend = conn.get_database_backend();
+    if backend == DbBackend::MySql || event_ids.len() == 1 {
+        let mut fresh = HashSet::with_capacity(event_ids.len());
+        for &id in event_ids {
+            if record(conn, consumer, id).await? {
+                fresh.insert(id);
+            }
+        }
+        return Ok(fresh);
+    }
+    let now = Utc::now();
+    let mut fresh = HashSet::with_capacity(event_ids.len());
+    // Three values a row, well under every database's cap per statement.
+    for chunk in event_ids.chunks(5_000) {
+        let mut insert = Query::insert();
+        insert
+            .into_table(inbox_message::Entity)
+            .columns([
+                inbox_message::Column::Consumer,
+                inbox_message::Column::EventId,
+                inbox_message::Column::ProcessedAt,
+            ])
+            .on_conflict(
+                OnConflict::columns([
+                    inbox_message::Column::Consumer,
+                    inbox_message::Column::EventId,
+                ])
+                .do_nothing()
+                .to_owned(),
+            )
+            .returning_col(inbox_message::Column::EventId);
+        for &id in chunk {
+            insert.values_panic([consumer.into(), id.into(), now.into()]);
+        }
+        for row in conn.query_all(&insert).await? {
+            fresh.insert(row.try_get_by_index::<Uuid>(0)?);
+        }
+    }
+    Ok(fresh)
+}
+
+/// Removes `consumer`'s inbox rows of `event_ids`, in the caller's
+/// transaction: for events recorded with [`record_all`] whose handler then failed.
+pub(super) async fn forget(
+    conn: &impl ConnectionTrait,
+    consumer: &str,
+    event_ids: Vec<Uuid>,
+) -> Result<(), Error> {
+    inbox_message::Entity::delete_many()
+        .filter(inbox_message::Column::Consumer.eq(consumer))
+        .filter(inbox_message::Column::EventId.is_in(event_ids))
+        .exec(conn)
+        .await?;
+    Ok(())
 }
 
 /// Which of `event_ids` `consumer` has recorded already: the events it
