@@ -48,6 +48,17 @@ async fn dead_letters(db: &DatabaseConnection, consumer: &str) -> Vec<inbox_dead
         .expect("read dead letters")
 }
 
+/// Publishes an `OrderCreated` per `(order id, total cents)`, in order.
+async fn publish_orders(setup: &Setup, orders: &[(i64, i64)]) {
+    for &(order_id, total_cents) in orders {
+        let order = OrderCreated {
+            order_id,
+            total_cents,
+        };
+        setup.publish(order).await;
+    }
+}
+
 /// Inserts the order; counts its calls and the delivery counts it saw.
 #[derive(Default, Clone)]
 struct InsertOrder {
@@ -305,15 +316,7 @@ impl Handler<OrderCreated> for PanicsOn21 {
 /// dead-lettered with the panic's message, and the next event is handled.
 async fn a_panicking_handler_is_retried_then_dead_lettered_and_the_consumer_goes_on(setup: Setup) {
     let db = setup.db();
-    for order_id in [21, 22] {
-        let total_cents = 100;
-        setup
-            .publish(OrderCreated {
-                order_id,
-                total_cents,
-            })
-            .await;
-    }
+    publish_orders(&setup, &[(21, 100), (22, 100)]).await;
     setup
         .consume("fragile", |c| {
             c.max_deliveries(2).on::<OrderCreated, _>(PanicsOn21)
@@ -568,14 +571,7 @@ async fn reserve_stock(
 
 async fn events_emitted_by_a_handler_reach_the_outbox_only_when_it_commits(setup: Setup) {
     let db = setup.db();
-    for (order_id, total_cents) in [(1, 100), (2, -1)] {
-        setup
-            .publish(OrderCreated {
-                order_id,
-                total_cents,
-            })
-            .await;
-    }
+    publish_orders(&setup, &[(1, 100), (2, -1)]).await;
     setup
         .consume("inventory", |c| {
             c.max_deliveries(3).on::<OrderCreated, _>(reserve_stock)
