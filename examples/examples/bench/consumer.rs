@@ -11,16 +11,19 @@
 //! Each variant reads the whole stream through a durable consumer of its
 //! own; the three run in turn, `repeat` times, and the medians are reported.
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
-use outbox_core::inbox::Metadata;
-use outbox_nats::Consumer;
+use outbox_core::inbox::{Handler, Metadata};
+use outbox_nats::{Consumer, ConsumerHandle};
 use sea_orm::{
     ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, Statement,
     TransactionTrait,
 };
+use uuid::Uuid;
 
 use super::{BenchEvent, BoxError, ServiceCpu, own_cpu_seconds, round, round3};
 
@@ -264,4 +267,44 @@ impl Section<'_> {
             .await?;
         row.map_or(Ok(0), |row| row.try_get_by_index(0))
     }
+}
+
+/// When each event's handler ran, by event id.
+pub(crate) type Handled = Arc<Mutex<HashMap<Uuid, Instant>>>;
+
+/// Notes when each event reached its handler; writes nothing else.
+struct Stamp(Handled);
+
+impl Handler<BenchEvent> for Stamp {
+    type Error = DbErr;
+
+    async fn handle(
+        &self,
+        _: BenchEvent,
+        meta: Metadata,
+        _: &DatabaseTransaction,
+    ) -> Result<(), DbErr> {
+        let mut handled = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        handled.insert(meta.id, Instant::now());
+        Ok(())
+    }
+}
+
+/// A `Consumer` of the relay's stream, from now on, whose handler notes when
+/// each event reached it: the far end of the latency run.
+pub(crate) async fn stamping(
+    client: &async_nats::Client,
+    db: &DatabaseConnection,
+    context: &async_nats::jetstream::Context,
+    namespace: &str,
+    stream: &str,
+) -> Result<(ConsumerHandle, Handled), BoxError> {
+    context.get_stream(stream).await?.purge().await?;
+    let handled = Handled::default();
+    let consumer = Consumer::builder(client.clone(), db.clone(), "latency")
+        .namespace(namespace)
+        .on::<BenchEvent, _>(Stamp(Arc::clone(&handled)))
+        .spawn()
+        .await?;
+    Ok((consumer, handled))
 }

@@ -254,6 +254,14 @@ struct Bench {
 
 type BoxError = Box<dyn std::error::Error>;
 
+/// Milliseconds from a handler's commit to the JetStream ack of its event
+/// (`acked`) and to the consumer's handler of it (`handled`): p50, p99, max.
+struct Latency {
+    acked: [f64; 3],
+    handled: [f64; 3],
+    events: usize,
+}
+
 fn main() -> Result<(), BoxError> {
     let args = Args::parse();
     // The draining relay runs on one thread, as the `outbox` binary does; the
@@ -554,12 +562,17 @@ impl Bench {
             figures.insert("drain_over_naive".into(), round3(drain.eps / naive).into());
         }
         self.truncate_outbox().await?;
-        let (p50, p99, max, offered) = self.latency(publisher).await?;
-        figures.insert("latency_events".into(), offered.into());
+        let latency = self.latency(publisher).await?;
+        figures.insert("latency_events".into(), latency.events.into());
         figures.insert("latency_rate_eps".into(), self.args.rate.into());
+        let [p50, p99, max] = latency.acked;
         figures.insert("latency_p50_ms".into(), round3(p50).into());
         figures.insert("latency_p99_ms".into(), round3(p99).into());
         figures.insert("latency_max_ms".into(), round3(max).into());
+        let [p50, p99, max] = latency.handled;
+        figures.insert("e2e_latency_p50_ms".into(), round3(p50).into());
+        figures.insert("e2e_latency_p99_ms".into(), round3(p99).into());
+        figures.insert("e2e_latency_max_ms".into(), round3(max).into());
         self.truncate_outbox().await?;
         let (manual, plain) = self.handler_overhead().await?;
         figures.insert("handler_ratio_manual".into(), round3(manual).into());
@@ -758,11 +771,17 @@ impl Bench {
     }
 
     /// Commit → JetStream ack of single-event handlers at a fixed offered rate, relay in process.
-    async fn latency(
-        &mut self,
-        publisher: JetStreamPublisher,
-    ) -> Result<(f64, f64, f64, usize), BoxError> {
+    async fn latency(&mut self, publisher: JetStreamPublisher) -> Result<Latency, BoxError> {
         let acked = Arc::new(Mutex::new(HashMap::new()));
+        let stream = self.streams()[1].name.clone();
+        let (consumer, handled) = consumer::stamping(
+            &self.client,
+            &self.db,
+            publisher.context(),
+            &self.namespace,
+            &stream,
+        )
+        .await?;
         let relay = Relay::builder(
             self.db.clone(),
             TimedPublisher {
@@ -791,25 +810,33 @@ impl Bench {
         for call in calls {
             committed.push(call.await??);
         }
+        let count = |map: &Mutex<HashMap<Uuid, Instant>>| {
+            map.lock().unwrap_or_else(|p| p.into_inner()).len()
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while acked.lock().unwrap_or_else(|p| p.into_inner()).len() < total
-            && Instant::now() < deadline
-        {
+        while (count(&acked) < total || count(&handled) < total) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         relay.shutdown().await?;
-        let acked = acked.lock().unwrap_or_else(|p| p.into_inner());
-        let mut millis: Vec<f64> = committed
-            .iter()
-            .map(|(id, at)| {
-                acked.get(id).map_or(f64::INFINITY, |ack| {
-                    ack.saturating_duration_since(*at).as_secs_f64() * 1e3
+        consumer.shutdown().await?;
+        let percentiles = |reached: &Mutex<HashMap<Uuid, Instant>>| {
+            let reached = reached.lock().unwrap_or_else(|p| p.into_inner());
+            let mut millis: Vec<f64> = (committed.iter())
+                .map(|(id, at)| {
+                    reached.get(id).map_or(f64::INFINITY, |then| {
+                        then.saturating_duration_since(*at).as_secs_f64() * 1e3
+                    })
                 })
-            })
-            .collect();
-        millis.sort_by(f64::total_cmp);
-        let pick = |q: f64| millis[((millis.len() - 1) as f64 * q).round() as usize];
-        Ok((pick(0.5), pick(0.99), pick(1.0), total))
+                .collect();
+            millis.sort_by(f64::total_cmp);
+            let pick = |q: f64| millis[((millis.len() - 1) as f64 * q).round() as usize];
+            [pick(0.5), pick(0.99), pick(1.0)]
+        };
+        Ok(Latency {
+            acked: percentiles(&acked),
+            handled: percentiles(&handled),
+            events: total,
+        })
     }
 
     /// `#[transactional]` over the hand-written transaction, and over the
