@@ -71,6 +71,16 @@ pub enum Error {
     /// The event registry holds conflicting registrations.
     #[error(transparent)]
     Registry(#[from] crate::registry::RegistryError),
+
+    /// A Rust type's event types are not in the registry, or decode into
+    /// another type: its `OutboxEvent` implementation was not derived.
+    #[error("`{0}` is not in the event registry")]
+    NotRegistered(&'static str),
+
+    /// Events were still in the outbox when a test stopped waiting for them.
+    #[cfg(feature = "testing")]
+    #[error(transparent)]
+    NotRelayed(#[from] crate::testing::NotRelayed),
 }
 
 /// `Result` with the framework's [`Error`] as the default error type.

@@ -46,6 +46,8 @@ pub mod relay;
 mod scope;
 mod signal;
 mod subject;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use error::{Error, ErrorReport, Result};
 pub use event::OutboxEvent;

@@ -1,0 +1,155 @@
+//! The test kit (`outbox_core::testing`) on each database, the way a
+//! service's own tests would use it: no NATS anywhere in this file.
+
+use std::time::Duration;
+
+use outbox_core::entity::dead_letter;
+use outbox_core::inbox::{DeadLetterReason, Metadata, Processed};
+use outbox_core::relay::{Delivery, Relay};
+use outbox_core::testing::{MemoryPublisher, TestConsumer, emitted, relayed};
+use outbox_core::{Error, emit, transactional};
+use outbox_tests::fixtures::{AppError, OrderCreated, Sequenced, order};
+use sea_orm::{ActiveModelTrait, ActiveValue::Set, DatabaseConnection, DatabaseTransaction};
+use sea_orm::{EntityTrait, PaginatorTrait};
+
+/// The service code under test: an order and its event, or neither.
+#[transactional]
+async fn place_order(db: &DatabaseConnection, id: i64, total_cents: i64) -> Result<(), AppError> {
+    if total_cents < 0 {
+        return Err(AppError::Rejected);
+    }
+    order::ActiveModel {
+        id: Set(id),
+        total_cents: Set(total_cents),
+    }
+    .insert(db)
+    .await?;
+    emit!(OrderCreated {
+        order_id: id,
+        total_cents
+    });
+    Ok(())
+}
+
+async fn placing_an_order_emitted_exactly_this_event(db: &DatabaseConnection) {
+    place_order(db, 1, 100).await.expect("placed");
+    assert!(place_order(db, 2, -5).await.is_err(), "rejected");
+    place_order(db, 3, 300).await.expect("placed");
+
+    let events = emitted::<OrderCreated>(db).await.expect("outbox");
+    let expected = |order_id, total_cents| OrderCreated {
+        order_id,
+        total_cents,
+    };
+    assert_eq!(events, [expected(1, 100), expected(3, 300)]);
+    assert!(
+        emitted::<Sequenced>(db).await.expect("outbox").is_empty(),
+        "no event of another type"
+    );
+}
+
+async fn the_memory_publisher_records_and_rejects_what_it_is_told_to(db: &DatabaseConnection) {
+    for id in 1..=3 {
+        place_order(db, id, id * 100).await.expect("placed");
+    }
+    let publisher = MemoryPublisher::new().answer(
+        |event| event.partition_key.as_deref() == Some("2"),
+        Delivery::Rejected("no room".into()),
+    );
+    let relay = Relay::builder(db.clone(), publisher.clone())
+        .max_attempts(1)
+        .build();
+    relay.drain().await.expect("drained");
+
+    let keys: Vec<_> = (publisher.published().into_iter())
+        .map(|event| event.partition_key)
+        .collect();
+    assert_eq!(keys, [Some("1".to_owned()), Some("3".to_owned())]);
+    let letters = dead_letter::Entity::find().all(db).await.expect("letters");
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].partition_key.as_deref(), Some("2"));
+    assert_eq!(letters[0].last_error, "no room");
+    assert!(
+        emitted::<OrderCreated>(db)
+            .await
+            .expect("outbox")
+            .is_empty()
+    );
+}
+
+async fn relayed_waits_for_the_relay_and_fails_without_one(db: &DatabaseConnection) {
+    place_order(db, 1, 100).await.expect("placed");
+    let waited = relayed(db, Duration::from_millis(100)).await;
+    assert!(
+        matches!(&waited, Err(Error::NotRelayed(late)) if late.pending == 1),
+        "{waited:?}"
+    );
+
+    let publisher = MemoryPublisher::new();
+    let relay = Relay::builder(db.clone(), publisher.clone())
+        .poll_interval(Duration::from_millis(10))
+        .spawn();
+    relayed(db, Duration::from_secs(10)).await.expect("relayed");
+    assert_eq!(publisher.published().len(), 1);
+    relay.shutdown().await.expect("stopped");
+}
+
+/// Inserts the order; rejects a negative total.
+async fn record_order(
+    event: OrderCreated,
+    _: Metadata,
+    db: &DatabaseTransaction,
+) -> Result<(), AppError> {
+    if event.total_cents < 0 {
+        return Err(AppError::Rejected);
+    }
+    let row = order::ActiveModel {
+        id: Set(event.order_id),
+        total_cents: Set(event.total_cents),
+    };
+    row.insert(db).await?;
+    Ok(())
+}
+
+async fn a_test_consumer_handles_each_event_once_without_a_broker(db: &DatabaseConnection) {
+    let billing = (TestConsumer::new(db.clone(), "billing"))
+        .on::<OrderCreated, _>(record_order)
+        .expect("one handler");
+    let order = |order_id, total_cents| OrderCreated {
+        order_id,
+        total_cents,
+    };
+    let (first, bad) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    let deliver = async |id, event| billing.deliver(id, &event).await.expect("delivered");
+    assert_eq!(deliver(first, order(1, 100)).await, Processed::Handled);
+    assert_eq!(deliver(first, order(1, 100)).await, Processed::Duplicate);
+    assert!(matches!(
+        deliver(bad, order(2, -1)).await,
+        Processed::Failed(_)
+    ));
+    let stranger = Metadata {
+        id: uuid::Uuid::now_v7(),
+        event_type: "Mystery".into(),
+        version: 1,
+        subject: "orders.mystery".into(),
+        key: None,
+        delivery_count: 0,
+        occurred_at: None,
+        stream_sequence: 0,
+    };
+    assert!(matches!(
+        billing.deliver_raw(stranger, b"{}").await,
+        Processed::Unhandled {
+            reason: DeadLetterReason::UnknownType,
+            ..
+        }
+    ));
+    assert_eq!(order::Entity::find().count(db).await.expect("orders"), 1);
+}
+
+outbox_tests::on_each_backend!(
+    placing_an_order_emitted_exactly_this_event,
+    the_memory_publisher_records_and_rejects_what_it_is_told_to,
+    relayed_waits_for_the_relay_and_fails_without_one,
+    a_test_consumer_handles_each_event_once_without_a_broker,
+);
