@@ -25,6 +25,14 @@ struct Blob {
     data: String,
 }
 
+/// Commits a `Blob` of 2 MiB, over NATS' default 1 MiB max payload.
+async fn emit_oversized(db: &DatabaseConnection) {
+    let blob = Blob {
+        data: "x".repeat(2 << 20),
+    };
+    emit_one(db, blob).await.expect("commit");
+}
+
 /// Its exchange has no stream in these tests, so JetStream rejects every publish.
 #[derive(Serialize, Deserialize, OutboxEvent)]
 #[outbox(exchange = "nowhere", routing_key = "stray", key = key)]
@@ -251,14 +259,7 @@ async fn three_relays_keep_one_hot_key_in_order(setup: Setup) {
 async fn poison_events_are_dead_lettered_and_the_rest_delivered(setup: Setup) {
     // Nothing captures `nowhere.>`.
     let (db, nats, stream) = (&setup.test.db, &setup.nats, &setup.stream);
-    emit_one(
-        db,
-        Blob {
-            data: "x".repeat(2 << 20),
-        },
-    )
-    .await
-    .expect("commit");
+    emit_oversized(db).await;
     emit_one(db, Stray { key: "k1".into() })
         .await
         .expect("commit");
@@ -1045,14 +1046,7 @@ async fn replayed_dead_letters_keep_their_id_and_order_and_are_stored_once(setup
     );
 
     // Discarded: gone, and an unknown id is an error naming it.
-    emit_one(
-        db,
-        Blob {
-            data: "x".repeat(2 << 20),
-        },
-    )
-    .await
-    .expect("commit");
+    emit_oversized(db).await;
     deliver().await;
     let discarded = dead_letters::discard::<Letters>(db, &Selection::all().event_type("Blob"))
         .await
