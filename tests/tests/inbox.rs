@@ -1054,6 +1054,94 @@ async fn a_replayed_dead_letter_is_handled_again_once(setup: Setup) {
     setup.finish().await;
 }
 
+/// Inserts the order, then fails for order 2: only the batch's savepoint
+/// can undo that insert (a `#[transactional]` handler would undo its own).
+async fn insert_then_fail_on_2(
+    event: OrderCreated,
+    meta: Metadata,
+    db: &DatabaseTransaction,
+) -> Result<(), AppError> {
+    let order_id = event.order_id;
+    InsertOrder::default().handle(event, meta, db).await?;
+    if order_id == 2 {
+        return Err(AppError::Rejected);
+    }
+    Ok(())
+}
+
+/// A batch straight through `Handlers::process_batch`, no broker: the
+/// failing handler's insert is undone, the others' commit with their inbox
+/// rows, and the same events again are duplicates.
+async fn a_batch_commits_all_but_the_failing_handlers_effect(db: &DatabaseConnection) {
+    let mut handlers = inbox::Handlers::new();
+    handlers
+        .insert::<OrderCreated, _>(insert_then_fail_on_2)
+        .expect("one handler");
+    let orders: Vec<(OrderCreated, Metadata)> = (1..=3)
+        .map(|order_id| {
+            let event = OrderCreated {
+                order_id,
+                total_cents: 100,
+            };
+            let meta = Metadata {
+                id: uuid::Uuid::now_v7(),
+                event_type: "OrderCreated".into(),
+                version: 1,
+                subject: event.subject().expect("subject"),
+                key: event.partition_key(),
+                delivery_count: 1,
+                occurred_at: None,
+                stream_sequence: u64::try_from(order_id).expect("positive"),
+            };
+            (event, meta)
+        })
+        .collect();
+    let payloads: Vec<Vec<u8>> = (orders.iter())
+        .map(|(event, _)| event.to_payload().expect("payload"))
+        .collect();
+    let batch = || {
+        (orders.iter().zip(&payloads))
+            .map(|((_, meta), payload)| inbox::Incoming {
+                meta: meta.clone(),
+                payload,
+            })
+            .collect()
+    };
+
+    let answers = handlers.process_batch(db, "billing", batch()).await;
+    assert!(
+        matches!(
+            answers.as_slice(),
+            [
+                inbox::Processed::Handled,
+                inbox::Processed::Failed(_),
+                inbox::Processed::Handled
+            ]
+        ),
+        "{answers:?}"
+    );
+    let ids: Vec<i64> = (order::Entity::find().all(db).await.expect("orders"))
+        .iter()
+        .map(|o| o.id)
+        .collect();
+    assert_eq!(ids, [1, 3]);
+    assert_eq!(inbox_rows(db).await, 2, "no inbox row for the failure");
+
+    let again = handlers.process_batch(db, "billing", batch()).await;
+    assert!(
+        matches!(
+            again.as_slice(),
+            [
+                inbox::Processed::Duplicate,
+                inbox::Processed::Failed(_),
+                inbox::Processed::Duplicate
+            ]
+        ),
+        "{again:?}"
+    );
+    assert_eq!(order::Entity::find().count(db).await.expect("orders"), 2);
+}
+
 async fn inbox_records_once_and_purges_by_age(db: &DatabaseConnection) {
     let id = uuid::Uuid::now_v7();
     let txn = db.begin().await.expect("begin");
@@ -1076,7 +1164,10 @@ async fn inbox_records_once_and_purges_by_age(db: &DatabaseConnection) {
     assert_eq!(inbox_rows(db).await, 1, "only consumer a's row went");
 }
 
-outbox_tests::on_each_backend!(inbox_records_once_and_purges_by_age);
+outbox_tests::on_each_backend!(
+    inbox_records_once_and_purges_by_age,
+    a_batch_commits_all_but_the_failing_handlers_effect,
+);
 
 outbox_tests::on_postgres_and_mysql!(
     a_handler_failing_twice_then_succeeding_applies_once,
