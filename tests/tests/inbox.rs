@@ -1130,6 +1130,37 @@ async fn a_batch_commits_all_but_the_failing_handlers_effect(db: &DatabaseConnec
 
     assert_eq!(run().await, ["duplicate", "failed", "duplicate"]);
     assert_eq!(order::Entity::find().count(db).await.expect("orders"), 2);
+
+    // Two copies of one new event in a batch: the second waits for the first.
+    let (event, meta) = &orders[0];
+    let copy = Metadata {
+        id: uuid::Uuid::now_v7(),
+        ..meta.clone()
+    };
+    let order_4 = OrderCreated {
+        order_id: 4,
+        total_cents: event.total_cents,
+    };
+    let payload = order_4.to_payload().expect("payload");
+    let twice = vec![
+        inbox::Incoming {
+            meta: copy.clone(),
+            payload: &payload,
+        },
+        inbox::Incoming {
+            meta: copy,
+            payload: &payload,
+        },
+    ];
+    let answers = handlers.process_batch(db, "billing", twice).await;
+    assert!(
+        matches!(
+            answers.as_slice(),
+            [inbox::Processed::Handled, inbox::Processed::Unavailable(_)]
+        ),
+        "{answers:?}"
+    );
+    assert_eq!(order::Entity::find().count(db).await.expect("orders"), 3);
 }
 
 async fn inbox_records_once_and_purges_by_age(db: &DatabaseConnection) {

@@ -1,7 +1,7 @@
 //! The dispatch table of a consumer, and the transaction each message is handled in.
 
 use std::any::Any;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -174,9 +174,10 @@ impl Handlers {
     /// If the database fails around the handlers (begin, a savepoint, an
     /// inbox row, the commit), nothing of the batch commits: every message
     /// that was not [`Failed`](Processed::Failed) or unhandled is
-    /// [`Unavailable`](Processed::Unavailable). The messages must be of
-    /// distinct events; those of one partition key belong in separate
-    /// batches, in order.
+    /// [`Unavailable`](Processed::Unavailable). A second copy of an event in
+    /// the batch is `Unavailable` too, to be tried again once the first has
+    /// ended. Messages of one partition key belong in separate batches, in
+    /// order.
     pub async fn process_batch(
         &self,
         db: &DatabaseConnection,
@@ -185,7 +186,16 @@ impl Handlers {
     ) -> Vec<Processed> {
         let mut answers = Vec::with_capacity(messages.len());
         let mut decoded = Vec::with_capacity(messages.len());
+        let mut ids = HashSet::with_capacity(messages.len());
         for Incoming { meta, payload } in messages {
+            // A second copy of one event (a redelivery that came while the
+            // first is held) waits: the inbox row of the first is not
+            // committed yet, and if its handler fails there is none.
+            if !ids.insert(meta.id) {
+                let error = format!("event {} is in this batch already", meta.id);
+                answers.push(Processed::Unavailable(error));
+                continue;
+            }
             match self.decode(&meta, payload) {
                 Ok((run, event)) => {
                     answers.push(Processed::Unavailable(String::new()));
