@@ -2,11 +2,11 @@
 
 use std::sync::Mutex;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use sea_orm::ActiveValue::Set;
 use uuid::Uuid;
 
-use crate::entity::outbox_message;
+use crate::entity::{outbox_message, outbox_scheduled};
 use crate::{Error, OutboxEvent};
 
 /// Records an event in the enclosing `#[transactional]` function's transaction.
@@ -36,6 +36,35 @@ use crate::{Error, OutboxEvent};
 /// }
 /// ```
 ///
+/// # Scheduled events
+///
+/// `emit!(event, at = time)` (a `chrono::DateTime<Utc>`) and
+/// `emit!(event, after = delay)` (a `std::time::Duration`) commit the event
+/// with the transaction, like any other, and the relay delivers it no earlier
+/// than that time. Until then it waits in `outbox_scheduled`, outside the
+/// relay's claim, and [`cancel`](crate::cancel()) can take it back. A time
+/// already past delivers at once.
+///
+/// A scheduled keyed event joins its key's order when it comes due: it goes
+/// after the events of its key already delivered and before those still
+/// waiting, and it holds nothing back before then.
+///
+/// ```
+/// # use outbox_core::{emit, transactional, OutboxEvent};
+/// # use sea_orm::DatabaseConnection;
+/// # #[derive(serde::Serialize, serde::Deserialize, OutboxEvent)]
+/// # #[outbox(exchange = "orders", routing_key = "order.reminder")]
+/// # struct PaymentReminder { order_id: u64 }
+/// use std::time::Duration;
+///
+/// #[transactional]
+/// async fn remind_later(db: &DatabaseConnection, order_id: u64) -> Result<uuid::Uuid, outbox_core::Error> {
+///     // Delivered in a day, unless cancelled with `outbox_core::cancel(db, id)` before.
+///     let id = emit!(PaymentReminder { order_id }, after = Duration::from_secs(24 * 3600));
+///     Ok(id)
+/// }
+/// ```
+///
 /// ```compile_fail
 /// # use outbox_core::{emit, OutboxEvent};
 /// # #[derive(serde::Serialize, serde::Deserialize, OutboxEvent)]
@@ -47,16 +76,27 @@ use crate::{Error, OutboxEvent};
 /// ```
 #[macro_export]
 macro_rules! emit {
-    (@transactional $emitter:ident, $($event:tt)+) => {
-        $crate::__private::Emitter::emit($emitter, $($event)+)
+    // The forms `#[transactional]` leaves, its options checked (`outbox-macros`' `emit_call`).
+    (@transactional $emitter:ident, $event:expr) => {
+        $crate::__private::Emitter::emit($emitter, $event)
+    };
+    (@transactional $emitter:ident, $event:expr, at = $at:expr) => {
+        $crate::__private::Emitter::emit_at($emitter, $event, $at)
+    };
+    (@transactional $emitter:ident, $event:expr, after = $after:expr) => {
+        $crate::__private::Emitter::emit_after($emitter, $event, $after)
+    };
+    // A call `#[transactional]` reported a compile error for.
+    (@rejected) => {
+        $crate::__private::Uuid::nil()
     };
     ($($tokens:tt)*) => {
         ::core::compile_error! {
             "`emit!` can only be used in the body of a `#[transactional]` async fn, \
-             whose transaction it writes the event in; \
-             add `#[transactional]` to the enclosing function, or, if `emit!` sits in \
-             another macro's arguments (`tokio::join!`, say), move it out: \
-             `#[transactional]` does not rewrite other macros' arguments"
+whose transaction it writes the event in; \
+add `#[transactional]` to the enclosing function, or, if `emit!` sits in \
+another macro's arguments (`tokio::join!`, say), move it out: \
+`#[transactional]` does not rewrite other macros' arguments"
         }
     };
 }
@@ -70,22 +110,62 @@ pub struct Emitter {
 
 #[derive(Debug, Default)]
 struct Recorded {
-    events: Vec<outbox_message::ActiveModel>,
+    rows: Rows,
     /// The first event that could not be recorded; it fails the whole call.
     error: Option<Error>,
+}
+
+/// The rows one `#[transactional]` call writes: events to deliver now, and
+/// events for later.
+#[derive(Debug, Default)]
+pub(crate) struct Rows {
+    pub(crate) events: Vec<outbox_message::ActiveModel>,
+    pub(crate) scheduled: Vec<outbox_scheduled::ActiveModel>,
 }
 
 impl Emitter {
     /// Serializes and records `event`, returning its id.
     pub fn emit<E: OutboxEvent>(&self, event: E) -> Uuid {
+        self.record(&event, |_| Ok(None))
+    }
+
+    /// Records `event` to be delivered no earlier than `at`.
+    pub fn emit_at<E: OutboxEvent>(&self, event: E, at: DateTime<Utc>) -> Uuid {
+        self.record(&event, |_| Ok(Some(at)))
+    }
+
+    /// Records `event` to be delivered no earlier than `after` from now.
+    pub fn emit_after<E: OutboxEvent>(&self, event: E, after: std::time::Duration) -> Uuid {
+        self.record(&event, |now| {
+            TimeDelta::from_std(after)
+                .ok()
+                .and_then(|delay| now.checked_add_signed(delay))
+                .map(Some)
+                .ok_or(Error::ScheduleOutOfRange {
+                    event_type: event.event_type(),
+                    after,
+                })
+        })
+    }
+
+    /// Records `event` with the delivery time `due` gives for now, if any.
+    fn record<E: OutboxEvent>(
+        &self,
+        event: &E,
+        due: impl FnOnce(DateTime<Utc>) -> Result<Option<DateTime<Utc>>, Error>,
+    ) -> Uuid {
         let id = Uuid::now_v7();
-        let row = to_row(id, Utc::now(), &event);
+        let now = Utc::now();
+        let columns = due(now).and_then(|due| Ok((Columns::of(id, now, event)?, due)));
         let mut state = self
             .state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        match row {
-            Ok(row) => state.events.push(row),
+        match columns {
+            Ok((columns, Some(due))) if due > now => {
+                state.rows.scheduled.push(columns.scheduled(due));
+            }
+            Ok((columns, _)) => state.rows.events.push(columns.message()),
             Err(error) => {
                 state.error.get_or_insert(error);
             }
@@ -94,37 +174,79 @@ impl Emitter {
     }
 
     /// The recorded rows, or the first error that makes the call fail.
-    pub(crate) fn into_rows(self) -> Result<Vec<outbox_message::ActiveModel>, Error> {
+    pub(crate) fn into_rows(self) -> Result<Rows, Error> {
         let state = self
             .state
             .into_inner()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         match state.error {
             Some(error) => Err(error),
-            None => Ok(state.events),
+            None => Ok(state.rows),
         }
     }
 }
 
-fn to_row<E: OutboxEvent>(
+/// What `emit!` stores of an event, wherever it goes.
+struct Columns {
     id: Uuid,
-    now: DateTime<Utc>,
-    event: &E,
-) -> Result<outbox_message::ActiveModel, Error> {
-    Ok(outbox_message::ActiveModel {
-        id: Set(id),
-        event_type: Set(event.event_type().to_owned()),
-        event_version: Set(i32::from(E::VERSION)),
-        exchange: Set(E::EXCHANGE.to_owned()),
-        subject: Set(event.subject()?),
-        partition_key: Set(partition_key(event)?),
-        payload: Set(event.to_payload()?),
-        headers: Set(None),
-        content_type: Set(E::CONTENT_TYPE.to_owned()),
-        created_at: Set(now),
-        next_attempt_at: Set(now),
-        ..Default::default()
-    })
+    event_type: String,
+    event_version: i32,
+    exchange: String,
+    subject: String,
+    partition_key: Option<String>,
+    payload: Vec<u8>,
+    content_type: String,
+    created_at: DateTime<Utc>,
+}
+
+impl Columns {
+    fn of<E: OutboxEvent>(id: Uuid, now: DateTime<Utc>, event: &E) -> Result<Self, Error> {
+        Ok(Self {
+            id,
+            event_type: event.event_type().to_owned(),
+            event_version: i32::from(E::VERSION),
+            exchange: E::EXCHANGE.to_owned(),
+            subject: event.subject()?,
+            partition_key: partition_key(event)?,
+            payload: event.to_payload()?,
+            content_type: E::CONTENT_TYPE.to_owned(),
+            created_at: now,
+        })
+    }
+
+    /// An outbox row, due now.
+    fn message(self) -> outbox_message::ActiveModel {
+        outbox_message::ActiveModel {
+            id: Set(self.id),
+            event_type: Set(self.event_type),
+            event_version: Set(self.event_version),
+            exchange: Set(self.exchange),
+            subject: Set(self.subject),
+            partition_key: Set(self.partition_key),
+            payload: Set(self.payload),
+            headers: Set(None),
+            content_type: Set(self.content_type),
+            created_at: Set(self.created_at),
+            next_attempt_at: Set(self.created_at),
+            ..Default::default()
+        }
+    }
+
+    fn scheduled(self, deliver_at: DateTime<Utc>) -> outbox_scheduled::ActiveModel {
+        outbox_scheduled::ActiveModel {
+            id: Set(self.id),
+            event_type: Set(self.event_type),
+            event_version: Set(self.event_version),
+            exchange: Set(self.exchange),
+            subject: Set(self.subject),
+            partition_key: Set(self.partition_key),
+            payload: Set(self.payload),
+            headers: Set(None),
+            content_type: Set(self.content_type),
+            created_at: Set(self.created_at),
+            deliver_at: Set(deliver_at),
+        }
+    }
 }
 
 /// The event's key, refused at emit (and so with the caller's transaction)

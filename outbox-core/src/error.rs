@@ -52,6 +52,16 @@ pub enum Error {
         value: String,
     },
 
+    /// `emit!(event, after = ...)` named a delay past the end of time as
+    /// chrono counts it (about 262,000 years); nothing was committed.
+    #[error("cannot schedule event `{event_type}` {after:?} from now: the time is out of range")]
+    ScheduleOutOfRange {
+        /// The event type (`#[outbox(name = ...)]`).
+        event_type: &'static str,
+        /// The delay given.
+        after: std::time::Duration,
+    },
+
     /// A payload received for an event type could not be decoded.
     #[error("cannot decode event `{event_type}` version {version}")]
     Decode {

@@ -25,7 +25,8 @@
 //! ```
 //!
 //! - [`OutboxEvent`] (derive it) describes an event's routing and payload.
-//! - [`transactional`] runs a function body in one transaction; [`emit!`] records events in it.
+//! - [`transactional`] runs a function body in one transaction; [`emit!`] records events in it,
+//!   to deliver now or at a later time ([`cancel`] takes one of those back).
 //! - [`migrate`] creates the outbox tables; [`migrations`] hands them to your own migrator.
 //! - [`registry()`] lists every event type linked into the program.
 //! - [`inbox`] makes each consumed event take effect once per consumer
@@ -34,6 +35,7 @@
 //!   (`outbox-nats` provides the JetStream one).
 #![deny(missing_docs)]
 
+mod cancel;
 pub mod dead_letters;
 mod emit;
 pub mod entity;
@@ -49,6 +51,7 @@ mod subject;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use cancel::cancel;
 pub use error::{Error, ErrorReport, Result};
 pub use event::OutboxEvent;
 pub use migration::{migrate, migrations};
@@ -133,6 +136,7 @@ pub mod __private {
     pub use inventory;
     pub use sea_orm::TransactionTrait;
     pub use std::string::String;
+    pub use uuid::Uuid;
 
     use std::any::Any;
 

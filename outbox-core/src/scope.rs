@@ -13,10 +13,9 @@
 //! match outcome { Ok(result) => result, Err(error) => Err(E::from(error)) }
 //! ```
 
-use sea_orm::{ConnectionTrait, DbErr, EntityTrait, TransactionSession};
+use sea_orm::{ActiveModelTrait, ConnectionTrait, DbErr, EntityTrait, TransactionSession};
 
-use crate::emit::Emitter;
-use crate::entity::outbox_message;
+use crate::emit::{Emitter, Rows};
 use crate::{Error, signal};
 
 /// Rows per `INSERT`: keeps a statement under every backend's bind-parameter
@@ -85,19 +84,30 @@ where
             emitter,
         } = self;
         // On an error the transaction is dropped here, which rolls it back.
-        let mut rows = emitter.into_rows()?;
-        let wrote_events = !rows.is_empty();
-        while !rows.is_empty() {
-            let rest = rows.split_off(rows.len().min(ROWS_PER_INSERT));
-            outbox_message::Entity::insert_many(rows)
-                .exec_without_returning(&transaction)
-                .await?;
-            rows = rest;
-        }
+        let Rows { events, scheduled } = emitter.into_rows()?;
+        let wrote_events = !events.is_empty() || !scheduled.is_empty();
+        insert_all(&transaction, events).await?;
+        insert_all(&transaction, scheduled).await?;
         transaction.commit().await?;
         if wrote_events {
+            // Scheduled events too: a relay then learns of an earlier due time.
             signal::committed();
         }
         Ok(())
     }
+}
+
+/// Inserts `rows`, [`ROWS_PER_INSERT`] to a statement.
+async fn insert_all<A>(conn: &impl ConnectionTrait, mut rows: Vec<A>) -> Result<(), DbErr>
+where
+    A: ActiveModelTrait + Send,
+{
+    while !rows.is_empty() {
+        let rest = rows.split_off(rows.len().min(ROWS_PER_INSERT));
+        A::Entity::insert_many(rows)
+            .exec_without_returning(conn)
+            .await?;
+        rows = rest;
+    }
+    Ok(())
 }

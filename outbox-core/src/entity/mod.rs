@@ -4,3 +4,4 @@ pub mod dead_letter;
 pub mod inbox_dead_letter;
 pub mod inbox_message;
 pub mod outbox_message;
+pub mod outbox_scheduled;

@@ -42,6 +42,7 @@ mod worker;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use sea_orm::DatabaseConnection;
 
 pub use backoff::Backoff;
@@ -90,24 +91,44 @@ impl<P: Publisher> Relay<P> {
         &self.config
     }
 
-    /// Runs one round: claim, publish, settle. Call it yourself to drive a
-    /// relay step by step; [`drain`](Self::drain) runs rounds until the
-    /// outbox is empty.
+    /// Runs one round: moves the scheduled events now due into the outbox,
+    /// then claims, publishes, settles. Call it yourself to drive a relay
+    /// step by step; [`drain`](Self::drain) runs rounds until the outbox is
+    /// empty.
     ///
     /// Fails with [`Error::Database`] when the database fails, and with
     /// [`Error::BrokerUnavailable`] when no event of the batch reached the broker.
     pub async fn process_batch(&self) -> Result<BatchReport, Error> {
+        self.promote_due().await?;
+        self.round().await
+    }
+
+    /// Moves the scheduled events now due into the outbox, then runs rounds,
+    /// overlapped where [`RelayConfig::overlap_rounds`] allows, until a claim
+    /// finds nothing to publish or a round gets nothing stored (its events
+    /// wait for a retry or behind another relay's); returns their reports
+    /// added up. The background task drains whenever it wakes.
+    pub async fn drain(&self) -> Result<BatchReport, Error> {
+        self.promote_due().await?;
+        pipeline::drain(self, None, None).await
+    }
+
+    /// One round in turn: claim, publish, settle.
+    async fn round(&self) -> Result<BatchReport, Error> {
         let round = Round::claim(&self.store, &self.config, &InFlight::default()).await?;
         let published = round.publish(&self.publisher, &Held::new()).await;
         published.settle(&self.store, &self.config).await
     }
 
-    /// Runs rounds, overlapped where [`RelayConfig::overlap_rounds`] allows,
-    /// until a claim finds nothing to publish or a round gets nothing stored
-    /// (its events wait for a retry or behind another relay's); returns their
-    /// reports added up. The background task drains whenever it wakes.
-    pub async fn drain(&self) -> Result<BatchReport, Error> {
-        pipeline::drain(self, None, None).await
+    /// Moves the scheduled events due now into the outbox (see
+    /// `store::schedule`); returns when the next one is due.
+    async fn promote_due(&self) -> Result<Option<DateTime<Utc>>, Error> {
+        let (moved, next_due) =
+            store::promote_due(&self.store, Utc::now(), self.config.batch_size).await?;
+        if moved > 0 {
+            tracing::debug!(moved, "scheduled events came due");
+        }
+        Ok(next_due)
     }
 
     /// Whether rounds overlap: configured, where the dialect allows, and not given up on.

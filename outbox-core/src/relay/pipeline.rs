@@ -68,7 +68,7 @@ pub(super) async fn drain<P: Publisher>(
     let mut total = BatchReport::default();
     if !relay.overlapping() {
         loop {
-            let round = relay.process_batch().await?;
+            let round = relay.round().await?;
             let more = round.published > 0;
             total.add(round);
             if !more || stopped() {

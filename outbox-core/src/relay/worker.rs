@@ -1,8 +1,9 @@
 //! The relay's background task: drains while there is work; otherwise waits
-//! for a commit in this process or the poll interval; backs off while the
+//! for a commit in this process, the poll interval, or the next scheduled
+//! event's time, whichever comes first; backs off while the
 //! database or broker is down, logging each change of state once.
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -51,18 +52,25 @@ async fn run<P: Publisher>(relay: Relay<P>, mut stopped: watch::Receiver<bool>) 
             next_housekeeping = Instant::now() + config.stats_interval;
         }
         let span = tracing::debug_span!("relay_drain");
-        // A long drain pauses for housekeeping: the gauges matter most during a backlog.
-        let drained = pipeline::drain(&relay, Some(&stopped), Some(next_housekeeping));
+        // A long drain pauses for housekeeping, the gauges mattering most
+        // during a backlog, and when a scheduled event comes due.
+        let drained = async {
+            let next_due = relay.promote_due().await?.map(instant_of);
+            let pause = next_due.map_or(next_housekeeping, |due| due.min(next_housekeeping));
+            pipeline::drain(&relay, Some(&stopped), Some(pause)).await?;
+            Ok::<_, crate::Error>(pause)
+        };
         let wait = match tracing::Instrument::instrument(drained, span).await {
-            Ok(_) => {
+            Ok(pause) => {
                 if failures > 0 {
                     tracing::info!(failed_rounds = failures, "relay recovered");
                     failures = 0;
                 }
-                if Instant::now() >= next_housekeeping {
-                    continue; // the drain paused for housekeeping; more may be waiting
+                let now = Instant::now();
+                if now >= pause {
+                    continue; // paused, or something came due: more may be waiting
                 }
-                config.poll_interval
+                config.poll_interval.min(pause - now)
             }
             Err(error) => {
                 failures = failures.saturating_add(1);
@@ -84,6 +92,11 @@ async fn run<P: Publisher>(relay: Relay<P>, mut stopped: watch::Receiver<bool>) 
         listener.abort();
     }
     tracing::info!("relay stopped");
+}
+
+/// The instant of a wall-clock time; now, if it has passed.
+fn instant_of(time: DateTime<Utc>) -> Instant {
+    Instant::now() + (time - Utc::now()).to_std().unwrap_or_default()
 }
 
 #[cfg(feature = "postgres")]

@@ -19,7 +19,9 @@ pub(crate) fn expand(model: Transactional) -> TokenStream {
     let transaction = syn::Ident::new("__outbox_transaction", Span::mixed_site());
     let result = syn::Ident::new("__outbox_result", Span::mixed_site());
 
-    rewrite::body(&mut function.block, &conn, &emitter, &transaction);
+    let emit_errors = rewrite::body(&mut function.block, &conn, &emitter, &transaction)
+        .err()
+        .map(|errors| errors.to_compile_error());
     let (begin_on, rebind) = match &conn {
         Conn::Binding(name) => (
             quote!(#name),
@@ -66,5 +68,5 @@ pub(crate) fn expand(model: Transactional) -> TokenStream {
     let attrs = &function.attrs;
     let vis = &function.vis;
     let sig = &function.sig;
-    quote!(#(#attrs)* #vis #sig #block)
+    quote!(#emit_errors #(#attrs)* #vis #sig #block)
 }

@@ -11,13 +11,17 @@ use syn::{ItemFn, Path};
 use super::rewrite;
 
 /// `krate`: where the runtime is, when the arguments said and could be read.
-pub(crate) fn expand(mut function: ItemFn, krate: Option<Path>, errors: syn::Error) -> TokenStream {
-    let errors = errors.to_compile_error();
+pub(crate) fn expand(
+    mut function: ItemFn,
+    krate: Option<Path>,
+    mut errors: syn::Error,
+) -> TokenStream {
     let ItemFn {
         attrs, vis, sig, ..
     } = &function;
     if sig.asyncness.is_none() {
         // A body written for an async fn would only add `.await` errors here.
+        let errors = errors.to_compile_error();
         return quote! {
             #errors
             #(#attrs)*
@@ -29,7 +33,10 @@ pub(crate) fn expand(mut function: ItemFn, krate: Option<Path>, errors: syn::Err
     }
     let krate = krate.unwrap_or_else(|| syn::parse_quote!(::outbox_core));
     let emitter = syn::Ident::new("__outbox_emitter", Span::mixed_site());
-    rewrite::emits(&mut function.block, &emitter);
+    if let Err(emit_errors) = rewrite::emits(&mut function.block, &emitter) {
+        errors.combine(emit_errors);
+    }
+    let errors = errors.to_compile_error();
     let ItemFn {
         attrs,
         vis,

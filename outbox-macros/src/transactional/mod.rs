@@ -1,7 +1,9 @@
-//! `#[transactional]`: parse (`attr`) → checked model (`ast`) → body rewrite (`rewrite`) → tokens (`expand`).
+//! `#[transactional]`: parse (`attr`) → checked model (`ast`) → body rewrite
+//! (`rewrite`, with each `emit!` call's arguments read by `emit_call`) → tokens (`expand`).
 
 mod ast;
 mod attr;
+mod emit_call;
 mod expand;
 mod fallback;
 mod rewrite;

@@ -2,30 +2,46 @@
 //! transaction where the body names the connection expression.
 
 use proc_macro2::Ident;
-use quote::{quote, quote_spanned};
+use quote::quote_spanned;
 use syn::spanned::Spanned;
 use syn::visit_mut::{self, VisitMut};
 use syn::{Block, Expr, Item, Macro};
 
 use super::ast::Conn;
+use super::emit_call::EmitCall;
+use crate::errors::Errors;
 
-/// Rewrites `body` in place.
-pub(crate) fn body(body: &mut Block, conn: &Conn, emitter: &Ident, transaction: &Ident) {
+/// Rewrites `body` in place; fails with every malformed `emit!` call, which
+/// is left as an expression of the right type so that the rest still checks.
+pub(crate) fn body(
+    body: &mut Block,
+    conn: &Conn,
+    emitter: &Ident,
+    transaction: &Ident,
+) -> syn::Result<()> {
     let conn = match conn {
         Conn::Expr(expr) => Some((expr, transaction)),
         Conn::Binding(_) => None,
     };
-    Rewriter { emitter, conn }.visit_block_mut(body);
+    let mut rewriter = Rewriter {
+        emitter,
+        conn,
+        errors: Errors::default(),
+    };
+    rewriter.visit_block_mut(body);
+    rewriter.errors.finish()
 }
 
 /// Hands `emit!` its emitter and touches nothing else: for a function the
 /// macro rejected, whose body is kept as written.
-pub(crate) fn emits(body: &mut Block, emitter: &Ident) {
-    Rewriter {
+pub(crate) fn emits(body: &mut Block, emitter: &Ident) -> syn::Result<()> {
+    let mut rewriter = Rewriter {
         emitter,
         conn: None,
-    }
-    .visit_block_mut(body);
+        errors: Errors::default(),
+    };
+    rewriter.visit_block_mut(body);
+    rewriter.errors.finish()
 }
 
 struct Rewriter<'a> {
@@ -33,16 +49,16 @@ struct Rewriter<'a> {
     /// The `conn = ...` expression, found by structure (syn's equality
     /// ignores spans and spacing), and the transaction that replaces it.
     conn: Option<(&'a Expr, &'a Ident)>,
+    errors: Errors,
 }
 
 impl VisitMut for Rewriter<'_> {
-    /// `emit!(event)` becomes `emit!(@transactional <emitter>, event)`; the
-    /// macro keeps the user's path, so its import stays used.
+    /// `emit!(event, ...)` becomes `emit!(@transactional <emitter>, event,
+    /// ...)`; the macro keeps the user's path, so its import stays used.
     fn visit_macro_mut(&mut self, mac: &mut Macro) {
         if mac.path.segments.last().is_some_and(|s| s.ident == "emit") {
-            let emitter = self.emitter;
-            let event = std::mem::take(&mut mac.tokens);
-            mac.tokens = quote!(@transactional #emitter, #event);
+            let call = EmitCall::parse(mac, &mut self.errors);
+            mac.tokens = call.into_tokens(self.emitter);
         }
     }
 
@@ -70,7 +86,7 @@ mod tests {
     fn rewrite(mut block: Block, conn: Conn) -> String {
         let emitter = Ident::new("e", Span::call_site());
         let transaction = Ident::new("t", Span::call_site());
-        body(&mut block, &conn, &emitter, &transaction);
+        body(&mut block, &conn, &emitter, &transaction).expect("valid emit! calls");
         block.to_token_stream().to_string().replace(' ', "")
     }
 

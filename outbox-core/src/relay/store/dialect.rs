@@ -46,8 +46,14 @@ impl Dialect {
         if self.locates_rows() {
             claim.expr(Expr::cust("ctid::text"));
         }
+        self.lock_skipping(claim);
+    }
+
+    /// Locks the selected rows until the transaction ends, passing over rows
+    /// another transaction holds (`FOR UPDATE SKIP LOCKED`), where rows lock.
+    pub(super) fn lock_skipping(self, select: &mut SelectStatement) {
         if self.locks_rows() {
-            claim.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
+            select.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
         }
     }
 
@@ -89,7 +95,7 @@ impl Dialect {
     /// value to bind, where SeaORM copied a `text[]` of 2,000 string by string.
     pub(super) fn delivered(self, ids: Vec<Uuid>, ctids: &[String]) -> SimpleExpr {
         if !self.locates_rows() || ctids.len() != ids.len() {
-            return self.ids_in(ids);
+            return self.ids_in(Column::Id, ids);
         }
         let mut literal = String::with_capacity(ctids.len() * 16 + 2);
         literal.push('{');
@@ -108,15 +114,15 @@ impl Dialect {
         )
     }
 
-    /// The rows with these ids. On PostgreSQL one array parameter (`= ANY($1)`)
+    /// The rows whose `column` holds one of these ids. On PostgreSQL one array parameter (`= ANY($1)`)
     /// rather than a list of a parameter per id: the statement's text is the
     /// same whatever the count, so it is parsed once per connection, and the
     /// relay binds one value instead of thousands.
-    pub(super) fn ids_in(self, ids: Vec<Uuid>) -> SimpleExpr {
+    pub(super) fn ids_in(self, column: impl ColumnTrait, ids: Vec<Uuid>) -> SimpleExpr {
         if self.0 == DbBackend::Postgres {
-            Expr::col(Column::Id).eq(PgFunc::any(Expr::val(ids)))
+            Expr::col(column).eq(PgFunc::any(Expr::val(ids)))
         } else {
-            Column::Id.is_in(ids)
+            column.is_in(ids)
         }
     }
 }

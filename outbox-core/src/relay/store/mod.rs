@@ -1,11 +1,12 @@
 //! The database's side of the relay: the claim, the decoding of claimed
-//! rows, the settle, and the [`Dialect`] that holds every difference between
+//! rows, the settle, scheduled events coming due, and the [`Dialect`] that holds every difference between
 //! PostgreSQL, MySQL and SQLite. Imports of the relay only the leaf types
 //! (`Delivery`, `RelayConfig`, `BatchReport`).
 
 mod claim;
 mod decode;
 mod dialect;
+mod schedule;
 mod settle;
 
 use sea_orm::{DatabaseConnection, DatabaseTransaction, DbErr};
@@ -13,6 +14,7 @@ use sea_orm::{DatabaseConnection, DatabaseTransaction, DbErr};
 pub(super) use claim::{InFlight, claim};
 pub(super) use decode::Claimed;
 pub(super) use dialect::Dialect;
+pub(super) use schedule::promote_due;
 pub(super) use settle::{Settled, settle};
 
 /// The outbox's database and its dialect.

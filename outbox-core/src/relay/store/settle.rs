@@ -94,7 +94,7 @@ pub(in crate::relay) async fn settle<C: ConnectionTrait>(
             .exec_without_returning(conn)
             .await?;
         outbox_message::Entity::delete_many()
-            .filter(dialect.ids_in(ids))
+            .filter(dialect.ids_in(outbox_message::Column::Id, ids))
             .exec(conn)
             .await?;
     }

@@ -1,0 +1,101 @@
+//! Scheduled events coming due: moved from `outbox_scheduled` into the
+//! outbox, where the claim finds them.
+//!
+//! Pending scheduled events cost the claim nothing because they are not in
+//! its table. The relay's only look at them is one range of the
+//! `(deliver_at, id)` index, which ends at the first event not yet due, and
+//! one `MIN(deliver_at)`, the first entry of that index.
+//!
+//! A moved event keeps its id, which is older than the events committed
+//! since it was emitted: to the claim it is an event committed late, which
+//! step 1 of the ordering argument (`relay/pipeline.rs`) already orders. Its
+//! key's events still waiting go after it; those delivered went before.
+
+use chrono::{DateTime, Utc};
+use sea_orm::sea_query::{Expr, ExprTrait, IntoIden, Order, Query};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, Iterable, QueryFilter, QuerySelect,
+};
+use uuid::Uuid;
+
+use super::Store;
+use crate::entity::{outbox_message, outbox_scheduled};
+
+/// Moves every event due at `now` into the outbox, `limit` to a
+/// transaction; returns how many it moved, and when the next one is due.
+pub(in crate::relay) async fn promote_due(
+    store: &Store,
+    now: DateTime<Utc>,
+    limit: usize,
+) -> Result<(usize, Option<DateTime<Utc>>), DbErr> {
+    let mut moved = 0;
+    loop {
+        let txn = store.begin(false).await?;
+        let batch = move_due(&txn, store, now, limit).await?;
+        txn.commit().await?;
+        moved += batch;
+        if batch < limit {
+            break;
+        }
+    }
+    let next_due = outbox_scheduled::Entity::find()
+        .select_only()
+        .column_as(outbox_scheduled::Column::DeliverAt.min(), "next_due")
+        .into_tuple::<Option<DateTime<Utc>>>()
+        .one(store.db())
+        .await?
+        .flatten();
+    Ok((moved, next_due))
+}
+
+/// Moves up to `limit` due events, earliest first, passing over those
+/// another relay is moving.
+async fn move_due<C: ConnectionTrait>(
+    txn: &C,
+    store: &Store,
+    now: DateTime<Utc>,
+    limit: usize,
+) -> Result<usize, DbErr> {
+    use outbox_scheduled::Column;
+    let dialect = store.dialect();
+    let mut due = Query::select();
+    due.column(Column::Id)
+        .from(outbox_scheduled::Entity)
+        .and_where(Expr::col(Column::DeliverAt).lte(now))
+        .order_by(Column::DeliverAt, Order::Asc)
+        .order_by(Column::Id, Order::Asc)
+        .limit(u64::try_from(limit).unwrap_or(u64::MAX));
+    dialect.lock_skipping(&mut due);
+    let ids = txn
+        .query_all(&due)
+        .await?
+        .iter()
+        .map(|row| row.try_get_by_index::<Uuid>(0))
+        .collect::<Result<Vec<_>, _>>()?;
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    // The outbox row: the scheduled one's columns (same names), due since `deliver_at`.
+    let columns = Column::iter().map(|column| match column {
+        Column::DeliverAt => outbox_message::Column::NextAttemptAt.into_iden(),
+        column => column.into_iden(),
+    });
+    let mut source = Query::select();
+    source
+        .columns(Column::iter())
+        .from(outbox_scheduled::Entity)
+        .and_where(dialect.ids_in(Column::Id, ids.clone()));
+    let insert = Query::insert()
+        .into_table(outbox_message::Entity)
+        .columns(columns)
+        .select_from(source)
+        .map_err(|error| DbErr::Custom(error.to_string()))?
+        .to_owned();
+    txn.execute(&insert).await?;
+    let count = ids.len();
+    outbox_scheduled::Entity::delete_many()
+        .filter(dialect.ids_in(Column::Id, ids))
+        .exec(txn)
+        .await?;
+    Ok(count)
+}

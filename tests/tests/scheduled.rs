@@ -1,0 +1,234 @@
+//! Events emitted for later (`emit!(event, at = ...)` / `after = ...`) on
+//! each database: held until due, kept across relays, cancellable, and never
+//! in the way of their key's events of today. Relayed through the test
+//! kit's `MemoryPublisher`: what is under test is the outbox, not the broker.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use outbox_core::entity::{outbox_message, outbox_scheduled};
+use outbox_core::relay::{Delivery, Publisher, Relay};
+use outbox_core::testing::MemoryPublisher;
+use outbox_core::{cancel, emit, transactional};
+use outbox_tests::fixtures::{AppError, Sequenced};
+use sea_orm::{DatabaseConnection, EntityTrait, PaginatorTrait};
+use uuid::Uuid;
+
+#[transactional]
+async fn schedule_at(
+    db: &DatabaseConnection,
+    key: &str,
+    n: u32,
+    at: DateTime<Utc>,
+) -> Result<Uuid, AppError> {
+    let key = key.to_owned();
+    Ok(emit!(Sequenced { key, n }, at = at))
+}
+
+#[transactional]
+async fn schedule_after(
+    db: &DatabaseConnection,
+    key: &str,
+    n: u32,
+    after: Duration,
+) -> Result<Uuid, AppError> {
+    let key = key.to_owned();
+    Ok(emit!(Sequenced { key, n }, after = after))
+}
+
+#[transactional]
+async fn emit_now(db: &DatabaseConnection, key: &str, n: u32) -> Result<Uuid, AppError> {
+    let key = key.to_owned();
+    Ok(emit!(Sequenced { key, n }))
+}
+
+#[transactional]
+async fn schedule_then_fail(db: &DatabaseConnection) -> Result<(), AppError> {
+    emit!(
+        Sequenced {
+            key: "gone".into(),
+            n: 0
+        },
+        after = Duration::from_secs(1)
+    );
+    Err(AppError::Rejected)
+}
+
+/// A [`MemoryPublisher`] that also notes the time each event reached it.
+#[derive(Clone, Default)]
+struct Clocked {
+    inner: MemoryPublisher,
+    at: Arc<Mutex<Vec<(Uuid, DateTime<Utc>)>>>,
+}
+
+impl Publisher for Clocked {
+    async fn publish(&self, events: &[&outbox_message::Model]) -> Vec<Delivery> {
+        let now = Utc::now();
+        (self.at.lock().expect("not poisoned")).extend(events.iter().map(|event| (event.id, now)));
+        self.inner.publish(events).await
+    }
+}
+
+impl Clocked {
+    fn published_at(&self, id: Uuid) -> Option<DateTime<Utc>> {
+        let at = self.at.lock().expect("not poisoned");
+        at.iter().find(|(event, _)| *event == id).map(|(_, at)| *at)
+    }
+
+    /// `(key, n)` of the stored events, in publish order.
+    fn sequence(&self) -> Vec<(String, u32)> {
+        (self.inner.published().iter())
+            .map(|event| {
+                let event: Sequenced = serde_json::from_slice(&event.payload).expect("payload");
+                (event.key, event.n)
+            })
+            .collect()
+    }
+}
+
+fn seq(items: &[(&str, u32)]) -> Vec<(String, u32)> {
+    (items.iter())
+        .map(|(key, n)| ((*key).to_owned(), *n))
+        .collect()
+}
+
+async fn pending_scheduled(db: &DatabaseConnection) -> u64 {
+    outbox_scheduled::Entity::find()
+        .count(db)
+        .await
+        .expect("count")
+}
+
+/// Waits until `publisher` stored `id`, at most `limit`.
+async fn wait_published(publisher: &Clocked, id: Uuid, limit: Duration) -> DateTime<Utc> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(at) = publisher.published_at(id) {
+            return at;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{id} not published within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn delivered_not_before_its_time(db: &DatabaseConnection) {
+    schedule_then_fail(db).await.expect_err("rolled back");
+    assert_eq!(
+        pending_scheduled(db).await,
+        0,
+        "a rollback schedules nothing"
+    );
+
+    let publisher = Clocked::default();
+    let relay = Relay::builder(db.clone(), publisher.clone());
+    let due = Utc::now() + chrono::TimeDelta::milliseconds(1_500);
+    let later = schedule_at(db, "k", 1, due).await.expect("scheduled");
+    let past = schedule_at(db, "p", 1, Utc::now() - chrono::TimeDelta::hours(1))
+        .await
+        .expect("a past time");
+    let relay = relay.build();
+    relay.drain().await.expect("drained");
+    assert_eq!(publisher.sequence(), seq(&[("p", 1)]), "a past time is now");
+    assert!(publisher.published_at(past).is_some());
+    assert_eq!(pending_scheduled(db).await, 1);
+
+    // A poll interval far longer than the test: only the due time can wake it.
+    let running = Relay::builder(db.clone(), publisher.clone())
+        .poll_interval(Duration::from_secs(600))
+        .spawn();
+    let published = wait_published(&publisher, later, Duration::from_secs(10)).await;
+    running.shutdown().await.expect("relay stopped");
+    assert!(published >= due, "published at {published}, due at {due}");
+    assert_eq!(publisher.sequence(), seq(&[("p", 1), ("k", 1)]));
+    assert_eq!(pending_scheduled(db).await, 0);
+}
+
+async fn not_lost_across_a_relay_restart(db: &DatabaseConnection) {
+    let publisher = Clocked::default();
+    let id = schedule_after(db, "k", 1, Duration::from_millis(1_500))
+        .await
+        .expect("scheduled");
+    let first = Relay::builder(db.clone(), publisher.clone())
+        .poll_interval(Duration::from_millis(50))
+        .spawn();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    first.shutdown().await.expect("first relay stopped");
+    assert!(
+        publisher.sequence().is_empty(),
+        "not due before the restart"
+    );
+
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let second = Relay::builder(db.clone(), publisher.clone()).spawn();
+    wait_published(&publisher, id, Duration::from_secs(10)).await;
+    second.shutdown().await.expect("second relay stopped");
+    assert_eq!(publisher.sequence(), seq(&[("k", 1)]));
+}
+
+async fn cancelled_ones_are_never_published(db: &DatabaseConnection) {
+    let after = Duration::from_millis(800);
+    let cancelled = schedule_after(db, "k", 1, after).await.expect("scheduled");
+    let kept = schedule_after(db, "k", 2, after).await.expect("scheduled");
+    assert!(cancel(db, cancelled).await.expect("cancel"), "was pending");
+    assert!(
+        !cancel(db, cancelled).await.expect("cancel"),
+        "already gone"
+    );
+    assert!(
+        !cancel(db, Uuid::now_v7()).await.expect("cancel"),
+        "unknown id"
+    );
+    let now = emit_now(db, "k", 3).await.expect("emitted");
+    assert!(
+        !cancel(db, now).await.expect("cancel"),
+        "not a scheduled event"
+    );
+
+    tokio::time::sleep(after).await;
+    let publisher = Clocked::default();
+    Relay::builder(db.clone(), publisher.clone())
+        .build()
+        .drain()
+        .await
+        .expect("drained");
+    assert_eq!(publisher.sequence(), seq(&[("k", 2), ("k", 3)]));
+    assert!(
+        !cancel(db, kept).await.expect("cancel"),
+        "delivered already"
+    );
+}
+
+async fn todays_events_of_the_same_key_are_not_held_back(db: &DatabaseConnection) {
+    let tomorrow = Utc::now() + chrono::TimeDelta::days(1);
+    schedule_at(db, "k", 1, tomorrow).await.expect("scheduled");
+    schedule_after(db, "k", 2, Duration::from_millis(800))
+        .await
+        .expect("scheduled");
+    emit_now(db, "k", 3).await.expect("emitted");
+    let publisher = Clocked::default();
+    let relay = Relay::builder(db.clone(), publisher.clone()).build();
+    relay.drain().await.expect("drained");
+    assert_eq!(
+        publisher.sequence(),
+        seq(&[("k", 3)]),
+        "nothing holds 3 back"
+    );
+
+    // Once due, a scheduled event goes before its key's events still waiting.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    emit_now(db, "k", 4).await.expect("emitted");
+    relay.drain().await.expect("drained");
+    assert_eq!(publisher.sequence(), seq(&[("k", 3), ("k", 2), ("k", 4)]));
+    assert_eq!(pending_scheduled(db).await, 1, "tomorrow's still waits");
+}
+
+outbox_tests::on_each_backend!(
+    delivered_not_before_its_time,
+    not_lost_across_a_relay_restart,
+    cancelled_ones_are_never_published,
+    todays_events_of_the_same_key_are_not_held_back,
+);

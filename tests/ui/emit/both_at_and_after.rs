@@ -1,0 +1,19 @@
+use std::time::Duration;
+
+use outbox_core::{emit, transactional, OutboxEvent};
+use sea_orm::DatabaseConnection;
+
+#[derive(serde::Serialize, serde::Deserialize, OutboxEvent)]
+#[outbox(exchange = "orders", routing_key = "order.reminder")]
+struct Reminder {
+    id: u64,
+}
+
+#[transactional]
+async fn remind(db: &DatabaseConnection) -> Result<(), outbox_core::Error> {
+    emit!(Reminder { id: 1 }, at = chrono::Utc::now(), after = Duration::from_secs(60));
+    emit!(Reminder { id: 2 }, after = Duration::from_secs(1), after = Duration::from_secs(2));
+    Ok(())
+}
+
+fn main() {}
