@@ -59,21 +59,34 @@ async fn schedule_then_fail(db: &DatabaseConnection) -> Result<(), AppError> {
 #[derive(Clone, Default)]
 struct Clocked {
     inner: MemoryPublisher,
-    at: Arc<Mutex<Vec<(Uuid, DateTime<Utc>)>>>,
+    arrivals: Arc<Mutex<Vec<Arrival>>>,
+}
+
+/// An event id and when it reached the publisher.
+struct Arrival {
+    id: Uuid,
+    at: DateTime<Utc>,
 }
 
 impl Publisher for Clocked {
     async fn publish(&self, events: &[&outbox_message::Model]) -> Vec<Delivery> {
         let now = Utc::now();
-        (self.at.lock().expect("not poisoned")).extend(events.iter().map(|event| (event.id, now)));
+        let arrived = events.iter().map(|event| Arrival {
+            id: event.id,
+            at: now,
+        });
+        (self.arrivals.lock().expect("not poisoned")).extend(arrived);
         self.inner.publish(events).await
     }
 }
 
 impl Clocked {
     fn published_at(&self, id: Uuid) -> Option<DateTime<Utc>> {
-        let at = self.at.lock().expect("not poisoned");
-        at.iter().find(|(event, _)| *event == id).map(|(_, at)| *at)
+        let arrivals = self.arrivals.lock().expect("not poisoned");
+        arrivals
+            .iter()
+            .find(|arrival| arrival.id == id)
+            .map(|arrival| arrival.at)
     }
 
     /// `(key, n)` of the stored events, in publish order.
