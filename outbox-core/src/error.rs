@@ -62,6 +62,19 @@ pub enum Error {
         after: std::time::Duration,
     },
 
+    /// A header given to `emit!(event, headers = ...)` cannot travel with the
+    /// event's message (its value is not shown: it may be a secret);
+    /// nothing was committed.
+    #[error("invalid header {name:?} on event `{event_type}`: {reason}")]
+    Header {
+        /// The event type (`#[outbox(name = ...)]`).
+        event_type: &'static str,
+        /// The header's name.
+        name: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+
     /// A payload received for an event type could not be decoded.
     #[error("cannot decode event `{event_type}` version {version}")]
     Decode {

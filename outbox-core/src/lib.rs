@@ -41,6 +41,7 @@ mod emit;
 pub mod entity;
 mod error;
 mod event;
+pub mod headers;
 pub mod inbox;
 mod migration;
 pub mod registry;
@@ -130,7 +131,7 @@ pub use outbox_macros::transactional;
 /// Items the macros' expansions name. Not public API: no stability promise.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::emit::Emitter;
+    pub use crate::emit::{EmitOptions, Emitter};
     pub use crate::scope::{Outcome, Scope};
     pub use crate::subject::SubjectBuilder;
     pub use inventory;

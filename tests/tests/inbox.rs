@@ -1,7 +1,7 @@
 //! The inbox consumer against real PostgreSQL and NATS JetStream; each test
 //! has its own schema and its own namespace of streams.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -592,6 +592,83 @@ async fn events_emitted_by_a_handler_reach_the_outbox_only_when_it_commits(setup
     setup.finish().await;
 }
 
+/// An order placed for a tenant: the tenant and a correlation id travel as the event's headers.
+#[transactional]
+async fn place_for_tenant(
+    db: &DatabaseConnection,
+    order_id: i64,
+    tenant: &str,
+) -> Result<(), AppError> {
+    let headers = [("Tenant-Id", tenant), ("X-Correlation-Id", "req-42")];
+    emit!(
+        OrderCreated {
+            order_id,
+            total_cents: 1
+        },
+        headers = headers
+    );
+    Ok(())
+}
+
+/// Notes the headers each handled event came with.
+#[derive(Default, Clone)]
+struct HeaderRecorder(Arc<Mutex<Vec<BTreeMap<String, String>>>>);
+
+impl Handler<OrderCreated> for HeaderRecorder {
+    type Error = AppError;
+
+    async fn handle(
+        &self,
+        _: OrderCreated,
+        meta: Metadata,
+        _: &DatabaseTransaction,
+    ) -> Result<(), AppError> {
+        self.0.lock().expect("lock").push(meta.headers);
+        Ok(())
+    }
+}
+
+async fn an_events_own_headers_travel_to_the_handler(setup: Setup) {
+    let db = setup.db();
+    place_for_tenant(db, 1, "acme").await.expect("placed");
+    let refused = place_for_tenant(db, 2, "acme\r\nNats-Msg-Id: forged").await;
+    match refused {
+        Err(AppError::Outbox(outbox_core::Error::Header { name, .. })) => {
+            assert_eq!(name, "Tenant-Id");
+        }
+        other => panic!("a value with a line break must fail the call: {other:?}"),
+    }
+    assert_eq!(
+        outbox_core::testing::emitted::<OrderCreated>(db)
+            .await
+            .expect("outbox")
+            .len(),
+        1,
+        "the refused call committed nothing"
+    );
+    setup.relay().await;
+
+    let messages = setup.nats.messages(&setup.stream).await;
+    assert_eq!(messages.len(), 1);
+    let headers = messages[0].headers.clone();
+    assert_eq!(
+        headers.get("Tenant-Id").map(|value| value.as_str()),
+        Some("acme"),
+        "sent by the relay"
+    );
+    let recorder = HeaderRecorder::default();
+    let handler = recorder.clone();
+    setup
+        .consume("billing", |c| c.on::<OrderCreated, _>(handler))
+        .await;
+    let expected = BTreeMap::from([
+        ("Tenant-Id".to_owned(), "acme".to_owned()),
+        ("X-Correlation-Id".to_owned(), "req-42".to_owned()),
+    ]);
+    assert_eq!(*recorder.0.lock().expect("lock"), [expected]);
+    setup.finish().await;
+}
+
 /// Records each key's handled events; fails the first delivery of some;
 /// tracks how many handlers ran at once.
 #[derive(Default, Clone)]
@@ -1092,6 +1169,7 @@ async fn a_batch_commits_all_but_the_failing_handlers_effect(db: &DatabaseConnec
                 delivery_count: 1,
                 occurred_at: None,
                 stream_sequence: u64::try_from(order_id).expect("positive"),
+                headers: Default::default(),
             };
             (event, meta)
         })
@@ -1199,4 +1277,5 @@ outbox_tests::on_postgres_and_mysql!(
     per_key_order_holds_with_8_in_flight_over_20_keys,
     a_second_process_of_a_running_consumer_refuses_to_start,
     a_replayed_dead_letter_is_handled_again_once,
+    an_events_own_headers_travel_to_the_handler,
 );

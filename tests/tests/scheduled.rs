@@ -34,7 +34,12 @@ async fn schedule_after(
     after: Duration,
 ) -> Result<Uuid, AppError> {
     let key = key.to_owned();
-    Ok(emit!(Sequenced { key, n }, after = after))
+    let headers = [("Scheduled", "yes")];
+    Ok(emit!(
+        Sequenced { key, n },
+        after = after,
+        headers = headers
+    ))
 }
 
 #[transactional]
@@ -180,6 +185,12 @@ async fn not_lost_across_a_relay_restart(db: &DatabaseConnection) {
     wait_published(&publisher, id, Duration::from_secs(10)).await;
     second.shutdown().await.expect("second relay stopped");
     assert_eq!(publisher.sequence(), seq(&[("k", 1)]));
+    let published = publisher.inner.published();
+    assert_eq!(
+        published[0].headers.as_deref(),
+        Some(r#"{"Scheduled":"yes"}"#),
+        "its headers wait with it"
+    );
 }
 
 async fn cancelled_ones_are_never_published(db: &DatabaseConnection) {

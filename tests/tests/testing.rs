@@ -136,6 +136,7 @@ async fn a_test_consumer_handles_each_event_once_without_a_broker(db: &DatabaseC
         delivery_count: 0,
         occurred_at: None,
         stream_sequence: 0,
+        headers: Default::default(),
     };
     assert!(matches!(
         billing.deliver_raw(stranger, b"{}").await,

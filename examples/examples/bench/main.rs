@@ -82,6 +82,10 @@ struct Args {
     /// The outbox `Consumer`'s batch size (messages per transaction); its default if not given.
     #[arg(long)]
     consumer_batch: Option<usize>,
+    /// Events scheduled for tomorrow, held in `outbox_scheduled` for the whole
+    /// run: what pending scheduled events cost the relay's drains and wakes.
+    #[arg(long, default_value_t = 0)]
+    scheduled: u64,
     /// Run the consumer section only.
     #[arg(long)]
     consumers_only: bool,
@@ -331,6 +335,29 @@ fn publisher(client: async_nats::Client, args: &Args, namespace: &str) -> JetStr
         .namespace(namespace.to_owned())
 }
 
+/// Fills `outbox_scheduled` with `count` events due in a day, in one statement.
+async fn schedule_for_tomorrow(db: &DatabaseConnection, count: u64) -> Result<(), DbErr> {
+    if count == 0 {
+        return Ok(());
+    }
+    let started = Instant::now();
+    db.execute_unprepared(&format!(
+        "INSERT INTO outbox_scheduled (id, event_type, event_version, exchange, subject, \
+         partition_key, payload, content_type, created_at, deliver_at) \
+         SELECT gen_random_uuid(), 'BenchEvent', 1, 'bench', 'bench.k.' || (n % 1000), \
+         (n % 1000)::text, convert_to('{{}}', 'UTF8'), 'application/json', now(), \
+         now() + interval '1 day' + n * interval '1 microsecond' \
+         FROM generate_series(1, {count}) AS n"
+    ))
+    .await?;
+    db.execute_unprepared("ANALYZE outbox_scheduled").await?;
+    eprintln!(
+        "{count} events scheduled for tomorrow in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 /// The child process of [`Bench::relay_drain`]: one relay drains the backlog until the outbox is empty.
 async fn drain_only(args: &Args, schema: &str, namespace: &str) -> Result<(), BoxError> {
     let db = connect_schema(schema, 16).await?;
@@ -368,6 +395,7 @@ impl Bench {
             .await?;
         let db = connect_schema(&schema, 16).await?;
         outbox_core::migrate(&db).await?;
+        schedule_for_tomorrow(&db, args.scheduled).await?;
         db.execute_unprepared(
             "CREATE TABLE bench_orders (id BIGINT PRIMARY KEY, total_cents BIGINT NOT NULL)",
         )
@@ -555,6 +583,10 @@ impl Bench {
             round3(headers_over_raw).into(),
         );
         figures.insert("relay_rss_mib".into(), round3(peak_rss).into());
+        figures.insert("scheduled_pending".into(), self.args.scheduled.into());
+        let idle = self.idle_drain(&publisher).await?;
+        eprintln!("an empty outbox's drain: {idle:.1} µs");
+        figures.insert("idle_drain_us".into(), round3(idle).into());
         if self.args.naive_events > 0 {
             self.backlog(self.args.naive_events).await?;
             let naive = self.naive_relay(&publisher).await?;
@@ -590,6 +622,21 @@ impl Bench {
             figures.insert(name.into(), value);
         }
         Ok(figures)
+    }
+
+    /// Microseconds of a drain that finds nothing (the median of 200): what
+    /// each wake of an idle relay costs, scheduled events included.
+    async fn idle_drain(&self, publisher: &JetStreamPublisher) -> Result<f64, BoxError> {
+        self.truncate_outbox().await?;
+        let relay = Relay::builder(self.db.clone(), publisher.clone()).build();
+        let mut took = Vec::with_capacity(200);
+        for _ in 0..200 {
+            let started = Instant::now();
+            relay.drain().await?;
+            took.push(started.elapsed().as_secs_f64() * 1e6);
+        }
+        took.sort_by(f64::total_cmp);
+        Ok(took[took.len() / 2])
     }
 
     /// The ceiling: the same payloads straight to JetStream, `in_flight` acks

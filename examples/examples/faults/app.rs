@@ -91,8 +91,12 @@ pub(crate) async fn create_tables(db: &DatabaseConnection) -> Result<(), DbErr> 
     Ok(())
 }
 
+/// How long after its step a scheduled audit event is due.
+const SCHEDULED_AFTER: Duration = Duration::from_millis(700);
+
 /// Step `seq` of `order_id`: the event, its record and (sometimes) an unkeyed
-/// audit event commit together; with `roll_back`, none of them does.
+/// audit event, delivered at once or scheduled, commit together; with
+/// `roll_back`, none of them does.
 #[transactional]
 pub(crate) async fn advance(
     db: &DatabaseConnection,
@@ -114,7 +118,13 @@ pub(crate) async fn advance(
     ))
     .await?;
     if audit {
-        let id = emit!(Audit { order_id, seq });
+        // Every other audit event is scheduled: it waits out the faults in
+        // `outbox_scheduled` and must still arrive once.
+        let id = if seq % 2 == 0 {
+            emit!(Audit { order_id, seq }, after = SCHEDULED_AFTER)
+        } else {
+            emit!(Audit { order_id, seq })
+        };
         db.execute_raw(sql(
             backend,
             record,

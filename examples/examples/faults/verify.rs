@@ -174,7 +174,7 @@ pub(crate) async fn verdict(
         .filter(|seqs| !seqs.iter().zip(1..).all(|(seq, expected)| *seq == expected))
         .count();
 
-    verdict.outbox_left = count(db, "SELECT COUNT(*) FROM outbox_messages").await?;
+    verdict.outbox_left = count(db, OUTBOX_LEFT).await?;
     verdict.relay_dead_letters = count(db, "SELECT COUNT(*) FROM outbox_dead_letters").await?;
     verdict.consumer_dead_letters =
         count(db, "SELECT COUNT(*) FROM outbox_inbox_dead_letters").await?;
@@ -195,12 +195,16 @@ pub(crate) async fn verdict(
     Ok(verdict)
 }
 
+/// Events not delivered yet, scheduled ones included.
+const OUTBOX_LEFT: &str =
+    "SELECT (SELECT COUNT(*) FROM outbox_messages) + (SELECT COUNT(*) FROM outbox_scheduled)";
+
 /// How many effects the consumer has applied, and events the outbox holds.
 pub(crate) async fn progress(db: &DatabaseConnection) -> Result<(u64, u64, u64)> {
     Ok((
         count(db, "SELECT COUNT(*) FROM produced").await?,
         count(db, "SELECT COUNT(*) FROM effects").await?,
-        count(db, "SELECT COUNT(*) FROM outbox_messages").await?,
+        count(db, OUTBOX_LEFT).await?,
     ))
 }
 

@@ -19,6 +19,8 @@ mod handler;
 mod handlers;
 mod store;
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
@@ -46,6 +48,10 @@ pub struct Metadata {
     pub occurred_at: Option<DateTime<Utc>>,
     /// The message's position in its stream.
     pub stream_sequence: u64,
+    /// The event's own headers, as given to `emit!(event, headers = ...)`:
+    /// every header of the message but the framework's
+    /// ([`headers::is_reserved`](crate::headers::is_reserved)).
+    pub headers: BTreeMap<String, String>,
 }
 
 /// Why a message was dead-lettered by a consumer (`outbox_inbox_dead_letters.reason`).

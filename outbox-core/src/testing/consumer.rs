@@ -82,6 +82,7 @@ impl TestConsumer {
             delivery_count: 0,
             occurred_at: Some(Utc::now()),
             stream_sequence: 0,
+            headers: Default::default(),
         };
         let payload = event.to_payload()?;
         Ok(self.deliver_raw(meta, &payload).await)

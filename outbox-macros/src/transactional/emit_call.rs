@@ -1,9 +1,9 @@
 //! The arguments of one `emit!` call: the event, then options.
 //!
-//! `emit!(event)`, `emit!(event, at = <DateTime<Utc>>)`,
-//! `emit!(event, after = <std::time::Duration>)`. The values' types are
-//! checked by rustc, against `Emitter::emit_at` / `emit_after`'s parameters,
-//! so that a wrong one is reported at the value.
+//! `emit!(event)`, with `at = <DateTime<Utc>>` or
+//! `after = <std::time::Duration>`, and `headers = <pairs>`. The values'
+//! types are checked by rustc, against the parameters of `EmitOptions`'
+//! method of each name, so that a wrong one is reported at the value.
 
 use proc_macro2::{Ident, TokenStream};
 use quote::quote;
@@ -12,15 +12,18 @@ use syn::{Expr, Macro, Token};
 
 use crate::errors::Errors;
 
-const OPTIONS_HELP: &str =
-    "expected `at = <chrono::DateTime<Utc>>` or `after = <std::time::Duration>`";
+const OPTIONS_HELP: &str = "expected `at = <chrono::DateTime<Utc>>`, \
+     `after = <std::time::Duration>` or `headers = <[(name, value), ...]>`";
+
+/// The options' names; `at` and `after` exclude each other.
+const OPTIONS: [&str; 3] = ["at", "after", "headers"];
 
 /// A parsed `emit!` call, its valid parts kept when some are not.
 pub(crate) struct EmitCall {
     /// `None` when the event itself did not parse.
     event: Option<Expr>,
-    /// When to deliver: `at` or `after`, and its value.
-    when: Option<(Ident, Expr)>,
+    /// The valid options, each once, in the order given.
+    options: Vec<(Ident, Expr)>,
 }
 
 impl EmitCall {
@@ -29,7 +32,7 @@ impl EmitCall {
     pub(crate) fn parse(mac: &Macro, errors: &mut Errors) -> Self {
         let mut call = Self {
             event: None,
-            when: None,
+            options: Vec::new(),
         };
         let parser = |input: ParseStream<'_>| call.parse_into(input, errors);
         if let Err(error) = mac.parse_body_with(parser) {
@@ -50,37 +53,41 @@ impl EmitCall {
                 .map_err(|e| syn::Error::new(e.span(), OPTIONS_HELP))?;
             input.parse::<Token![=]>()?;
             let value: Expr = input.parse()?;
-            if name != "at" && name != "after" {
-                errors.push(syn::Error::new(
-                    name.span(),
-                    format!("unknown `emit!` option `{name}`: {OPTIONS_HELP}"),
-                ));
-            } else if let Some((first, _)) = &self.when {
-                let message = if *first == name {
-                    format!("`{name}` is given twice")
-                } else {
-                    format!(
-                        "`{first}` and `{name}` both say when to deliver the event: give one of them"
-                    )
-                };
-                errors.push(syn::Error::new(name.span(), message));
-            } else {
-                self.when = Some((name, value));
+            match self.conflict(&name) {
+                Some(message) => errors.push(syn::Error::new(name.span(), message)),
+                None => self.options.push((name, value)),
             }
         }
         Ok(())
     }
 
-    /// The tokens of `emit!`'s expansion-side form: `@transactional <emitter>,
-    /// <event>[, at|after = <value>]`, or `@rejected` without an event.
-    pub(crate) fn into_tokens(self, emitter: &Ident) -> TokenStream {
-        match (self.event, self.when) {
-            (None, _) => quote!(@rejected),
-            (Some(event), None) => quote!(@transactional #emitter, #event),
-            (Some(event), Some((name, value))) => {
-                quote!(@transactional #emitter, #event, #name = #value)
-            }
+    /// Why option `name` cannot join those given before it, if it cannot.
+    fn conflict(&self, name: &Ident) -> Option<String> {
+        if !OPTIONS.iter().any(|option| name == option) {
+            return Some(format!("unknown `emit!` option `{name}`: {OPTIONS_HELP}"));
         }
+        let when = |n: &Ident| n == "at" || n == "after";
+        self.options.iter().find_map(|(given, _)| {
+            if given == name {
+                Some(format!("`{name}` is given twice"))
+            } else if when(given) && when(name) {
+                Some(format!(
+                    "`{given}` and `{name}` both say when to deliver the event: give one of them"
+                ))
+            } else {
+                None
+            }
+        })
+    }
+
+    /// The tokens of `emit!`'s expansion-side form: `@transactional <emitter>,
+    /// <event>[, <name> = <value>]*`, or `@rejected` without an event.
+    pub(crate) fn into_tokens(self, emitter: &Ident) -> TokenStream {
+        let Some(event) = self.event else {
+            return quote!(@rejected);
+        };
+        let options = (self.options.iter()).map(|(name, value)| quote!(, #name = #value));
+        quote!(@transactional #emitter, #event #(#options)*)
     }
 }
 
@@ -122,6 +129,9 @@ mod tests {
         assert_eq!(out, "@transactionale,A,at=t");
         let errors = errors.expect_err("two bad options");
         assert!(errors.contains("both say when"), "{errors}");
+        let (out, errors) = parse(quote!(A, headers = h, headers = g));
+        assert_eq!(out, "@transactionale,A,headers=h");
+        assert!(errors.expect_err("twice").contains("given twice"));
         let (_, errors) = parse(quote!(A, color = red));
         assert!(
             errors

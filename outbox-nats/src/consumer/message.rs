@@ -1,6 +1,8 @@
 //! The messages a consumer holds, reading an outbox event's metadata off
 //! them, and the dead letter a message becomes.
 
+use std::collections::BTreeMap;
+
 use async_nats::Message;
 use async_nats::jetstream::{self, message::AckKind};
 use chrono::{DateTime, Utc};
@@ -204,7 +206,17 @@ pub(super) fn metadata(held: &Held, namespace: Option<&str>) -> Result<Metadata,
             .and_then(|at| DateTime::parse_from_rfc3339(at).ok())
             .map(|at| at.with_timezone(&Utc)),
         stream_sequence: held.position.stream_sequence,
+        headers: own_headers(message),
     })
+}
+
+/// The event's own headers: all but the framework's, each with its first value.
+fn own_headers(message: &Message) -> BTreeMap<String, String> {
+    (message.headers.iter())
+        .flat_map(|map| map.iter())
+        .filter(|(name, _)| !outbox_core::headers::is_reserved(name.as_ref()))
+        .filter_map(|(name, values)| Some((name.to_string(), values.first()?.to_string())))
+        .collect()
 }
 
 /// The dead-letter row of `message`, with every header kept as JSON.

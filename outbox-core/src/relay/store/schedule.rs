@@ -2,9 +2,8 @@
 //! outbox, where the claim finds them.
 //!
 //! Pending scheduled events cost the claim nothing because they are not in
-//! its table. The relay's only look at them is one range of the
-//! `(deliver_at, id)` index, which ends at the first event not yet due, and
-//! one `MIN(deliver_at)`, the first entry of that index.
+//! its table. The relay's only look at them, at each wake, is one
+//! `MIN(deliver_at)`: the first entry of the `(deliver_at, id)` index.
 //!
 //! A moved event keeps its id, which is older than the events committed
 //! since it was emitted: to the claim it is an event committed late, which
@@ -19,10 +18,16 @@ use sea_orm::{
 use uuid::Uuid;
 
 use super::Store;
+use super::dialect::Dialect;
 use crate::entity::{outbox_message, outbox_scheduled};
 
 /// Moves every event due at `now` into the outbox, `limit` to a
 /// transaction; returns how many it moved, and when the next one is due.
+///
+/// While nothing is due, which is nearly always, this is one statement
+/// outside any transaction: each wake of a relay pays it. When another relay
+/// holds the due events (and moves them), this one leaves them to it and
+/// answers that nothing is due.
 pub(in crate::relay) async fn promote_due(
     store: &Store,
     now: DateTime<Utc>,
@@ -30,34 +35,41 @@ pub(in crate::relay) async fn promote_due(
 ) -> Result<(usize, Option<DateTime<Utc>>), DbErr> {
     let mut moved = 0;
     loop {
-        let txn = store.begin(false).await?;
-        let batch = move_due(&txn, store, now, limit).await?;
-        txn.commit().await?;
-        moved += batch;
-        if batch < limit {
-            break;
+        let next_due = next_due(store.db()).await?;
+        if next_due.is_none_or(|at| at > now) {
+            return Ok((moved, next_due));
         }
+        let txn = store.begin(false).await?;
+        let batch = move_due(&txn, store.dialect(), now, limit).await?;
+        txn.commit().await?;
+        if batch == 0 {
+            return Ok((moved, None));
+        }
+        moved += batch;
     }
+}
+
+/// When the earliest scheduled event is due: the first entry of the
+/// `(deliver_at, id)` index.
+async fn next_due<C: ConnectionTrait>(conn: &C) -> Result<Option<DateTime<Utc>>, DbErr> {
     let next_due = outbox_scheduled::Entity::find()
         .select_only()
         .column_as(outbox_scheduled::Column::DeliverAt.min(), "next_due")
         .into_tuple::<Option<DateTime<Utc>>>()
-        .one(store.db())
-        .await?
-        .flatten();
-    Ok((moved, next_due))
+        .one(conn)
+        .await?;
+    Ok(next_due.flatten())
 }
 
 /// Moves up to `limit` due events, earliest first, passing over those
 /// another relay is moving.
 async fn move_due<C: ConnectionTrait>(
     txn: &C,
-    store: &Store,
+    dialect: Dialect,
     now: DateTime<Utc>,
     limit: usize,
 ) -> Result<usize, DbErr> {
     use outbox_scheduled::Column;
-    let dialect = store.dialect();
     let mut due = Query::select();
     due.column(Column::Id)
         .from(outbox_scheduled::Entity)

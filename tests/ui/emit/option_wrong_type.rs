@@ -11,6 +11,7 @@ struct Reminder {
 async fn remind(db: &DatabaseConnection) -> Result<(), outbox_core::Error> {
     emit!(Reminder { id: 1 }, at = "tomorrow");
     emit!(Reminder { id: 2 }, after = 60);
+    emit!(Reminder { id: 3 }, headers = "tenant=acme");
     Ok(())
 }
 

@@ -1,13 +1,17 @@
 //! `emit!` and the per-transaction buffer of emitted events.
 
+mod options;
+
 use std::sync::Mutex;
 
-use chrono::{DateTime, TimeDelta, Utc};
+use chrono::{DateTime, Utc};
 use sea_orm::ActiveValue::Set;
 use uuid::Uuid;
 
 use crate::entity::{outbox_message, outbox_scheduled};
 use crate::{Error, OutboxEvent};
+pub use options::EmitOptions;
+use options::Resolved;
 
 /// Records an event in the enclosing `#[transactional]` function's transaction.
 ///
@@ -65,6 +69,18 @@ use crate::{Error, OutboxEvent};
 /// }
 /// ```
 ///
+/// # Headers
+///
+/// `emit!(event, headers = [("Tenant-Id", tenant)])` sends the pairs (any
+/// `IntoIterator` of `(name, value)` with both `Into<String>`) as headers of
+/// the event's message, and the consumer hands them to the handler in
+/// [`Metadata::headers`](crate::inbox::Metadata::headers). They are checked
+/// at `emit!`: a name that NATS cannot carry, one of the framework's own
+/// (`Nats-*`, `Outbox-*`, `Content-Type`), a name given twice or a value
+/// with a line break makes the function return [`Error::Header`] (which
+/// never shows the value), and nothing commits. `headers` combines with
+/// `at` or `after`.
+///
 /// ```compile_fail
 /// # use outbox_core::{emit, OutboxEvent};
 /// # #[derive(serde::Serialize, serde::Deserialize, OutboxEvent)]
@@ -76,15 +92,17 @@ use crate::{Error, OutboxEvent};
 /// ```
 #[macro_export]
 macro_rules! emit {
-    // The forms `#[transactional]` leaves, its options checked (`outbox-macros`' `emit_call`).
+    // The forms `#[transactional]` leaves, its options' names checked
+    // (`outbox-macros`' `emit_call`); each option is a method of `EmitOptions`.
     (@transactional $emitter:ident, $event:expr) => {
         $crate::__private::Emitter::emit($emitter, $event)
     };
-    (@transactional $emitter:ident, $event:expr, at = $at:expr) => {
-        $crate::__private::Emitter::emit_at($emitter, $event, $at)
-    };
-    (@transactional $emitter:ident, $event:expr, after = $after:expr) => {
-        $crate::__private::Emitter::emit_after($emitter, $event, $after)
+    (@transactional $emitter:ident, $event:expr $(, $option:ident = $value:expr)+) => {
+        $crate::__private::Emitter::emit_with(
+            $emitter,
+            $event,
+            $crate::__private::EmitOptions::default() $(.$option($value))+,
+        )
     };
     // A call `#[transactional]` reported a compile error for.
     (@rejected) => {
@@ -126,46 +144,29 @@ pub(crate) struct Rows {
 impl Emitter {
     /// Serializes and records `event`, returning its id.
     pub fn emit<E: OutboxEvent>(&self, event: E) -> Uuid {
-        self.record(&event, |_| Ok(None))
+        self.emit_with(event, EmitOptions::default())
     }
 
-    /// Records `event` to be delivered no earlier than `at`.
-    pub fn emit_at<E: OutboxEvent>(&self, event: E, at: DateTime<Utc>) -> Uuid {
-        self.record(&event, |_| Ok(Some(at)))
-    }
-
-    /// Records `event` to be delivered no earlier than `after` from now.
-    pub fn emit_after<E: OutboxEvent>(&self, event: E, after: std::time::Duration) -> Uuid {
-        self.record(&event, |now| {
-            TimeDelta::from_std(after)
-                .ok()
-                .and_then(|delay| now.checked_add_signed(delay))
-                .map(Some)
-                .ok_or(Error::ScheduleOutOfRange {
-                    event_type: event.event_type(),
-                    after,
-                })
-        })
-    }
-
-    /// Records `event` with the delivery time `due` gives for now, if any.
-    fn record<E: OutboxEvent>(
-        &self,
-        event: &E,
-        due: impl FnOnce(DateTime<Utc>) -> Result<Option<DateTime<Utc>>, Error>,
-    ) -> Uuid {
+    /// Serializes and records `event` with `options`, returning its id.
+    pub fn emit_with<E: OutboxEvent>(&self, event: E, options: EmitOptions) -> Uuid {
         let id = Uuid::now_v7();
         let now = Utc::now();
-        let columns = due(now).and_then(|due| Ok((Columns::of(id, now, event)?, due)));
+        let row = options
+            .resolve(event.event_type(), now)
+            .and_then(|resolved| {
+                let Resolved {
+                    deliver_at,
+                    headers,
+                } = resolved;
+                Ok((Columns::of(id, now, &event, headers)?, deliver_at))
+            });
         let mut state = self
             .state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        match columns {
-            Ok((columns, Some(due))) if due > now => {
-                state.rows.scheduled.push(columns.scheduled(due));
-            }
-            Ok((columns, _)) => state.rows.events.push(columns.message()),
+        match row {
+            Ok((columns, Some(at))) => state.rows.scheduled.push(columns.scheduled(at)),
+            Ok((columns, None)) => state.rows.events.push(columns.message()),
             Err(error) => {
                 state.error.get_or_insert(error);
             }
@@ -195,12 +196,18 @@ struct Columns {
     subject: String,
     partition_key: Option<String>,
     payload: Vec<u8>,
+    headers: Option<String>,
     content_type: String,
     created_at: DateTime<Utc>,
 }
 
 impl Columns {
-    fn of<E: OutboxEvent>(id: Uuid, now: DateTime<Utc>, event: &E) -> Result<Self, Error> {
+    fn of<E: OutboxEvent>(
+        id: Uuid,
+        now: DateTime<Utc>,
+        event: &E,
+        headers: Option<String>,
+    ) -> Result<Self, Error> {
         Ok(Self {
             id,
             event_type: event.event_type().to_owned(),
@@ -209,6 +216,7 @@ impl Columns {
             subject: event.subject()?,
             partition_key: partition_key(event)?,
             payload: event.to_payload()?,
+            headers,
             content_type: E::CONTENT_TYPE.to_owned(),
             created_at: now,
         })
@@ -224,7 +232,7 @@ impl Columns {
             subject: Set(self.subject),
             partition_key: Set(self.partition_key),
             payload: Set(self.payload),
-            headers: Set(None),
+            headers: Set(self.headers),
             content_type: Set(self.content_type),
             created_at: Set(self.created_at),
             next_attempt_at: Set(self.created_at),
@@ -241,7 +249,7 @@ impl Columns {
             subject: Set(self.subject),
             partition_key: Set(self.partition_key),
             payload: Set(self.payload),
-            headers: Set(None),
+            headers: Set(self.headers),
             content_type: Set(self.content_type),
             created_at: Set(self.created_at),
             deliver_at: Set(deliver_at),
