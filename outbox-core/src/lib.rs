@@ -51,6 +51,8 @@ mod signal;
 mod subject;
 #[cfg(feature = "testing")]
 pub mod testing;
+#[cfg(feature = "opentelemetry")]
+pub mod trace;
 
 pub use cancel::cancel;
 pub use error::{Error, ErrorReport, Result};

@@ -80,14 +80,13 @@ impl EmitOptions {
     }
 }
 
-/// The headers as a JSON object, each checked; `None` without any.
+/// The headers as a JSON object, each given one checked, with the trace
+/// context's where the feature `opentelemetry` is on (a name given wins);
+/// `None` without any.
 fn own_headers(
     event_type: &'static str,
     given: Vec<(String, String)>,
 ) -> Result<Option<String>, Error> {
-    if given.is_empty() {
-        return Ok(None);
-    }
     let mut object = BTreeMap::new();
     for (name, value) in given {
         let invalid = |reason| Error::Header {
@@ -105,6 +104,15 @@ fn own_headers(
             return Err(invalid("the name is given twice"));
         }
         object.insert(name, value);
+    }
+    #[cfg(feature = "opentelemetry")]
+    for (name, value) in crate::trace::current_headers() {
+        if !object.keys().any(|given| given.eq_ignore_ascii_case(&name)) {
+            object.insert(name, value);
+        }
+    }
+    if object.is_empty() {
+        return Ok(None);
     }
     serde_json::to_string(&object)
         .map(Some)

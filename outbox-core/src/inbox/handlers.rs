@@ -310,6 +310,8 @@ impl Handlers {
             }
             let id = meta.id;
             let span = tracing::debug_span!("outbox.handler", event_type = %meta.event_type, event_id = %id);
+            #[cfg(feature = "opentelemetry")]
+            crate::trace::set_parent(&span, &meta.headers);
             // A panicking handler is a failed delivery, not a dead consumer.
             let outcome = AssertUnwindSafe(run(event, meta, &txn))
                 .catch_unwind()

@@ -84,6 +84,8 @@ impl Round {
             ..
         } = self;
         let span = tracing::debug_span!("outbox.publish", events = batch.len());
+        #[cfg(feature = "opentelemetry")]
+        crate::trace::link_events(&span, batch.iter().map(|claimed| &claimed.event));
         let events = chain::publish(publisher, batch, held)
             .instrument(span)
             .await;
