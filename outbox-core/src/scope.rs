@@ -85,12 +85,16 @@ where
         } = self;
         // On an error the transaction is dropped here, which rolls it back.
         let Rows { events, scheduled } = emitter.into_rows()?;
-        let wrote_events = !events.is_empty() || !scheduled.is_empty();
+        let wrote_scheduled = !scheduled.is_empty();
+        let wrote_events = !events.is_empty() || wrote_scheduled;
         insert_all(&transaction, events).await?;
         insert_all(&transaction, scheduled).await?;
         transaction.commit().await?;
+        if wrote_scheduled {
+            // A relay then looks again when the next scheduled event is due.
+            signal::scheduled();
+        }
         if wrote_events {
-            // Scheduled events too: a relay then learns of an earlier due time.
             signal::committed();
         }
         Ok(())

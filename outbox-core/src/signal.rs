@@ -1,6 +1,7 @@
 //! Wakes relays in this process when a transaction with events commits.
 
 use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::watch;
 
@@ -9,6 +10,19 @@ static COMMITS: LazyLock<watch::Sender<u64>> = LazyLock::new(|| watch::channel(0
 /// Counts a commit that wrote events; called by `#[transactional]` after commit.
 pub(crate) fn committed() {
     COMMITS.send_modify(|n| *n = n.wrapping_add(1));
+}
+
+static SCHEDULES: AtomicU64 = AtomicU64::new(0);
+
+/// Counts a commit that wrote scheduled events; called before [`committed`],
+/// so that the relay it wakes sees it.
+pub(crate) fn scheduled() {
+    SCHEDULES.fetch_add(1, Ordering::Release);
+}
+
+/// How many commits with scheduled events this process has counted so far.
+pub(crate) fn scheduled_count() -> u64 {
+    SCHEDULES.load(Ordering::Acquire)
 }
 
 /// How many commits with events this process has counted so far.

@@ -1,7 +1,8 @@
 //! The business model, events and error type the tests share.
 
+use outbox_core::inbox::Metadata;
 use outbox_core::{OutboxEvent, emit, transactional};
-use sea_orm::{DatabaseConnection, DbErr};
+use sea_orm::{DatabaseConnection, DatabaseTransaction, DbErr};
 use serde::{Deserialize, Serialize};
 
 /// The business table the handlers under test write.
@@ -35,6 +36,31 @@ pub struct OrderCreated {
 pub struct Sequenced {
     pub key: String,
     pub n: u32,
+}
+
+/// Emitted by a consumer's handler; its exchange has no stream in these tests,
+/// so it stays in the outbox where the test reads it.
+#[derive(Debug, PartialEq, Serialize, Deserialize, OutboxEvent)]
+#[outbox(exchange = "stock", routing_key = "reserved", key = order_id)]
+pub struct StockReserved {
+    pub order_id: i64,
+}
+
+/// A consumer's handler: emits `StockReserved`, and fails for orders with a
+/// negative total (so that its event is rolled back with it).
+#[transactional]
+pub async fn reserve_stock(
+    event: OrderCreated,
+    _meta: Metadata,
+    db: &DatabaseTransaction,
+) -> Result<(), AppError> {
+    emit!(StockReserved {
+        order_id: event.order_id
+    });
+    if event.total_cents < 0 {
+        return Err(AppError::Rejected);
+    }
+    Ok(())
 }
 
 /// One transaction emitting `n` for each of `keys` keys (`k0`, `k1`, …), in key order.

@@ -12,7 +12,9 @@ use outbox_core::entity::{inbox_dead_letter, inbox_message};
 use outbox_core::inbox::{self, Handler, Metadata};
 use outbox_core::{OutboxEvent, emit, transactional};
 use outbox_nats::Consumer;
-use outbox_tests::fixtures::{AppError, OrderCreated, Sequenced, emit_round, order};
+use outbox_tests::fixtures::{
+    AppError, OrderCreated, Sequenced, StockReserved, emit_round, order, reserve_stock,
+};
 use outbox_tests::nats::{PrivateNats, TestNats};
 use outbox_tests::{Setup, TestDb, emit_one, eventually, settled};
 use sea_orm::{
@@ -20,14 +22,6 @@ use sea_orm::{
     DatabaseTransaction, EntityTrait, PaginatorTrait, QueryFilter, TransactionTrait,
 };
 use serde::{Deserialize, Serialize};
-
-/// Emitted by a consumer's handler; its exchange has no stream in these tests,
-/// so it stays in the outbox where the test reads it.
-#[derive(Debug, PartialEq, Serialize, Deserialize, OutboxEvent)]
-#[outbox(exchange = "stock", routing_key = "reserved", key = order_id)]
-struct StockReserved {
-    order_id: i64,
-}
 
 async fn orders(db: &DatabaseConnection) -> u64 {
     order::Entity::find().count(db).await.expect("count orders")
@@ -551,22 +545,6 @@ async fn the_consumer_rides_out_a_nats_restart() {
         "each event handled once"
     );
     setup.test.finish().await;
-}
-
-/// Emits `StockReserved` and fails for orders with a negative total.
-#[transactional]
-async fn reserve_stock(
-    event: OrderCreated,
-    _meta: Metadata,
-    db: &DatabaseTransaction,
-) -> Result<(), AppError> {
-    emit!(StockReserved {
-        order_id: event.order_id
-    });
-    if event.total_cents < 0 {
-        return Err(AppError::Rejected);
-    }
-    Ok(())
 }
 
 async fn events_emitted_by_a_handler_reach_the_outbox_only_when_it_commits(setup: Setup) {

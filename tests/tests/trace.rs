@@ -11,39 +11,18 @@ use std::collections::BTreeMap;
 use opentelemetry::trace::{SpanId, TraceId, TracerProvider as _};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 use outbox_core::entity::outbox_message;
-use outbox_core::inbox::Metadata;
-use outbox_core::{OutboxEvent, emit, transactional};
+use outbox_core::{emit, transactional};
 use outbox_tests::Setup;
-use outbox_tests::fixtures::{AppError, OrderCreated};
-use sea_orm::{ColumnTrait, DatabaseConnection, DatabaseTransaction, EntityTrait, QueryFilter};
-use serde::{Deserialize, Serialize};
+use outbox_tests::fixtures::{AppError, OrderCreated, reserve_stock};
+use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter};
 use tracing::Instrument;
 use tracing_subscriber::layer::SubscriberExt;
-
-/// Emitted by the handler; its exchange has no stream, so it stays in the outbox.
-#[derive(Debug, PartialEq, Serialize, Deserialize, OutboxEvent)]
-#[outbox(exchange = "stock", routing_key = "reserved", key = order_id)]
-struct StockReserved {
-    order_id: i64,
-}
 
 #[transactional]
 async fn place_order(db: &DatabaseConnection, order_id: i64) -> Result<(), AppError> {
     emit!(OrderCreated {
         order_id,
         total_cents: 1
-    });
-    Ok(())
-}
-
-#[transactional]
-async fn reserve_stock(
-    event: OrderCreated,
-    _meta: Metadata,
-    db: &DatabaseTransaction,
-) -> Result<(), AppError> {
-    emit!(StockReserved {
-        order_id: event.order_id
     });
     Ok(())
 }
