@@ -111,10 +111,10 @@ macro_rules! emit {
     ($($tokens:tt)*) => {
         ::core::compile_error! {
             "`emit!` can only be used in the body of a `#[transactional]` async fn, \
-whose transaction it writes the event in; \
-add `#[transactional]` to the enclosing function, or, if `emit!` sits in \
-another macro's arguments (`tokio::join!`, say), move it out: \
-`#[transactional]` does not rewrite other macros' arguments"
+             whose transaction it writes the event in; \
+             add `#[transactional]` to the enclosing function, or, if `emit!` sits in \
+             another macro's arguments (`tokio::join!`, say), move it out: \
+             `#[transactional]` does not rewrite other macros' arguments"
         }
     };
 }

@@ -114,10 +114,11 @@ impl Dialect {
         )
     }
 
-    /// The rows whose `column` holds one of these ids. On PostgreSQL one array parameter (`= ANY($1)`)
-    /// rather than a list of a parameter per id: the statement's text is the
-    /// same whatever the count, so it is parsed once per connection, and the
-    /// relay binds one value instead of thousands.
+    /// The rows whose `column` holds one of these ids. On PostgreSQL one
+    /// array parameter (`= ANY($1)`) rather than a list of a parameter per
+    /// id: the statement's text is the same whatever the count, so it is
+    /// parsed once per connection, and the relay binds one value instead of
+    /// thousands.
     pub(super) fn ids_in(self, column: impl ColumnTrait, ids: Vec<Uuid>) -> SimpleExpr {
         if self.0 == DbBackend::Postgres {
             Expr::col(column).eq(PgFunc::any(Expr::val(ids)))

@@ -1,7 +1,7 @@
 //! The database's side of the relay: the claim, the decoding of claimed
-//! rows, the settle, scheduled events coming due, and the [`Dialect`] that holds every difference between
-//! PostgreSQL, MySQL and SQLite. Imports of the relay only the leaf types
-//! (`Delivery`, `RelayConfig`, `BatchReport`).
+//! rows, the settle, scheduled events coming due, and the [`Dialect`] that
+//! holds every difference between PostgreSQL, MySQL and SQLite. Imports of
+//! the relay only the leaf types (`Delivery`, `RelayConfig`, `BatchReport`).
 
 mod claim;
 mod decode;

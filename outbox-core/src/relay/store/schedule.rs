@@ -2,8 +2,9 @@
 //! outbox, where the claim finds them.
 //!
 //! Pending scheduled events cost the claim nothing because they are not in
-//! its table. The relay's only look at them, at each wake, is one
-//! `MIN(deliver_at)`: the first entry of the `(deliver_at, id)` index.
+//! its table. The relay's only look at them is one `MIN(deliver_at)`, the
+//! first entry of the `(deliver_at, id)` index, and its worker looks only
+//! when one may have come due or been added (`relay/worker.rs`).
 //!
 //! A moved event keeps its id, which is older than the events committed
 //! since it was emitted: to the claim it is an event committed late, which
@@ -25,7 +26,7 @@ use crate::entity::{outbox_message, outbox_scheduled};
 /// transaction; returns how many it moved, and when the next one is due.
 ///
 /// While nothing is due, which is nearly always, this is one statement
-/// outside any transaction: each wake of a relay pays it. When another relay
+/// outside any transaction. When another relay
 /// holds the due events (and moves them), this one leaves them to it and
 /// answers that nothing is due.
 pub(in crate::relay) async fn promote_due(
