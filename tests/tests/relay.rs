@@ -8,11 +8,12 @@ use std::time::Duration;
 use async_nats::jetstream::message::StreamMessage;
 use outbox_core::entity::{dead_letter, outbox_message};
 use outbox_core::relay::{Batch, Delivery, Publisher};
+use outbox_core::testing::MemoryPublisher;
 use outbox_core::{OutboxEvent, emit, transactional};
 use outbox_nats::{JetStreamPublisher, ProvisionError, provision};
 use outbox_tests::fixtures::{AppError, OrderCreated, Sequenced, emit_round};
 use outbox_tests::nats::{PrivateCluster, PrivateNats, TestNats};
-use outbox_tests::{Setup, TestDb, drained, emit_one, fast};
+use outbox_tests::{Setup, TestDb, drained, emit_one, eventually, fast};
 use sea_orm::{ConnectionTrait, DatabaseConnection, EntityTrait, QueryOrder, TransactionTrait};
 use serde::{Deserialize, Serialize};
 
@@ -1076,3 +1077,37 @@ outbox_tests::on_postgres_and_mysql!(
     shutdown_mid_delivery_loses_nothing_and_leaves_nothing_claimed,
     kept_deliveries_are_marked_not_resent_then_cleaned_up,
 );
+
+/// How often PostgreSQL has vacuumed this test's `outbox_messages` by hand (not autovacuum).
+async fn vacuums(db: &DatabaseConnection) -> i64 {
+    let count = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            "SELECT vacuum_count FROM pg_stat_user_tables \
+             WHERE relname = 'outbox_messages' AND schemaname = current_schema()",
+        ))
+        .await
+        .expect("read the statistics")
+        .expect("the table's row");
+    count.try_get_by_index(0).expect("a count")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_drain_vacuums_the_outbox_as_it_goes() {
+    let test = TestDb::postgres().await;
+    let db = &test.db;
+    for n in 0..5 {
+        emit_round(db, n, 20).await.expect("emitted");
+    }
+    assert_eq!(vacuums(db).await, 0);
+    let relay = outbox_core::relay::Relay::builder(db.clone(), MemoryPublisher::new())
+        .batch_size(10)
+        .vacuum_after(Some(50))
+        .build();
+    assert_eq!(relay.drain().await.expect("drained").published, 100);
+    eventually("the relay has vacuumed the outbox", async || {
+        vacuums(db).await > 0
+    })
+    .await;
+    test.finish().await;
+}

@@ -92,6 +92,9 @@ struct Args {
     /// Let the relay commit its bookkeeping without waiting for the WAL flush.
     #[arg(long)]
     async_commit: bool,
+    /// Deleted events between the relay's vacuums of the outbox; 0: never.
+    #[arg(long, default_value_t = 100_000)]
+    vacuum_after: u64,
     /// Run the relay's rounds in turn instead of overlapping them.
     #[arg(long)]
     no_overlap: bool,
@@ -366,6 +369,7 @@ async fn drain_only(args: &Args, schema: &str, namespace: &str) -> Result<(), Bo
         .batch_size(args.batch)
         .async_commit(args.async_commit)
         .overlap_rounds(!args.no_overlap)
+        .vacuum_after(Some(args.vacuum_after).filter(|&n| n > 0))
         .build();
     // The services' CPU is read here, while this relay's database sessions
     // are open: once they close, a backend's time is lost to /proc until the
@@ -760,6 +764,8 @@ impl Bench {
                 &self.args.batch.to_string(),
                 "--in-flight",
                 &self.args.in_flight.to_string(),
+                "--vacuum-after",
+                &self.args.vacuum_after.to_string(),
             ]);
         if self.args.async_commit {
             child.arg("--async-commit");

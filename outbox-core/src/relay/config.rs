@@ -48,6 +48,12 @@ pub struct RelayConfig {
     /// goes on with rounds in turn. PostgreSQL only: on MySQL and SQLite
     /// rounds always run in turn.
     pub overlap_rounds: bool,
+    /// Vacuum `outbox_messages` in the background after every so many
+    /// deleted events (default 100,000; PostgreSQL only; `None`: never).
+    /// A long drain otherwise slows down as it goes: each claim steps over
+    /// the index entries of the rows deleted before it until the table is
+    /// vacuumed. The vacuum takes a connection of the pool while it runs.
+    pub vacuum_after: Option<u64>,
 }
 
 impl Default for RelayConfig {
@@ -70,6 +76,7 @@ impl Default for RelayConfig {
             wake_on_notify: false,
             async_commit: false,
             overlap_rounds: true,
+            vacuum_after: Some(100_000),
         }
     }
 }

@@ -217,6 +217,13 @@ impl<P: Publisher> RelayBuilder<P> {
         self
     }
 
+    /// Vacuums the outbox after every `events` deleted events, or never with
+    /// `None`; see [`RelayConfig::vacuum_after`].
+    pub fn vacuum_after(mut self, events: Option<u64>) -> Self {
+        self.relay.config.vacuum_after = events;
+        self
+    }
+
     /// The configured relay, to drive with [`Relay::process_batch`].
     pub fn build(self) -> Relay<P> {
         self.relay

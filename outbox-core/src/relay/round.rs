@@ -162,6 +162,9 @@ impl Published {
             .instrument(tracing::debug_span!("outbox.settle"))
             .await?;
         stats::record_batch(&report, started.elapsed());
+        if config.keep_delivered.is_none() {
+            store.deleted(report.published + report.dead_lettered, config.vacuum_after);
+        }
         if report.published == 0 && report.unavailable > 0 {
             return Err(Error::BrokerUnavailable(
                 report.last_error.unwrap_or_default(),

@@ -35,6 +35,13 @@ impl Dialect {
         self.0 == DbBackend::Postgres
     }
 
+    /// Whether the relay vacuums the outbox during a long drain: PostgreSQL,
+    /// whose deleted rows' index entries the claim otherwise steps over
+    /// until autovacuum comes (`store::vacuum`).
+    pub(super) fn vacuums(self) -> bool {
+        self.0 == DbBackend::Postgres
+    }
+
     /// Whether the claim reads each row's locator (PostgreSQL's `ctid`),
     /// which the settle then deletes by (see [`delivered`](Self::delivered)).
     pub(super) fn locates_rows(self) -> bool {

@@ -1,5 +1,6 @@
 //! The database's side of the relay: the claim, the decoding of claimed
-//! rows, the settle, scheduled events coming due, and the [`Dialect`] that
+//! rows, the settle, scheduled events coming due, vacuuming during a long
+//! drain, and the [`Dialect`] that
 //! holds every difference between PostgreSQL, MySQL and SQLite. Imports of
 //! the relay only the leaf types (`Delivery`, `RelayConfig`, `BatchReport`).
 
@@ -8,6 +9,7 @@ mod decode;
 mod dialect;
 mod schedule;
 mod settle;
+mod vacuum;
 
 use sea_orm::{DatabaseConnection, DatabaseTransaction, DbErr};
 
@@ -22,12 +24,27 @@ pub(super) use settle::{Settled, settle};
 pub(super) struct Store {
     db: DatabaseConnection,
     dialect: Dialect,
+    vacuum: vacuum::Vacuum,
 }
 
 impl Store {
     pub(super) fn new(db: DatabaseConnection) -> Self {
         let dialect = Dialect::of(&db);
-        Self { db, dialect }
+        Self {
+            db,
+            dialect,
+            vacuum: vacuum::Vacuum::default(),
+        }
+    }
+
+    /// Counts events a settle deleted, vacuuming the table after every
+    /// `every` of them where the dialect wants it (see `vacuum`).
+    pub(super) fn deleted(&self, count: usize, every: Option<u64>) {
+        if let Some(every) = every.filter(|_| self.dialect.vacuums())
+            && count > 0
+        {
+            self.vacuum.deleted(&self.db, count as u64, every);
+        }
     }
 
     pub(super) fn db(&self) -> &DatabaseConnection {
