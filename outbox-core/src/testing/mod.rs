@@ -30,7 +30,8 @@ use crate::{Error, OutboxEvent};
 
 /// The events of type `E` (every event type it carries, at `E::VERSION`)
 /// that are in the outbox — committed and not yet delivered — decoded, in
-/// emit order.
+/// emit order. Events scheduled for later are not there until they come
+/// due: they wait in [`outbox_scheduled`](crate::entity::outbox_scheduled).
 ///
 /// Fails if one does not decode into `E`, or if `E` is not in the registry.
 pub async fn emitted<E: OutboxEvent>(db: &impl ConnectionTrait) -> Result<Vec<E>, Error> {
