@@ -43,6 +43,10 @@ pub(crate) struct RelayArgs {
     /// Seconds between polls when nothing else wakes the relay.
     #[arg(long, env = "OUTBOX_POLL_INTERVAL", default_value_t = 1.0, value_parser = parse_seconds, allow_hyphen_values = true)]
     poll_interval: f64,
+    /// Deleted events between the relay's own `VACUUM outbox_messages`
+    /// (PostgreSQL; 0: never, leaving it to autovacuum).
+    #[arg(long, env = "OUTBOX_VACUUM_AFTER", default_value_t = 100_000)]
+    vacuum_after: u64,
     /// Serve the relay's metrics in Prometheus text format on this address
     /// (e.g. 127.0.0.1:9464), at any path.
     #[arg(long, env = "OUTBOX_METRICS_ADDR")]
@@ -121,6 +125,7 @@ pub(crate) async fn run(
         .batch_size(args.batch_size)
         .max_attempts(args.max_attempts)
         .poll_interval(Duration::from_secs_f64(args.poll_interval))
+        .vacuum_after(Some(args.vacuum_after).filter(|&events| events > 0))
         .build();
     let settings = args.settings();
     let streams: Vec<StreamSpec> = (args.streams.iter())
