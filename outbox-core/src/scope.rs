@@ -41,6 +41,27 @@ impl<T, E> Outcome for Result<T, E> {
 pub struct Scope<T> {
     transaction: T,
     emitter: Emitter,
+    /// The process's commit counts when the transaction began: a nested
+    /// `#[transactional]` call signals when its savepoint is released, before
+    /// its events are visible, so this transaction signals again at its
+    /// commit if the counts moved meanwhile (see [`Scope::commit`]).
+    signalled_before: Signalled,
+}
+
+/// How many commits with events, and with scheduled events, the process had counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Signalled {
+    events: u64,
+    scheduled: u64,
+}
+
+impl Signalled {
+    fn now() -> Self {
+        Self {
+            events: signal::count(),
+            scheduled: signal::scheduled_count(),
+        }
+    }
 }
 
 impl<T> Scope<T>
@@ -53,6 +74,7 @@ where
         Ok(Self {
             transaction: begin.await?,
             emitter: Emitter::default(),
+            signalled_before: Signalled::now(),
         })
     }
 
@@ -78,15 +100,26 @@ where
         Ok(result)
     }
 
+    /// Inserts the events and commits, then wakes this process's relays if
+    /// the transaction wrote events, its own or a nested call's.
+    ///
+    /// A nested call's events are seen as the process's commit counts having
+    /// moved since the transaction began. A commit elsewhere in the process
+    /// moves them too, and then costs a relay a spare wake-up; without this,
+    /// an outer transaction that emits nothing itself would leave its nested
+    /// calls' events to the relay's next poll.
     async fn commit(self) -> Result<(), Error> {
         let Self {
             transaction,
             emitter,
+            signalled_before,
         } = self;
         // On an error the transaction is dropped here, which rolls it back.
         let Rows { events, scheduled } = emitter.into_rows()?;
-        let wrote_scheduled = !scheduled.is_empty();
-        let wrote_events = !events.is_empty() || wrote_scheduled;
+        let counted = Signalled::now();
+        let wrote_scheduled =
+            !scheduled.is_empty() || counted.scheduled != signalled_before.scheduled;
+        let wrote_events = !events.is_empty() || wrote_scheduled || counted != signalled_before;
         insert_all(&transaction, events).await?;
         insert_all(&transaction, scheduled).await?;
         transaction.commit().await?;

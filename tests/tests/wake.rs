@@ -5,10 +5,12 @@
 
 use std::time::Duration;
 
-use outbox_core::CommitSignal;
-use outbox_tests::fixtures::OrderCreated;
+use outbox_core::relay::Relay;
+use outbox_core::testing::{MemoryPublisher, relayed};
+use outbox_core::{CommitSignal, emit, transactional};
+use outbox_tests::fixtures::{AppError, OrderCreated};
 use outbox_tests::{Setup, drained, emit_one, fast};
-use sea_orm::{ConnectionTrait, DatabaseConnection};
+use sea_orm::{ConnectionTrait, DatabaseConnection, TransactionTrait};
 use tokio::sync::Mutex;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
@@ -26,7 +28,91 @@ async fn commit_wakes_relays(db: &DatabaseConnection) {
         .expect("the commit signals relays in this process");
 }
 
-outbox_tests::on_each_backend!(commit_wakes_relays);
+/// Emits one event in a savepoint of the caller's transaction, due `after`
+/// from now if given.
+#[transactional]
+async fn emit_inside<C: TransactionTrait>(
+    db: &C,
+    order_id: i64,
+    after: Option<Duration>,
+) -> Result<(), AppError> {
+    let event = OrderCreated {
+        order_id,
+        total_cents: 10,
+    };
+    match after {
+        Some(after) => emit!(event, after = after),
+        None => emit!(event),
+    };
+    Ok(())
+}
+
+/// Emits nothing itself: its one event comes from the nested call, whose
+/// savepoint is released (and a relay woken) before this transaction
+/// commits. The pause lets the woken relay's round, which cannot see the
+/// event yet, end before the commit.
+#[transactional]
+async fn outer_emitting_through_a_nested_call(
+    db: &DatabaseConnection,
+    order_id: i64,
+    after: Option<Duration>,
+) -> Result<(), AppError> {
+    emit_inside(db, order_id, after).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Ok(())
+}
+
+/// The relay polls once an hour: only a wake-up after the outer commit
+/// delivers the nested call's event within the bound. (Without the outer
+/// transaction's own signal, the test fails; the pause above is what makes
+/// it able to fail, and a slower relay could only make it pass.)
+async fn a_nested_calls_events_wake_relays_at_the_outer_commit(db: &DatabaseConnection) {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let publisher = MemoryPublisher::new();
+    let relay = Relay::builder(db.clone(), publisher.clone())
+        .poll_interval(Duration::from_secs(3600))
+        .spawn();
+    // Its first round finds nothing; then it waits for an hour, or a commit.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    outer_emitting_through_a_nested_call(db, 7, None)
+        .await
+        .expect("commit");
+    let outcome = relayed(db, Duration::from_secs(10)).await;
+    relay.shutdown().await.expect("relay stops");
+    outcome.expect("the outer commit wakes the relay");
+    assert_eq!(publisher.published().len(), 1);
+}
+
+/// The same for a scheduled event: the relay woken by the nested call looks
+/// for scheduled events before the outer commit, finds none, and without a
+/// second wake-up would not look again for an hour.
+async fn a_nested_calls_scheduled_event_is_delivered_at_its_time(db: &DatabaseConnection) {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let publisher = MemoryPublisher::new();
+    let relay = Relay::builder(db.clone(), publisher.clone())
+        .poll_interval(Duration::from_secs(3600))
+        .spawn();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    outer_emitting_through_a_nested_call(db, 8, Some(Duration::from_millis(700)))
+        .await
+        .expect("commit");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while publisher.published().is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    relay.shutdown().await.expect("relay stops");
+    assert_eq!(
+        publisher.published().len(),
+        1,
+        "delivered once due, not at the next poll"
+    );
+}
+
+outbox_tests::on_each_backend!(
+    commit_wakes_relays,
+    a_nested_calls_events_wake_relays_at_the_outer_commit,
+    a_nested_calls_scheduled_event_is_delivered_at_its_time
+);
 
 /// The relay polls once an hour, nothing in this process commits events,
 /// and the event is inserted after the relay's last round: only a
