@@ -59,7 +59,7 @@ pub use error::{Error, ErrorReport, Result};
 pub use event::OutboxEvent;
 pub use migration::{migrate, migrations};
 pub use registry::{EventDescriptor, registry};
-pub use signal::CommitSignal;
+pub use signal::{CommitSignal, wake_relays};
 
 /// Derives [`OutboxEvent`] for a struct or an enum.
 ///

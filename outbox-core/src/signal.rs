@@ -30,6 +30,19 @@ pub(crate) fn count() -> u64 {
     *COMMITS.borrow()
 }
 
+/// Wakes this process's relays, as the commit of a `#[transactional]`
+/// function that emitted events does.
+///
+/// Call it after committing a transaction yourself in which a
+/// `#[transactional]` function emitted events (called with your transaction,
+/// it runs in a savepoint, whose release wakes relays before the events are
+/// visible). Without it those events wait for the relays' next poll. Waking
+/// relays with nothing to do costs each one an empty claim.
+pub fn wake_relays() {
+    scheduled();
+    committed();
+}
+
 /// A subscription to commits of outbox events made in this process.
 ///
 /// A relay waits on it instead of polling, so events leave the outbox as soon

@@ -108,10 +108,33 @@ async fn a_nested_calls_scheduled_event_is_delivered_at_its_time(db: &DatabaseCo
     );
 }
 
+/// A transaction the caller commits itself: the `#[transactional]` call in
+/// it wakes the relay before the commit, and `wake_relays` after the commit
+/// delivers the event without waiting for the relay's hourly poll. (Without
+/// the call, the test fails.)
+async fn wake_relays_after_committing_a_transaction_yourself(db: &DatabaseConnection) {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let publisher = MemoryPublisher::new();
+    let relay = Relay::builder(db.clone(), publisher.clone())
+        .poll_interval(Duration::from_secs(3600))
+        .spawn();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let txn = db.begin().await.expect("begin");
+    emit_inside(&txn, 9, None).await.expect("emit");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    txn.commit().await.expect("commit");
+    outbox_core::wake_relays();
+    let outcome = relayed(db, Duration::from_secs(10)).await;
+    relay.shutdown().await.expect("relay stops");
+    outcome.expect("wake_relays wakes the relay");
+    assert_eq!(publisher.published().len(), 1);
+}
+
 outbox_tests::on_each_backend!(
     commit_wakes_relays,
     a_nested_calls_events_wake_relays_at_the_outer_commit,
-    a_nested_calls_scheduled_event_is_delivered_at_its_time
+    a_nested_calls_scheduled_event_is_delivered_at_its_time,
+    wake_relays_after_committing_a_transaction_yourself
 );
 
 /// The relay polls once an hour, nothing in this process commits events,
