@@ -11,7 +11,8 @@ use super::backoff::Backoff;
 pub const MAX_BATCH_SIZE: usize = 10_000;
 
 /// How a relay batches, retries and keeps delivered events: set through
-/// [`RelayBuilder`], read through [`Relay::config`].
+/// [`RelayBuilder`](super::RelayBuilder), read through
+/// [`Relay::config`](super::Relay::config).
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct RelayConfig {
