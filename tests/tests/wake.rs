@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use outbox_core::relay::Relay;
-use outbox_core::testing::{MemoryPublisher, relayed};
+use outbox_core::testing::MemoryPublisher;
 use outbox_core::{CommitSignal, emit, transactional};
 use outbox_tests::fixtures::{AppError, OrderCreated};
 use outbox_tests::{Setup, drained, emit_one, fast};
@@ -62,25 +62,37 @@ async fn outer_emitting_through_a_nested_call(
     Ok(())
 }
 
-/// The relay polls once an hour: only a wake-up after the outer commit
-/// delivers the nested call's event within the bound. (Without the outer
-/// transaction's own signal, the test fails; the pause above is what makes
-/// it able to fail, and a slower relay could only make it pass.)
-async fn a_nested_calls_events_wake_relays_at_the_outer_commit(db: &DatabaseConnection) {
-    let _alone = ONE_AT_A_TIME.lock().await;
+/// Starts a relay that polls once an hour and lets its first round find the
+/// outbox empty, runs `commit`, and waits up to 10 s for the relay to publish
+/// an event: returns how many it published.
+async fn published_after(db: &DatabaseConnection, commit: impl AsyncFnOnce()) -> usize {
     let publisher = MemoryPublisher::new();
     let relay = Relay::builder(db.clone(), publisher.clone())
         .poll_interval(Duration::from_secs(3600))
         .spawn();
-    // Its first round finds nothing; then it waits for an hour, or a commit.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    outer_emitting_through_a_nested_call(db, 7, None)
-        .await
-        .expect("commit");
-    let outcome = relayed(db, Duration::from_secs(10)).await;
+    commit().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while publisher.published().is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     relay.shutdown().await.expect("relay stops");
-    outcome.expect("the outer commit wakes the relay");
-    assert_eq!(publisher.published().len(), 1);
+    publisher.published().len()
+}
+
+/// Only a wake-up after the outer commit delivers the nested call's event
+/// within the bound. (Without the outer transaction's own signal, the test
+/// fails; the pause in the outer call is what makes it able to fail, and a
+/// slower relay could only make it pass.)
+async fn a_nested_calls_events_wake_relays_at_the_outer_commit(db: &DatabaseConnection) {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let published = published_after(db, async || {
+        outer_emitting_through_a_nested_call(db, 7, None)
+            .await
+            .expect("commit");
+    })
+    .await;
+    assert_eq!(published, 1, "the outer commit wakes the relay");
 }
 
 /// The same for a scheduled event: the relay woken by the nested call looks
@@ -88,24 +100,13 @@ async fn a_nested_calls_events_wake_relays_at_the_outer_commit(db: &DatabaseConn
 /// second wake-up would not look again for an hour.
 async fn a_nested_calls_scheduled_event_is_delivered_at_its_time(db: &DatabaseConnection) {
     let _alone = ONE_AT_A_TIME.lock().await;
-    let publisher = MemoryPublisher::new();
-    let relay = Relay::builder(db.clone(), publisher.clone())
-        .poll_interval(Duration::from_secs(3600))
-        .spawn();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    outer_emitting_through_a_nested_call(db, 8, Some(Duration::from_millis(700)))
-        .await
-        .expect("commit");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while publisher.published().is_empty() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    relay.shutdown().await.expect("relay stops");
-    assert_eq!(
-        publisher.published().len(),
-        1,
-        "delivered once due, not at the next poll"
-    );
+    let published = published_after(db, async || {
+        outer_emitting_through_a_nested_call(db, 8, Some(Duration::from_millis(700)))
+            .await
+            .expect("commit");
+    })
+    .await;
+    assert_eq!(published, 1, "delivered once due, not at the next poll");
 }
 
 /// A transaction the caller commits itself: the `#[transactional]` call in
@@ -114,20 +115,15 @@ async fn a_nested_calls_scheduled_event_is_delivered_at_its_time(db: &DatabaseCo
 /// the call, the test fails.)
 async fn wake_relays_after_committing_a_transaction_yourself(db: &DatabaseConnection) {
     let _alone = ONE_AT_A_TIME.lock().await;
-    let publisher = MemoryPublisher::new();
-    let relay = Relay::builder(db.clone(), publisher.clone())
-        .poll_interval(Duration::from_secs(3600))
-        .spawn();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let txn = db.begin().await.expect("begin");
-    emit_inside(&txn, 9, None).await.expect("emit");
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    txn.commit().await.expect("commit");
-    outbox_core::wake_relays();
-    let outcome = relayed(db, Duration::from_secs(10)).await;
-    relay.shutdown().await.expect("relay stops");
-    outcome.expect("wake_relays wakes the relay");
-    assert_eq!(publisher.published().len(), 1);
+    let published = published_after(db, async || {
+        let txn = db.begin().await.expect("begin");
+        emit_inside(&txn, 9, None).await.expect("emit");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        txn.commit().await.expect("commit");
+        outbox_core::wake_relays();
+    })
+    .await;
+    assert_eq!(published, 1, "wake_relays wakes the relay");
 }
 
 outbox_tests::on_each_backend!(
