@@ -3,8 +3,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use outbox_core::entity::outbox_message;
-use outbox_core::{OutboxEvent, emit, transactional};
+use chrono::{DateTime, SubsecRound, Utc};
+use outbox_core::entity::{inbox_message, outbox_message, outbox_scheduled};
+use outbox_core::{OutboxEvent, emit, inbox, transactional};
 use outbox_tests::fixtures::{AppError, OrderCreated, order};
 use outbox_tests::on_each_backend;
 use sea_orm::ActiveValue::Set;
@@ -29,6 +30,7 @@ on_each_backend!(
     invalid_subject_value_commits_nothing,
     a_partition_key_with_a_line_break_commits_nothing,
     methods_name_their_connection,
+    times_keep_their_microseconds,
 );
 
 /// Joins a caller's transaction when called with one: generic over the connection.
@@ -456,4 +458,63 @@ fn every_event_type_of_this_program_is_registered() {
     ] {
         assert!(names.contains(&name), "{name} missing from {names:?}");
     }
+}
+
+/// Emits one event now and one an hour from now.
+#[transactional]
+async fn emit_now_and_later(db: &DatabaseConnection) -> Result<(), AppError> {
+    emit!(OrderCreated {
+        order_id: 1,
+        total_cents: 10,
+    });
+    emit!(
+        OrderCreated {
+            order_id: 2,
+            total_cents: 10,
+        },
+        after = Duration::from_secs(3600)
+    );
+    Ok(())
+}
+
+/// The times the framework stores lie between instants read before and
+/// after the call that stored them, to the microsecond: an event's
+/// `created_at` and `next_attempt_at`, a scheduled event's `created_at`, an
+/// inbox row's `processed_at`. (MySQL's `TIMESTAMP` had whole seconds, which
+/// made an event due up to half a second after its commit where the server
+/// rounds; without migration 000005 the test fails on MariaDB, which
+/// truncates.)
+async fn times_keep_their_microseconds(db: &DatabaseConnection) {
+    let within = |before: DateTime<Utc>, after: DateTime<Utc>, at: DateTime<Utc>, what: &str| {
+        assert!(
+            before.trunc_subsecs(6) <= at && at <= after,
+            "{what} {at} is outside {before} ..= {after}"
+        );
+    };
+    let before = Utc::now();
+    emit_now_and_later(db).await.expect("commit");
+    let after = Utc::now();
+    let event = events(db).await.pop().expect("one event");
+    within(before, after, event.created_at, "created_at");
+    within(before, after, event.next_attempt_at, "next_attempt_at");
+    let scheduled = outbox_scheduled::Entity::find()
+        .one(db)
+        .await
+        .expect("read outbox_scheduled")
+        .expect("one scheduled event");
+    within(before, after, scheduled.created_at, "scheduled created_at");
+
+    let before = Utc::now();
+    let txn = db.begin().await.expect("begin");
+    inbox::record(&txn, "billing", event.id)
+        .await
+        .expect("record");
+    txn.commit().await.expect("commit");
+    let after = Utc::now();
+    let row = inbox_message::Entity::find()
+        .one(db)
+        .await
+        .expect("read inbox")
+        .expect("one inbox row");
+    within(before, after, row.processed_at, "processed_at");
 }

@@ -9,6 +9,7 @@ mod m20261123_000001_create_outbox_tables;
 mod m20261123_000002_create_inbox_tables;
 mod m20261201_000003_inbox_dead_letter_replay;
 mod m20261201_000004_create_outbox_scheduled;
+mod m20261201_000005_mysql_timestamp_precision;
 
 use sea_orm::DatabaseConnection;
 use sea_orm_migration::prelude::*;
@@ -34,6 +35,7 @@ pub fn migrations() -> Vec<Box<dyn MigrationTrait>> {
         Box::new(m20261123_000002_create_inbox_tables::Migration),
         Box::new(m20261201_000003_inbox_dead_letter_replay::Migration),
         Box::new(m20261201_000004_create_outbox_scheduled::Migration),
+        Box::new(m20261201_000005_mysql_timestamp_precision::Migration),
     ]
 }
 
