@@ -4,7 +4,10 @@
 use outbox_core::entity::outbox_message;
 use outbox_tests::fixtures::OrderCreated;
 use outbox_tests::{emit_one, on_each_backend};
-use sea_orm::{DatabaseConnection, EntityTrait, PaginatorTrait};
+use sea_orm::{
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, EntityTrait,
+    PaginatorTrait, Statement,
+};
 use sea_orm_migration::prelude::*;
 
 /// An application's migrator holding the outbox's migrations only, on the
@@ -54,3 +57,53 @@ async fn every_migration_goes_down_and_up_again(db: &DatabaseConnection) {
 }
 
 on_each_backend!(every_migration_goes_down_and_up_again);
+
+/// Where `explicit_defaults_for_timestamp` is off (MySQL 5.7, MariaDB before
+/// 10.10; set here for the one connection that migrates), the server gives a
+/// table's first `TIMESTAMP NOT NULL` column without a default `ON UPDATE
+/// CURRENT_TIMESTAMP`. No outbox column may end up so: an event's
+/// `created_at` would move at each retry. (Without the defaults of
+/// migration 000005, `outbox_messages.created_at` and four more do, and the
+/// test fails.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_column_is_set_by_an_older_mysql_on_update() {
+    let url = outbox_tests::mysql_url();
+    let admin = Database::connect(format!("{url}/test"))
+        .await
+        .unwrap_or_else(|e| panic!("MariaDB/MySQL at {url} is required: {e}"));
+    let database = format!("outbox_test_{}", uuid::Uuid::now_v7().simple());
+    admin
+        .execute_unprepared(&format!("CREATE DATABASE {database}"))
+        .await
+        .expect("create test database");
+    let mut options = ConnectOptions::new(format!("{url}/{database}"));
+    options
+        .max_connections(1)
+        .min_connections(1)
+        .sqlx_logging(false);
+    let db = Database::connect(options).await.expect("connect");
+    db.execute_unprepared("SET SESSION explicit_defaults_for_timestamp = OFF")
+        .await
+        .expect("the older servers' default");
+    outbox_core::migrate(&db).await.expect("migrations");
+    let updated = db
+        .query_all_raw(Statement::from_string(
+            DbBackend::MySql,
+            "SELECT CONCAT(table_name, '.', column_name) FROM information_schema.columns \
+             WHERE table_schema = DATABASE() AND LOWER(extra) LIKE '%on update%'",
+        ))
+        .await
+        .expect("read the columns");
+    let updated: Vec<String> = (updated.iter())
+        .map(|row| row.try_get_by_index(0).expect("a name"))
+        .collect();
+    db.close().await.expect("close");
+    admin
+        .execute_unprepared(&format!("DROP DATABASE {database}"))
+        .await
+        .expect("drop test database");
+    assert!(
+        updated.is_empty(),
+        "set by the server on update: {updated:?}"
+    );
+}

@@ -1,4 +1,5 @@
-//! MySQL and MariaDB: the timestamp columns to microseconds (`TIMESTAMP(6)`).
+//! MySQL and MariaDB: the timestamp columns to microseconds (`TIMESTAMP(6)`),
+//! and never updated by the server.
 //!
 //! They were created as `TIMESTAMP`, whole seconds. MariaDB truncates the
 //! fraction of a stored time and MySQL rounds it: there, an event emitted in
@@ -7,6 +8,14 @@
 //! it waited for the relay's next poll. PostgreSQL and SQLite keep
 //! microseconds already, and `outbox_scheduled.deliver_at` was created with
 //! them; nothing to do there.
+//!
+//! Each `NOT NULL` column also gets an explicit `DEFAULT CURRENT_TIMESTAMP(6)`
+//! (the framework always writes them). Where `explicit_defaults_for_timestamp`
+//! is off (MySQL 5.7, MariaDB before 10.10), the server gave the first
+//! `TIMESTAMP NOT NULL` column of a table without one `ON UPDATE
+//! CURRENT_TIMESTAMP`: an event's `created_at` moved to the time of every
+//! retry, and an inbox dead letter's `failed_at` to the time its replay was
+//! requested. An explicit default keeps the server from adding that clause.
 //!
 //! On MySQL each `ALTER TABLE` copies its table: on a large inbox, run the
 //! migration when a pause of the consumers is acceptable.
@@ -44,8 +53,13 @@ const COLUMNS: [(&str, &[(&str, bool)]); 5] = [
     ("outbox_scheduled", &[("created_at", false)]),
 ];
 
-/// Sets every column of [`COLUMNS`] to `column_type`, a table at a time.
-async fn retype(manager: &SchemaManager<'_>, column_type: &str) -> Result<(), DbErr> {
+/// Sets every column of [`COLUMNS`] to `column_type`, a table at a time,
+/// with `default` as the default of those that are `NOT NULL`.
+async fn retype(
+    manager: &SchemaManager<'_>,
+    column_type: &str,
+    default: Option<&'static str>,
+) -> Result<(), DbErr> {
     if manager.get_database_backend() != DbBackend::MySql {
         return Ok(());
     }
@@ -59,6 +73,9 @@ async fn retype(manager: &SchemaManager<'_>, column_type: &str) -> Result<(), Db
                 column.null();
             } else {
                 column.not_null();
+                if let Some(default) = default {
+                    column.default(Expr::cust(default));
+                }
             }
             alter.modify_column(column);
         }
@@ -70,10 +87,10 @@ async fn retype(manager: &SchemaManager<'_>, column_type: &str) -> Result<(), Db
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        retype(manager, "TIMESTAMP(6)").await
+        retype(manager, "TIMESTAMP(6)", Some("CURRENT_TIMESTAMP(6)")).await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        retype(manager, "TIMESTAMP").await
+        retype(manager, "TIMESTAMP", None).await
     }
 }
