@@ -32,7 +32,8 @@
 //! - [`inbox`] makes each consumed event take effect once per consumer
 //!   (`outbox-nats` feeds it from JetStream).
 //! - [`relay::Relay`] delivers committed events through a [`relay::Publisher`]
-//!   (`outbox-nats` provides the JetStream one).
+//!   (`outbox-nats` provides the JetStream one). A `#[transactional]` commit wakes
+//!   the relays of its process; [`wake_relays`] does, after a commit of your own.
 #![deny(missing_docs)]
 
 mod cancel;
