@@ -91,6 +91,17 @@ impl TestDb {
 
     /// A new database on the MariaDB/MySQL server.
     pub async fn mysql() -> Self {
+        Self::mysql_with(16, None).await
+    }
+
+    /// A new database on the MariaDB/MySQL server, migrated through a pool of
+    /// one connection on which `session` ran first: a `SET SESSION` whose
+    /// effect on the migrations a test looks at.
+    pub async fn mysql_migrated_after(session: &str) -> Self {
+        Self::mysql_with(1, Some(session)).await
+    }
+
+    async fn mysql_with(connections: u32, session: Option<&str>) -> Self {
         let url = mysql_url();
         let admin = Database::connect(format!("{url}/test"))
             .await
@@ -101,10 +112,15 @@ impl TestDb {
             .await
             .expect("create test database");
         let mut options = ConnectOptions::new(format!("{url}/{database}"));
-        options.max_connections(16).sqlx_logging(false);
+        options.max_connections(connections).sqlx_logging(false);
         let db = Database::connect(options)
             .await
             .expect("connect to test database");
+        if let Some(session) = session {
+            db.execute_unprepared(session)
+                .await
+                .expect("the session's setting");
+        }
         Self::migrated(db, Isolation::MySql { admin, database }).await
     }
 

@@ -3,10 +3,9 @@
 
 use outbox_core::entity::outbox_message;
 use outbox_tests::fixtures::OrderCreated;
-use outbox_tests::{emit_one, on_each_backend};
+use outbox_tests::{TestDb, emit_one, on_each_backend};
 use sea_orm::{
-    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, EntityTrait,
-    PaginatorTrait, Statement,
+    ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, PaginatorTrait, Statement,
 };
 use sea_orm_migration::prelude::*;
 
@@ -67,26 +66,9 @@ on_each_backend!(every_migration_goes_down_and_up_again);
 /// test fails.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_column_is_set_by_an_older_mysql_on_update() {
-    let url = outbox_tests::mysql_url();
-    let admin = Database::connect(format!("{url}/test"))
-        .await
-        .unwrap_or_else(|e| panic!("MariaDB/MySQL at {url} is required: {e}"));
-    let database = format!("outbox_test_{}", uuid::Uuid::now_v7().simple());
-    admin
-        .execute_unprepared(&format!("CREATE DATABASE {database}"))
-        .await
-        .expect("create test database");
-    let mut options = ConnectOptions::new(format!("{url}/{database}"));
-    options
-        .max_connections(1)
-        .min_connections(1)
-        .sqlx_logging(false);
-    let db = Database::connect(options).await.expect("connect");
-    db.execute_unprepared("SET SESSION explicit_defaults_for_timestamp = OFF")
-        .await
-        .expect("the older servers' default");
-    outbox_core::migrate(&db).await.expect("migrations");
-    let updated = db
+    let test =
+        TestDb::mysql_migrated_after("SET SESSION explicit_defaults_for_timestamp = OFF").await;
+    let updated = (test.db)
         .query_all_raw(Statement::from_string(
             DbBackend::MySql,
             "SELECT CONCAT(table_name, '.', column_name) FROM information_schema.columns \
@@ -97,11 +79,7 @@ async fn no_column_is_set_by_an_older_mysql_on_update() {
     let updated: Vec<String> = (updated.iter())
         .map(|row| row.try_get_by_index(0).expect("a name"))
         .collect();
-    db.close().await.expect("close");
-    admin
-        .execute_unprepared(&format!("DROP DATABASE {database}"))
-        .await
-        .expect("drop test database");
+    test.finish().await;
     assert!(
         updated.is_empty(),
         "set by the server on update: {updated:?}"
