@@ -15,8 +15,9 @@
 
 use sea_orm::{ActiveModelTrait, ConnectionTrait, DbErr, EntityTrait, TransactionSession};
 
+use crate::Error;
 use crate::emit::{Emitter, Rows};
-use crate::{Error, signal};
+use crate::signal::Counts;
 
 /// Rows per `INSERT`: keeps a statement under every backend's bind-parameter
 /// limit (SQLite's 32,766 is the lowest) with the 11 columns written per event.
@@ -41,27 +42,8 @@ impl<T, E> Outcome for Result<T, E> {
 pub struct Scope<T> {
     transaction: T,
     emitter: Emitter,
-    /// The process's commit counts when the transaction began: a nested
-    /// `#[transactional]` call signals when its savepoint is released, before
-    /// its events are visible, so this transaction signals again at its
-    /// commit if the counts moved meanwhile (see [`Scope::commit`]).
-    signalled_before: Signalled,
-}
-
-/// How many commits with events, and with scheduled events, the process had counted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Signalled {
-    events: u64,
-    scheduled: u64,
-}
-
-impl Signalled {
-    fn now() -> Self {
-        Self {
-            events: signal::count(),
-            scheduled: signal::scheduled_count(),
-        }
-    }
+    /// The process's commit counts when the transaction began.
+    counts_before: Counts,
 }
 
 impl<T> Scope<T>
@@ -74,7 +56,7 @@ where
         Ok(Self {
             transaction: begin.await?,
             emitter: Emitter::default(),
-            signalled_before: Signalled::now(),
+            counts_before: Counts::now(),
         })
     }
 
@@ -101,35 +83,21 @@ where
     }
 
     /// Inserts the events and commits, then wakes this process's relays if
-    /// the transaction wrote events, its own or a nested call's.
-    ///
-    /// A nested call's events are seen as the process's commit counts having
-    /// moved since the transaction began. A commit elsewhere in the process
-    /// moves them too, and then costs a relay a spare wake-up; without this,
-    /// an outer transaction that emits nothing itself would leave its nested
-    /// calls' events to the relay's next poll.
+    /// the transaction wrote events, its own or a nested call's (see
+    /// [`Counts`]).
     async fn commit(self) -> Result<(), Error> {
         let Self {
             transaction,
             emitter,
-            signalled_before,
+            counts_before,
         } = self;
         // On an error the transaction is dropped here, which rolls it back.
         let Rows { events, scheduled } = emitter.into_rows()?;
-        let counted = Signalled::now();
-        let wrote_scheduled =
-            !scheduled.is_empty() || counted.scheduled != signalled_before.scheduled;
-        let wrote_events = !events.is_empty() || wrote_scheduled || counted != signalled_before;
+        let (wrote_events, wrote_scheduled) = (!events.is_empty(), !scheduled.is_empty());
         insert_all(&transaction, events).await?;
         insert_all(&transaction, scheduled).await?;
         transaction.commit().await?;
-        if wrote_scheduled {
-            // A relay then looks again when the next scheduled event is due.
-            signal::scheduled();
-        }
-        if wrote_events {
-            signal::committed();
-        }
+        counts_before.signal_since(wrote_events, wrote_scheduled);
         Ok(())
     }
 }

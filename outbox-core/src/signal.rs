@@ -30,6 +30,43 @@ pub(crate) fn count() -> u64 {
     *COMMITS.borrow()
 }
 
+/// The process's counts of commits with events and with scheduled events,
+/// taken when a transaction begins.
+///
+/// A nested `#[transactional]` call signals when its savepoint is released,
+/// before its events are visible; the transaction around it signals again
+/// after its own commit if the counts moved meanwhile ([`Counts::signal_since`]).
+/// A commit elsewhere in the process moves them too, and then costs a relay
+/// a spare wake-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Counts {
+    events: u64,
+    scheduled: u64,
+}
+
+impl Counts {
+    pub(crate) fn now() -> Self {
+        Self {
+            events: count(),
+            scheduled: scheduled_count(),
+        }
+    }
+
+    /// Wakes relays after a commit, for what the transaction wrote itself
+    /// (`events`, `scheduled`) and for what nested calls signalled since `self`.
+    pub(crate) fn signal_since(self, events: bool, scheduled: bool) {
+        let now = Self::now();
+        let scheduled = scheduled || now.scheduled != self.scheduled;
+        if scheduled {
+            // A relay then looks again when the next scheduled event is due.
+            self::scheduled();
+        }
+        if events || scheduled || now != self {
+            committed();
+        }
+    }
+}
+
 /// Wakes this process's relays, as the commit of a `#[transactional]`
 /// function that emitted events does.
 ///

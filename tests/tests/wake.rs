@@ -5,12 +5,13 @@
 
 use std::time::Duration;
 
+use outbox_core::inbox::{Metadata, Processed};
 use outbox_core::relay::Relay;
-use outbox_core::testing::MemoryPublisher;
+use outbox_core::testing::{MemoryPublisher, TestConsumer};
 use outbox_core::{CommitSignal, emit, transactional};
 use outbox_tests::fixtures::{AppError, OrderCreated};
 use outbox_tests::{Setup, drained, emit_one, fast};
-use sea_orm::{ConnectionTrait, DatabaseConnection, TransactionTrait};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, TransactionTrait};
 use tokio::sync::Mutex;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
@@ -126,11 +127,49 @@ async fn wake_relays_after_committing_a_transaction_yourself(db: &DatabaseConnec
     assert_eq!(published, 1, "wake_relays wakes the relay");
 }
 
+/// A consumer's handler whose follow-up event, scheduled, comes from a
+/// `#[transactional]` call in the handler's transaction. The pause lets the
+/// relay woken by that call's savepoint look for scheduled events, and find
+/// none yet, before the consumer commits.
+async fn reserve_later(
+    event: OrderCreated,
+    _meta: Metadata,
+    db: &DatabaseTransaction,
+) -> Result<(), AppError> {
+    emit_inside(db, event.order_id, Some(Duration::from_millis(300))).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Ok(())
+}
+
+/// A handler's scheduled event: its savepoint wakes the relay before the
+/// consumer's transaction commits; the consumer wakes it again after, and
+/// the relay looks for scheduled events then. (Without the consumer's second
+/// wake-up counting scheduled events, the test fails.)
+async fn a_handlers_scheduled_event_is_delivered_at_its_time(db: &DatabaseConnection) {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let consumer = TestConsumer::new(db.clone(), "stock")
+        .on::<OrderCreated, _>(reserve_later)
+        .expect("one handler");
+    let published = published_after(db, async || {
+        let order = OrderCreated {
+            order_id: 11,
+            total_cents: 10,
+        };
+        let processed = (consumer.deliver(uuid::Uuid::now_v7(), &order))
+            .await
+            .expect("delivered");
+        assert_eq!(processed, Processed::Handled);
+    })
+    .await;
+    assert_eq!(published, 1, "delivered once due, not at the next poll");
+}
+
 outbox_tests::on_each_backend!(
     commit_wakes_relays,
     a_nested_calls_events_wake_relays_at_the_outer_commit,
     a_nested_calls_scheduled_event_is_delivered_at_its_time,
-    wake_relays_after_committing_a_transaction_yourself
+    wake_relays_after_committing_a_transaction_yourself,
+    a_handlers_scheduled_event_is_delivered_at_its_time
 );
 
 /// The relay polls once an hour, nothing in this process commits events,

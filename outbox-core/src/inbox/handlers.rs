@@ -209,7 +209,7 @@ impl Handlers {
                 Err(unhandled) => answers.push(unhandled),
             }
         }
-        let commits_before = signal::count();
+        let counts_before = signal::Counts::now();
         // One message needs no savepoint: its transaction is its own.
         let mode = match decoded.len() {
             0 => return answers,
@@ -229,12 +229,10 @@ impl Handlers {
             return answers;
         }
         // A #[transactional] handler signals at its savepoint, before its
-        // events are visible: signal again now that they are. A batch that
-        // emitted nothing wakes no relay (a concurrent one's events may
-        // cause a spare wake-up, which is harmless).
-        if signal::count() != commits_before {
-            signal::committed();
-        }
+        // events are visible: signal again now that they are, scheduled ones
+        // included. A batch that emitted nothing wakes no relay (a concurrent
+        // one's events may cause a spare wake-up, which is harmless).
+        counts_before.signal_since(false, false);
         answers
     }
 
