@@ -1,8 +1,8 @@
 //! The database's side of the relay: the claim, the decoding of claimed
 //! rows, the settle, scheduled events coming due, vacuuming during a long
-//! drain, and the [`Dialect`] that
-//! holds every difference between PostgreSQL, MySQL and SQLite. Imports of
-//! the relay only the leaf types (`Delivery`, `RelayConfig`, `BatchReport`).
+//! drain, and the [`Dialect`] that holds every difference between
+//! PostgreSQL, MySQL and SQLite. Imports of the relay only the leaf types
+//! (`Delivery`, `RelayConfig`, `BatchReport`).
 
 mod claim;
 mod decode;

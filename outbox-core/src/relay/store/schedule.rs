@@ -26,9 +26,8 @@ use crate::entity::{outbox_message, outbox_scheduled};
 /// transaction; returns how many it moved, and when the next one is due.
 ///
 /// While nothing is due, which is nearly always, this is one statement
-/// outside any transaction. When another relay
-/// holds the due events (and moves them), this one leaves them to it and
-/// answers that nothing is due.
+/// outside any transaction. When another relay holds the due events (and
+/// moves them), this one leaves them to it and answers that nothing is due.
 pub(in crate::relay) async fn promote_due(
     store: &Store,
     now: DateTime<Utc>,
