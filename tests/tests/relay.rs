@@ -592,6 +592,112 @@ async fn a_rejected_event_holds_back_its_key_two_rounds_later() {
     a_rejected_event_holds_back_its_key_in_later_rounds(25).await;
 }
 
+/// Rejects every event, with an error that depends on its key: `left` for
+/// k0, k1 and k3, `right` for the others.
+struct RejectAll;
+
+impl Publisher for RejectAll {
+    async fn publish(&self, events: &[&outbox_message::Model]) -> Vec<Delivery> {
+        (events.iter())
+            .map(|e| {
+                let side = match e.partition_key.as_deref() {
+                    Some("k0" | "k1" | "k3") => "left",
+                    _ => "right",
+                };
+                Delivery::Rejected(format!("rejected {side}"))
+            })
+            .collect()
+    }
+}
+
+/// The rejected events of a round are rescheduled a statement per attempt
+/// count and error: each row still gets its own count, its own error and
+/// the backoff of its own count, and events rejected alike come due together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_events_are_each_rescheduled_by_their_own_attempts_and_error() {
+    let setup = Setup::postgres().await;
+    let db = setup.db();
+    for n in 0..6 {
+        emit_one(
+            db,
+            Sequenced {
+                key: format!("k{n}"),
+                n,
+            },
+        )
+        .await
+        .expect("commit");
+    }
+    db.execute_unprepared(
+        "UPDATE outbox_messages SET attempts = 2 WHERE partition_key IN ('k3', 'k4', 'k5')",
+    )
+    .await
+    .expect("two earlier attempts");
+    let hour = Duration::from_secs(3600);
+    let before = chrono::Utc::now();
+    let report = fast(db, RejectAll)
+        .retry_backoff(outbox_core::relay::Backoff {
+            initial: hour,
+            max: 100 * hour,
+        })
+        .build()
+        .process_batch()
+        .await
+        .expect("round");
+    assert_eq!((report.claimed, report.retried), (6, 6), "{report:?}");
+
+    let rows = outbox_message::Entity::find()
+        .order_by_asc(outbox_message::Column::Id)
+        .all(db)
+        .await
+        .expect("rows");
+    let hours =
+        |row: &outbox_message::Model| (row.next_attempt_at - before).num_seconds() as f64 / 3600.0;
+    let seen: Vec<(Option<&str>, i32, &str)> = (rows.iter())
+        .map(|r| {
+            (
+                r.partition_key.as_deref(),
+                r.attempts,
+                r.last_error.as_deref().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (Some("k0"), 1, "rejected left"),
+            (Some("k1"), 1, "rejected left"),
+            (Some("k2"), 1, "rejected right"),
+            (Some("k3"), 3, "rejected left"),
+            (Some("k4"), 3, "rejected right"),
+            (Some("k5"), 3, "rejected right"),
+        ]
+    );
+    for row in &rows[..3] {
+        assert!(
+            (0.49..=1.01).contains(&hours(row)),
+            "first failure: {}",
+            hours(row)
+        );
+    }
+    for row in &rows[3..] {
+        assert!(
+            (1.99..=4.01).contains(&hours(row)),
+            "third failure: {}",
+            hours(row)
+        );
+    }
+    assert_eq!(
+        rows[0].next_attempt_at, rows[1].next_attempt_at,
+        "rejected alike"
+    );
+    assert_eq!(
+        rows[4].next_attempt_at, rows[5].next_attempt_at,
+        "rejected alike"
+    );
+    setup.finish().await;
+}
+
 /// An overlapped claim needs a second connection, which a pool of one never
 /// gives: the relay waits out the acquire timeout once, settles the round it
 /// has published, and goes on with rounds in turn.

@@ -1,10 +1,13 @@
 //! After a publish: remove or mark what the broker stored, reschedule what it
-//! rejected, dead-letter what can never be delivered — a statement per kind.
+//! rejected, dead-letter what can never be delivered — a statement per kind
+//! (per attempt count and error, for the rescheduled).
+
+use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use sea_orm::ActiveValue::Set;
 use sea_orm::sea_query::Expr;
-use sea_orm::{ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter};
+use sea_orm::{ConnectionTrait, DbErr, EntityTrait, QueryFilter};
 use uuid::Uuid;
 
 use super::decode::Claimed;
@@ -36,6 +39,7 @@ pub(in crate::relay) async fn settle<C: ConnectionTrait>(
     let mut stored = Vec::new();
     let mut stored_ctids = Vec::new();
     let mut dead = Vec::new();
+    let mut retries: HashMap<Retry, Vec<Uuid>> = HashMap::new();
     for Settled { claimed, delivery } in events {
         let event = claimed.event;
         match delivery {
@@ -56,7 +60,10 @@ pub(in crate::relay) async fn settle<C: ConnectionTrait>(
                     dead.push(dead_letter(event, error, now));
                 } else {
                     report.retried += 1;
-                    reschedule(conn, event.id, attempts, error, config, now).await?;
+                    retries
+                        .entry(Retry { attempts, error })
+                        .or_default()
+                        .push(event.id);
                 }
             }
             Some(Delivery::Unavailable(error)) => {
@@ -64,6 +71,9 @@ pub(in crate::relay) async fn settle<C: ConnectionTrait>(
                 report.last_error = Some(error);
             }
         }
+    }
+    for (retry, ids) in retries {
+        reschedule(conn, dialect, ids, retry, config, now).await?;
     }
     if !stored.is_empty() {
         let delivered = dialect.delivered(stored, &stored_ctids);
@@ -101,11 +111,23 @@ pub(in crate::relay) async fn settle<C: ConnectionTrait>(
     Ok(report)
 }
 
-async fn reschedule<C: ConnectionTrait>(
-    conn: &C,
-    id: Uuid,
+/// What a rejected event's row gets, shared by the events of a round
+/// rejected at the same attempt with the same error.
+#[derive(PartialEq, Eq, Hash)]
+struct Retry {
     attempts: i32,
     error: String,
+}
+
+/// Sets `ids` to be tried again after the backoff of `retry.attempts`
+/// failures. One draw of the jitter serves the group: events rejected
+/// together come due together and are claimed again in one round, while
+/// rounds and relays still spread apart.
+async fn reschedule<C: ConnectionTrait>(
+    conn: &C,
+    dialect: Dialect,
+    ids: Vec<Uuid>,
+    Retry { attempts, error }: Retry,
     config: &RelayConfig,
     now: DateTime<Utc>,
 ) -> Result<(), DbErr> {
@@ -115,7 +137,7 @@ async fn reschedule<C: ConnectionTrait>(
         .col_expr(outbox_message::Column::Attempts, Expr::value(attempts))
         .col_expr(outbox_message::Column::NextAttemptAt, Expr::value(next))
         .col_expr(outbox_message::Column::LastError, Expr::value(error))
-        .filter(outbox_message::Column::Id.eq(id))
+        .filter(dialect.ids_in(outbox_message::Column::Id, ids))
         .exec(conn)
         .await?;
     Ok(())
