@@ -250,7 +250,51 @@ async fn todays_events_of_the_same_key_are_not_held_back(db: &DatabaseConnection
     assert_eq!(pending_scheduled(db).await, 1, "tomorrow's still waits");
 }
 
+/// Answers every event as if the broker were down: what it is given stays in the outbox.
+struct BrokerDown;
+
+impl Publisher for BrokerDown {
+    async fn publish(&self, events: &[&outbox_message::Model]) -> Vec<Delivery> {
+        (events.iter())
+            .map(|_| Delivery::Unavailable("down on purpose".into()))
+            .collect()
+    }
+}
+
+/// An event scheduled yesterday for now has been pending since now, not
+/// since yesterday: the oldest-pending age an operator alerts on counts
+/// from when an event came due.
+async fn a_scheduled_event_is_pending_from_its_time(db: &DatabaseConnection) {
+    schedule_after(db, "k", 1, Duration::from_millis(200))
+        .await
+        .expect("scheduled");
+    let yesterday = Utc::now() - chrono::TimeDelta::days(1);
+    outbox_scheduled::Entity::update_many()
+        .col_expr(
+            outbox_scheduled::Column::CreatedAt,
+            sea_orm::sea_query::Expr::value(yesterday),
+        )
+        .exec(db)
+        .await
+        .expect("as if emitted yesterday");
+    let scheduled = (outbox_scheduled::Entity::find().one(db).await)
+        .expect("read")
+        .expect("the scheduled row");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    emit_now(db, "other", 0).await.expect("emitted");
+    let round = Relay::builder(db.clone(), BrokerDown)
+        .build()
+        .process_batch()
+        .await;
+    assert!(round.is_err(), "nothing reached the broker: {round:?}");
+
+    let stats = outbox_core::relay::stats(db).await.expect("stats");
+    assert_eq!(stats.pending, 2);
+    assert_eq!(stats.oldest_pending, Some(scheduled.deliver_at));
+}
+
 outbox_tests::on_each_backend!(
+    a_scheduled_event_is_pending_from_its_time,
     delivered_not_before_its_time,
     not_lost_across_a_relay_restart,
     cancelled_ones_are_never_published,

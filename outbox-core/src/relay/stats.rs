@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use sea_orm::sea_query::{Expr, Func, SimpleExpr};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DbErr, EntityTrait, PaginatorTrait, QueryFilter, QuerySelect,
 };
@@ -27,7 +28,10 @@ const BATCH_SECONDS: &str = "outbox_batch_duration_seconds";
 pub struct OutboxStats {
     /// Events not delivered yet.
     pub pending: u64,
-    /// When the oldest of them was emitted.
+    /// Since when the oldest of them has been due: its emit time, or for a
+    /// scheduled event its delivery time. (A scheduled event that has been
+    /// retried counts from its emit time: its row no longer says when it
+    /// came due.)
     pub oldest_pending: Option<DateTime<Utc>>,
     /// Events in the dead-letter table.
     pub dead_letters: u64,
@@ -37,10 +41,17 @@ pub struct OutboxStats {
 pub async fn stats<C: ConnectionTrait>(db: &C) -> Result<OutboxStats, DbErr> {
     let pending =
         outbox_message::Entity::find().filter(outbox_message::Column::DeliveredAt.is_null());
+    // Until its first attempt, a row's `next_attempt_at` is when it came due:
+    // its `created_at` if emitted for now, its `deliver_at` if scheduled.
+    let due_since = Expr::case(
+        outbox_message::Column::Attempts.eq(0),
+        Expr::col(outbox_message::Column::NextAttemptAt),
+    )
+    .finally(Expr::col(outbox_message::Column::CreatedAt));
     let oldest: Option<Option<DateTime<Utc>>> = pending
         .clone()
         .select_only()
-        .column_as(outbox_message::Column::CreatedAt.min(), "oldest")
+        .column_as(SimpleExpr::from(Func::min(due_since)), "oldest")
         .into_tuple()
         .one(db)
         .await?;
