@@ -5,11 +5,11 @@ use sea_orm::sea_query::{
 };
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr,
-    IsolationLevel, TransactionTrait,
+    EntityName, IsolationLevel, TransactionTrait,
 };
 use uuid::Uuid;
 
-use crate::entity::outbox_message::Column;
+use crate::entity::outbox_message::Entity;
 
 /// The outbox's database backend, as the relay's statements need it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,7 +43,7 @@ impl Dialect {
     }
 
     /// Whether the claim reads each row's locator (PostgreSQL's `ctid`),
-    /// which the settle then deletes by (see [`delivered`](Self::delivered)).
+    /// which the settle then deletes by (see [`located`](Self::located)).
     pub(super) fn locates_rows(self) -> bool {
         self.0 == DbBackend::Postgres
     }
@@ -89,20 +89,27 @@ impl Dialect {
         Ok(txn)
     }
 
-    /// The rows of the stored events. On PostgreSQL by `ctid` (when every
-    /// stored event has its own, which the claim reads there): a row locked
-    /// by this transaction stays where the claim found it, and fetching 2,000
-    /// rows by position took PostgreSQL a quarter of the time that looking
-    /// each id up in the primary key did (0.5 ms against 2.6, `EXPLAIN
-    /// ANALYZE` in `psql`). The array goes through a subquery so that the
-    /// planner cannot see its length: it costs a fetch by `ctid` as a random
-    /// page read, and for a few thousand would rather read the whole table.
+    /// The rows of the stored events by position, where the claim read one
+    /// for each (PostgreSQL's `ctid`); `None` otherwise, and the settle goes
+    /// by id. A row locked by this transaction stays where the claim found
+    /// it, and fetching 2,000 rows by position took PostgreSQL a quarter of
+    /// the time that looking each id up in the primary key did (0.5 ms
+    /// against 2.6, `EXPLAIN ANALYZE` in `psql`). The array goes through a
+    /// subquery so that the planner cannot see its length: it costs a fetch
+    /// by `ctid` as a random page read, and for a few thousand would rather
+    /// read the whole table.
+    ///
+    /// A `ctid` names a row within one table only: in a partitioned
+    /// `outbox_messages`, or one that other tables inherit from, the same
+    /// `ctid` is a row in each partition. So the rows must also be in
+    /// `outbox_messages` itself (`tableoid`); those that live in a partition
+    /// are not matched, and the settle finds them by id instead.
     ///
     /// The ctids go as one array literal, `{"(0,1)","(0,2)"}`: a single text
     /// value to bind, where SeaORM copied a `text[]` of 2,000 string by string.
-    pub(super) fn delivered(self, ids: Vec<Uuid>, ctids: &[String]) -> SimpleExpr {
-        if !self.locates_rows() || ctids.len() != ids.len() {
-            return self.ids_in(Column::Id, ids);
+    pub(super) fn located(self, ctids: &[String]) -> Option<SimpleExpr> {
+        if !self.locates_rows() || ctids.is_empty() {
+            return None;
         }
         let mut literal = String::with_capacity(ctids.len() * 16 + 2);
         literal.push('{');
@@ -115,10 +122,14 @@ impl Dialect {
             literal.push('"');
         }
         literal.push('}');
-        Expr::cust_with_values(
-            "ctid = ANY(ARRAY(SELECT unnest(CAST($1 AS tid[]))))",
+        let table = Entity.table_name();
+        Some(Expr::cust_with_values(
+            format!(
+                "ctid = ANY(ARRAY(SELECT unnest(CAST($1 AS tid[])))) \
+                 AND tableoid = CAST('{table}' AS regclass)"
+            ),
             [literal],
-        )
+        ))
     }
 
     /// The rows whose `column` holds one of these ids. On PostgreSQL one

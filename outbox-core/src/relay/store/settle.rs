@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use sea_orm::ActiveValue::Set;
-use sea_orm::sea_query::Expr;
+use sea_orm::sea_query::{Expr, SimpleExpr};
 use sea_orm::{ConnectionTrait, DbErr, EntityTrait, QueryFilter};
 use uuid::Uuid;
 
@@ -76,18 +76,18 @@ pub(in crate::relay) async fn settle<C: ConnectionTrait>(
         reschedule(conn, dialect, ids, retry, config, now).await?;
     }
     if !stored.is_empty() {
-        let delivered = dialect.delivered(stored, &stored_ctids);
-        if config.keep_delivered.is_some() {
-            outbox_message::Entity::update_many()
-                .col_expr(outbox_message::Column::DeliveredAt, Expr::value(now))
-                .filter(delivered)
-                .exec(conn)
-                .await?;
-        } else {
-            outbox_message::Entity::delete_many()
-                .filter(delivered)
-                .exec(conn)
-                .await?;
+        let mut unsettled = stored.len() as u64;
+        if stored_ctids.len() == stored.len()
+            && let Some(rows) = dialect.located(&stored_ctids)
+        {
+            unsettled = unsettled.saturating_sub(mark_delivered(conn, rows, config, now).await?);
+        }
+        // Rows the locators did not reach (none, unless the table is
+        // partitioned or inherited from) go by id; settling a row twice is
+        // harmless, as the first pass changed or removed it.
+        if unsettled > 0 {
+            let rows = dialect.ids_in(outbox_message::Column::Id, stored);
+            mark_delivered(conn, rows, config, now).await?;
         }
     }
     if !dead.is_empty() {
@@ -109,6 +109,31 @@ pub(in crate::relay) async fn settle<C: ConnectionTrait>(
             .await?;
     }
     Ok(report)
+}
+
+/// Deletes the delivered `rows`, or marks them `delivered_at` if the relay
+/// keeps them for a while; returns how many there were.
+async fn mark_delivered<C: ConnectionTrait>(
+    conn: &C,
+    rows: SimpleExpr,
+    config: &RelayConfig,
+    now: DateTime<Utc>,
+) -> Result<u64, DbErr> {
+    let done = if config.keep_delivered.is_some() {
+        outbox_message::Entity::update_many()
+            .col_expr(outbox_message::Column::DeliveredAt, Expr::value(now))
+            .filter(rows)
+            .exec(conn)
+            .await?
+            .rows_affected
+    } else {
+        outbox_message::Entity::delete_many()
+            .filter(rows)
+            .exec(conn)
+            .await?
+            .rows_affected
+    };
+    Ok(done)
 }
 
 /// What a rejected event's row gets, shared by the events of a round
