@@ -44,6 +44,7 @@ mod error;
 mod event;
 pub mod headers;
 pub mod inbox;
+mod insert;
 mod migration;
 pub mod registry;
 pub mod relay;

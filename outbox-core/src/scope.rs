@@ -13,15 +13,12 @@
 //! match outcome { Ok(result) => result, Err(error) => Err(E::from(error)) }
 //! ```
 
-use sea_orm::{ActiveModelTrait, ConnectionTrait, DbErr, EntityTrait, TransactionSession};
+use sea_orm::{ConnectionTrait, DbErr, TransactionSession};
 
 use crate::Error;
 use crate::emit::{Emitter, Rows};
+use crate::insert::insert_all;
 use crate::signal::Counts;
-
-/// Rows per `INSERT`: keeps a statement under every backend's bind-parameter
-/// limit (SQLite's 32,766 is the lowest) with the 11 columns written per event.
-const ROWS_PER_INSERT: usize = 2_500;
 
 /// What a `#[transactional]` body returns: a `Result`, whose `Ok` commits.
 #[doc(hidden)]
@@ -100,19 +97,4 @@ where
         counts_before.signal_since(wrote_events, wrote_scheduled);
         Ok(())
     }
-}
-
-/// Inserts `rows`, [`ROWS_PER_INSERT`] to a statement.
-async fn insert_all<A>(conn: &impl ConnectionTrait, mut rows: Vec<A>) -> Result<(), DbErr>
-where
-    A: ActiveModelTrait + Send,
-{
-    while !rows.is_empty() {
-        let rest = rows.split_off(rows.len().min(ROWS_PER_INSERT));
-        A::Entity::insert_many(rows)
-            .exec_without_returning(conn)
-            .await?;
-        rows = rest;
-    }
-    Ok(())
 }

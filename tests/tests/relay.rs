@@ -14,7 +14,9 @@ use outbox_nats::{JetStreamPublisher, ProvisionError, provision};
 use outbox_tests::fixtures::{AppError, OrderCreated, Sequenced, emit_round};
 use outbox_tests::nats::{PrivateCluster, PrivateNats, TestNats};
 use outbox_tests::{Setup, TestDb, drained, emit_one, eventually, fast};
-use sea_orm::{ConnectionTrait, DatabaseConnection, EntityTrait, QueryOrder, TransactionTrait};
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryOrder, TransactionTrait,
+};
 use serde::{Deserialize, Serialize};
 
 const WINDOW: Duration = Duration::from_secs(120);
@@ -409,6 +411,43 @@ async fn a_partitioned_outbox_loses_no_event_in_overlapped_rounds() {
 async fn a_partitioned_outbox_loses_no_event_in_rounds_in_turn() {
     a_partitioned_outbox_loses_no_event(false).await;
 }
+
+/// Commits `count` strays of distinct keys in one transaction.
+#[transactional]
+async fn emit_strays(db: &DatabaseConnection, count: usize) -> Result<(), AppError> {
+    for n in 0..count {
+        emit!(Stray {
+            key: format!("k{n}")
+        });
+    }
+    Ok(())
+}
+
+/// A round whose every event is dead-lettered writes them all, however
+/// large the batch: 6,000 dead letters of 13 columns are more bind values
+/// than one statement may carry on any backend (SQLite 32,766, PostgreSQL
+/// and MySQL 65,535), so the insert goes in several.
+async fn a_round_of_dead_letters_larger_than_one_statement_is_written(db: &DatabaseConnection) {
+    const EVENTS: usize = 6_000;
+    emit_strays(db, EVENTS).await.expect("commit");
+    let report = fast(db, RejectAll)
+        .batch_size(EVENTS)
+        .max_attempts(1)
+        .build()
+        .process_batch()
+        .await
+        .expect("the round settles");
+    assert_eq!((report.claimed, report.dead_lettered), (EVENTS, EVENTS));
+    let letters = dead_letter::Entity::find().count(db).await.expect("count");
+    assert_eq!(letters, EVENTS as u64);
+    let left = outbox_message::Entity::find()
+        .count(db)
+        .await
+        .expect("count");
+    assert_eq!(left, 0);
+}
+
+outbox_tests::on_each_backend!(a_round_of_dead_letters_larger_than_one_statement_is_written);
 
 /// NATS header values cannot hold CR or LF, and async-nats panics on one:
 /// a partition key with a line break must cost its own event a dead letter

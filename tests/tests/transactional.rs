@@ -270,7 +270,7 @@ async fn thousand_events_keep_emit_order(db: &DatabaseConnection) {
     persisted_sequence(db, 1_000).await;
 }
 
-/// More events than one INSERT takes (2,500) are split, still in order.
+/// More events than one INSERT takes (2,340 of 14 columns) are split, still in order.
 async fn large_batches_span_several_statements(db: &DatabaseConnection) {
     persisted_sequence(db, 6_001).await;
 }

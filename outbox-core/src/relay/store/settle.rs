@@ -13,6 +13,7 @@ use uuid::Uuid;
 use super::decode::Claimed;
 use super::dialect::Dialect;
 use crate::entity::{dead_letter, outbox_message};
+use crate::insert::insert_all;
 use crate::relay::config::RelayConfig;
 use crate::relay::publish::Delivery;
 use crate::relay::report::BatchReport;
@@ -100,9 +101,7 @@ pub(in crate::relay) async fn settle<C: ConnectionTrait>(
                 "event dead-lettered"
             );
         }
-        dead_letter::Entity::insert_many(dead)
-            .exec_without_returning(conn)
-            .await?;
+        insert_all(conn, dead).await?;
         outbox_message::Entity::delete_many()
             .filter(dialect.ids_in(outbox_message::Column::Id, ids))
             .exec(conn)
