@@ -335,6 +335,16 @@ async fn poison_events_are_dead_lettered_and_the_rest_delivered(setup: Setup) {
     setup.finish().await;
 }
 
+/// What a PostgreSQL `SELECT count(*) ...` counts.
+async fn count(db: &DatabaseConnection, sql: &str) -> i64 {
+    let statement = sea_orm::Statement::from_string(sea_orm::DbBackend::Postgres, sql);
+    (db.query_one_raw(statement).await)
+        .expect("count")
+        .expect("a row")
+        .try_get_by_index(0)
+        .expect("a count")
+}
+
 /// A `ctid` names a row within one table only. In an outbox partitioned by
 /// a DBA (here by id range, into two partitions whose rows share ctids),
 /// settling a round must remove each delivered event's own row and no
@@ -374,15 +384,7 @@ async fn a_partitioned_outbox_loses_no_event(overlap: bool) {
     .await
     .expect("partition the outbox");
     emit_orders(10..20).await;
-    let rows_after: i64 = (db.query_one_raw(sea_orm::Statement::from_string(
-        sea_orm::DbBackend::Postgres,
-        "SELECT count(*) FROM outbox_messages_after",
-    )))
-    .await
-    .expect("count")
-    .expect("a row")
-    .try_get_by_index(0)
-    .expect("a count");
+    let rows_after = count(db, "SELECT count(*) FROM outbox_messages_after").await;
     assert_eq!(rows_after, 10, "ten events in each partition");
 
     let relay = fast(db, nats.publisher())
@@ -399,6 +401,50 @@ async fn a_partitioned_outbox_loses_no_event(overlap: bool) {
         .collect();
     delivered.sort_unstable();
     assert_eq!(delivered, (0..20).collect::<Vec<_>>());
+    setup.finish().await;
+}
+
+/// The same for a table that inherits from `outbox_messages` (an archive,
+/// say): a round of the outbox's own rows, each with its `ctid`, must not
+/// delete the inheriting table's rows that share those ctids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inheriting_table_keeps_its_rows() {
+    let setup = Setup::postgres().await;
+    let (db, nats, stream) = (&setup.test.db, &setup.nats, &setup.stream);
+    for order_id in 0..10 {
+        let total_cents = 100;
+        let order = OrderCreated {
+            order_id,
+            total_cents,
+        };
+        emit_one(db, order).await.expect("commit");
+    }
+    // Ten rows with other ids in the inheriting table, not due for an hour.
+    db.execute_unprepared(
+        "CREATE TABLE outbox_archive () INHERITS (outbox_messages); \
+         INSERT INTO outbox_archive SELECT gen_random_uuid(), event_type, event_version, \
+             exchange, subject, partition_key, payload, headers, content_type, created_at, \
+             attempts, now() + interval '1 hour' \
+         FROM ONLY outbox_messages ORDER BY id;",
+    )
+    .await
+    .expect("an inheriting table");
+    let ctids =
+        "SELECT count(*) FROM ONLY outbox_messages o JOIN outbox_archive a ON o.ctid = a.ctid";
+    assert_eq!(
+        count(db, ctids).await,
+        10,
+        "the two tables' rows share ctids"
+    );
+    let report = fast(db, nats.publisher())
+        .build()
+        .process_batch()
+        .await
+        .expect("round");
+    assert_eq!(report.published, 10, "{report:?}");
+    assert_eq!(nats.messages(stream).await.len(), 10);
+    let archived = count(db, "SELECT count(*) FROM outbox_archive").await;
+    assert_eq!(archived, 10, "the inheriting table's rows are untouched");
     setup.finish().await;
 }
 

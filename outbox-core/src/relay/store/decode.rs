@@ -42,7 +42,8 @@ impl Claimed {
     fn read(row: &impl Columns, with_ctid: bool) -> Result<Self, DbErr> {
         Ok(Self {
             event: decode(row)?,
-            ctid: if with_ctid { Some(row.at(CTID)?) } else { None },
+            // NULL for a row of a partition or inheriting table (see `Dialect::located`).
+            ctid: if with_ctid { row.at(CTID)? } else { None },
         })
     }
 }

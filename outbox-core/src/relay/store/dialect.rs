@@ -5,11 +5,14 @@ use sea_orm::sea_query::{
 };
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr,
-    EntityName, IsolationLevel, TransactionTrait,
+    IsolationLevel, TransactionTrait,
 };
 use uuid::Uuid;
 
-use crate::entity::outbox_message::Entity;
+/// Whether a row lives in `outbox_messages` itself rather than in a
+/// partition or an inheriting table (the cast folds to the table's oid when
+/// the statement is planned).
+const IN_OUTBOX_TABLE: &str = "tableoid = CAST('outbox_messages' AS regclass)";
 
 /// The outbox's database backend, as the relay's statements need it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,9 +52,13 @@ impl Dialect {
     }
 
     /// Adds the row locator after the entity's columns, and the row lock.
+    /// The locator is NULL for a row that lives in another table than
+    /// `outbox_messages` itself (see [`located`](Self::located)).
     pub(super) fn finish_claim(self, claim: &mut SelectStatement) {
         if self.locates_rows() {
-            claim.expr(Expr::cust("ctid::text"));
+            claim.expr(Expr::cust(format!(
+                "CASE WHEN {IN_OUTBOX_TABLE} THEN ctid::text END"
+            )));
         }
         self.lock_skipping(claim);
     }
@@ -101,9 +108,10 @@ impl Dialect {
     ///
     /// A `ctid` names a row within one table only: in a partitioned
     /// `outbox_messages`, or one that other tables inherit from, the same
-    /// `ctid` is a row in each partition. So the rows must also be in
-    /// `outbox_messages` itself (`tableoid`); those that live in a partition
-    /// are not matched, and the settle finds them by id instead.
+    /// `ctid` is a row in each partition. So the claim reads no locator for
+    /// a row of a partition, and the settle goes by id when a round has such
+    /// a row; and the rows matched here must be in `outbox_messages` itself
+    /// (`tableoid`), so that a locator never reaches a partition's row.
     ///
     /// The ctids go as one array literal, `{"(0,1)","(0,2)"}`: a single text
     /// value to bind, where SeaORM copied a `text[]` of 2,000 string by string.
@@ -122,12 +130,8 @@ impl Dialect {
             literal.push('"');
         }
         literal.push('}');
-        let table = Entity.table_name();
         Some(Expr::cust_with_values(
-            format!(
-                "ctid = ANY(ARRAY(SELECT unnest(CAST($1 AS tid[])))) \
-                 AND tableoid = CAST('{table}' AS regclass)"
-            ),
+            format!("ctid = ANY(ARRAY(SELECT unnest(CAST($1 AS tid[])))) AND {IN_OUTBOX_TABLE}"),
             [literal],
         ))
     }
