@@ -387,8 +387,9 @@ async fn a_partitioned_outbox_loses_no_event(overlap: bool) {
     let rows_after = count(db, "SELECT count(*) FROM outbox_messages_after").await;
     assert_eq!(rows_after, 10, "ten events in each partition");
 
+    // Rounds of 15: the first settles rows of both partitions.
     let relay = fast(db, nats.publisher())
-        .batch_size(10)
+        .batch_size(15)
         .overlap_rounds(overlap)
         .spawn();
     drained(db, Duration::from_secs(30)).await;

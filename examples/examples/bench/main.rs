@@ -32,8 +32,8 @@ use outbox_core::{OutboxEvent, emit, transactional};
 use outbox_nats::{JetStreamPublisher, StreamSpec, provision};
 use sea_orm::ActiveValue::Set;
 use sea_orm::{
-    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbErr, EntityTrait, QueryOrder,
-    QuerySelect, Statement, TransactionTrait,
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, EntityTrait,
+    QueryOrder, QuerySelect, Statement, TransactionTrait,
 };
 use uuid::Uuid;
 
@@ -98,6 +98,11 @@ struct Args {
     /// Run the relay's rounds in turn instead of overlapping them.
     #[arg(long)]
     no_overlap: bool,
+    /// Before each drain, move the backlog into an outbox partitioned by id
+    /// range into this many partitions of equal size (0: the migrations'
+    /// plain table): what partitioning does to a large backlog's drain.
+    #[arg(long, default_value_t = 0)]
+    partitions: usize,
     /// Internal: drain the backlog of this schema and namespace, print events/s and peak RSS, exit.
     /// The parent runs the drain in such a child, so that the relay's memory is measured alone.
     #[arg(long, hide = true, num_args = 2, value_names = ["SCHEMA", "NAMESPACE"])]
@@ -499,6 +504,7 @@ impl Bench {
 
         figures.insert("async_commit".into(), self.args.async_commit.into());
         figures.insert("overlap_rounds".into(), (!self.args.no_overlap).into());
+        figures.insert("partitions".into(), self.args.partitions.into());
         figures.insert("repeat".into(), self.args.repeat.into());
         self.fresh_streams().await?;
         let services = ServiceCpu::now();
@@ -752,7 +758,55 @@ impl Bench {
             )
             .await?;
         }
+        if self.args.partitions > 0 {
+            self.partition_outbox(count as usize).await?;
+        }
         Ok(())
+    }
+
+    /// Moves the backlog into a new `outbox_messages` partitioned by id range
+    /// into `--partitions` partitions of equal size, the last one open-ended
+    /// for what comes later (not measured: a copy of every row).
+    async fn partition_outbox(&self, count: usize) -> Result<(), DbErr> {
+        let parts = self.args.partitions;
+        self.db
+            .execute_unprepared(
+                "ALTER TABLE outbox_messages RENAME TO outbox_messages_filled; \
+                 CREATE TABLE outbox_messages (LIKE outbox_messages_filled INCLUDING ALL) \
+                 PARTITION BY RANGE (id)",
+            )
+            .await?;
+        let mut bounds = vec!["MINVALUE".to_owned()];
+        for k in 1..parts {
+            let nth = format!(
+                "SELECT id FROM outbox_messages_filled ORDER BY id OFFSET {} LIMIT 1",
+                k * count / parts
+            );
+            let row = self
+                .db
+                .query_one_raw(Statement::from_string(DbBackend::Postgres, nth));
+            if let Some(row) = row.await? {
+                bounds.push(format!("'{}'", row.try_get_by_index::<Uuid>(0)?));
+            }
+        }
+        bounds.push("MAXVALUE".to_owned());
+        let tag = Uuid::now_v7().simple();
+        for (k, range) in bounds.windows(2).enumerate() {
+            let [from, to] = range else { continue };
+            self.db
+                .execute_unprepared(&format!(
+                    "CREATE TABLE outbox_messages_{tag}_{k} PARTITION OF outbox_messages \
+                     FOR VALUES FROM ({from}) TO ({to})"
+                ))
+                .await?;
+        }
+        self.db
+            .execute_unprepared(
+                "INSERT INTO outbox_messages SELECT * FROM outbox_messages_filled; \
+                 DROP TABLE outbox_messages_filled; ANALYZE outbox_messages",
+            )
+            .await
+            .map(drop)
     }
 
     /// One relay, in a process of its own, drains the backlog.

@@ -210,7 +210,7 @@ mod tests {
 
     fn event(id: u128) -> Claimed {
         let event = fixture::event(id, None);
-        Claimed { event, ctid: None }
+        Claimed { event, row: None }
     }
 
     fn skipped(first: u128, last: u128) -> InFlight {

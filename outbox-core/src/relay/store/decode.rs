@@ -10,16 +10,25 @@ use sea_orm::{DbErr, QueryResult, TryGetable};
 
 use crate::entity::outbox_message::Model;
 
-/// One claimed event and where its row is: on PostgreSQL the `ctid` the
-/// claim selects after the entity's columns, which the settle deletes by.
-/// One record, so that an event and its row's locator cannot part.
+/// One claimed event and where its row is (on PostgreSQL), which the
+/// settle deletes by. One record, so that an event and its row's locator
+/// cannot part.
 #[derive(Debug)]
 pub(in crate::relay) struct Claimed {
     pub event: Model,
-    pub ctid: Option<String>,
+    pub row: Option<RowLocation>,
 }
 
-/// Decodes a claim's rows, and their `ctid` if `with_ctid`.
+/// Where a claimed row is: its `ctid` within its table, which is
+/// `outbox_messages` itself unless the row lives in a partition (or a table
+/// inheriting from it), named then as PostgreSQL quotes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(in crate::relay) struct RowLocation {
+    pub table: Option<String>,
+    pub ctid: String,
+}
+
+/// Decodes a claim's rows, and where they are if `with_ctid`.
 pub(super) fn decode_all(rows: &[QueryResult], with_ctid: bool) -> Result<Vec<Claimed>, DbErr> {
     let mut claimed = Vec::with_capacity(rows.len());
     let Some((first, rest)) = rows.split_first() else {
@@ -42,13 +51,20 @@ impl Claimed {
     fn read(row: &impl Columns, with_ctid: bool) -> Result<Self, DbErr> {
         Ok(Self {
             event: decode(row)?,
-            // NULL for a row of a partition or inheriting table (see `Dialect::located`).
-            ctid: if with_ctid { row.at(CTID)? } else { None },
+            row: if with_ctid {
+                Some(RowLocation {
+                    table: row.at(TABLE)?,
+                    ctid: row.at(CTID)?,
+                })
+            } else {
+                None
+            },
         })
     }
 }
 
 const CTID: usize = 14;
+const TABLE: usize = 15;
 
 /// A row's columns by position. Reading by name cost a search of the
 /// column list per field, an eighth of the relay's CPU.
@@ -147,5 +163,6 @@ mod tests {
             ]
         );
         assert_eq!(selected.len(), super::CTID, "the ctid comes after them");
+        assert_eq!(super::TABLE, super::CTID + 1, "then the table");
     }
 }

@@ -2,7 +2,7 @@
 //! rejected, dead-letter what can never be delivered — a statement per kind
 //! (per attempt count and error, for the rescheduled).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
 use sea_orm::ActiveValue::Set;
@@ -10,7 +10,7 @@ use sea_orm::sea_query::{Expr, SimpleExpr};
 use sea_orm::{ConnectionTrait, DbErr, EntityTrait, QueryFilter};
 use uuid::Uuid;
 
-use super::decode::Claimed;
+use super::decode::{Claimed, RowLocation};
 use super::dialect::Dialect;
 use crate::entity::{dead_letter, outbox_message};
 use crate::insert::insert_all;
@@ -38,7 +38,7 @@ pub(in crate::relay) async fn settle<C: ConnectionTrait>(
         ..BatchReport::default()
     };
     let mut stored = Vec::new();
-    let mut stored_ctids = Vec::new();
+    let mut located = Vec::new();
     let mut dead = Vec::new();
     let mut retries: HashMap<Retry, Vec<Uuid>> = HashMap::new();
     for Settled { claimed, delivery } in events {
@@ -50,7 +50,7 @@ pub(in crate::relay) async fn settle<C: ConnectionTrait>(
                 report.published += 1;
                 report.duplicates += usize::from(duplicate);
                 stored.push(event.id);
-                stored_ctids.extend(claimed.ctid);
+                located.extend(claimed.row);
             }
             Some(Delivery::Oversized(error) | Delivery::Undeliverable(error)) => {
                 dead.push(dead_letter(event, error, now));
@@ -78,14 +78,13 @@ pub(in crate::relay) async fn settle<C: ConnectionTrait>(
     }
     if !stored.is_empty() {
         let mut unsettled = stored.len() as u64;
-        if stored_ctids.len() == stored.len()
-            && let Some(rows) = dialect.located(&stored_ctids)
-        {
-            unsettled = unsettled.saturating_sub(mark_delivered(conn, rows, config, now).await?);
+        if located.len() == stored.len() {
+            let done = settle_located(conn, dialect, &located, config, now).await?;
+            unsettled = unsettled.saturating_sub(done);
         }
-        // Rows the locators did not reach (none, unless the table is
-        // partitioned or inherited from) go by id; settling a row twice is
-        // harmless, as the first pass changed or removed it.
+        // Rows without a locator, or that it did not reach (none, as the
+        // claim's row locks keep them in place), go by id; settling a row
+        // twice is harmless, as the first pass changed or removed it.
         if unsettled > 0 {
             let rows = dialect.ids_in(outbox_message::Column::Id, stored);
             mark_delivered(conn, rows, config, now).await?;
@@ -108,6 +107,30 @@ pub(in crate::relay) async fn settle<C: ConnectionTrait>(
             .await?;
     }
     Ok(report)
+}
+
+/// Deletes the delivered rows at `located`, or marks them `delivered_at` if
+/// the relay keeps them for a while, a statement per table they are in (one,
+/// unless the outbox is partitioned); returns how many there were.
+async fn settle_located<C: ConnectionTrait>(
+    conn: &C,
+    dialect: Dialect,
+    located: &[RowLocation],
+    config: &RelayConfig,
+    now: DateTime<Utc>,
+) -> Result<u64, DbErr> {
+    let mut by_table: BTreeMap<Option<&str>, Vec<&str>> = BTreeMap::new();
+    for row in located {
+        let table = row.table.as_deref();
+        by_table.entry(table).or_default().push(&row.ctid);
+    }
+    let delivered_at = config.keep_delivered.map(|_| now);
+    let mut done = 0;
+    for (table, ctids) in by_table {
+        let statement = dialect.settle_located(table, &ctids, delivered_at);
+        done += conn.execute_raw(statement).await?.rows_affected();
+    }
+    Ok(done)
 }
 
 /// Deletes the delivered `rows`, or marks them `delivered_at` if the relay
