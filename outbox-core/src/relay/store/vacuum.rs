@@ -9,6 +9,13 @@
 //! Autovacuum looks at a database once a minute, too late for a drain of
 //! seconds; so the relay vacuums the table itself, in the background, after
 //! every so many deleted events.
+//!
+//! Without truncating the table's empty end (`TRUNCATE false`): that takes
+//! an exclusive lock, which the relay's own claims keep from it, and
+//! `VACUUM` tries for it up to five seconds per table. On an outbox
+//! partitioned by id, whose drained partitions are empty to the end, one
+//! vacuum took 1.2 s instead of 5–10 ms, and in a 1,000,000-event drain over
+//! ten partitions none finished. An outbox reuses the space anyway.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -38,7 +45,10 @@ impl Vacuum {
         let running = Arc::clone(&self.running);
         tokio::spawn(async move {
             let started = std::time::Instant::now();
-            match db.execute_unprepared("VACUUM outbox_messages").await {
+            match db
+                .execute_unprepared("VACUUM (TRUNCATE false) outbox_messages")
+                .await
+            {
                 Ok(_) => tracing::debug!(took = ?started.elapsed(), "vacuumed outbox_messages"),
                 Err(error) => {
                     tracing::info!(error = %crate::ErrorReport(&error), "could not vacuum outbox_messages")
