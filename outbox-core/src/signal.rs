@@ -26,7 +26,7 @@ pub(crate) fn scheduled_count() -> u64 {
 }
 
 /// How many commits with events this process has counted so far.
-pub(crate) fn count() -> u64 {
+fn count() -> u64 {
     *COMMITS.borrow()
 }
 

@@ -349,20 +349,15 @@ async fn count(db: &DatabaseConnection, sql: &str) -> i64 {
 /// a DBA (here by id range, into two partitions whose rows share ctids),
 /// settling a round must remove each delivered event's own row and no
 /// other. By `ctid` alone the settle reached the other partition's rows
-/// too: in rounds run in turn it deleted them unpublished (events 10–19
-/// lost), and with overlapped rounds it waited forever on those the next
+/// too: in rounds run in turn it deleted them unpublished (events 15–19
+/// lost to the first round of 15), and with overlapped rounds it waited forever on those the next
 /// round had locked (nothing delivered after the first round).
 async fn a_partitioned_outbox_loses_no_event(overlap: bool) {
     let setup = Setup::postgres().await;
     let (db, nats, stream) = (&setup.test.db, &setup.nats, &setup.stream);
     let emit_orders = async |orders: std::ops::Range<i64>| {
         for order_id in orders {
-            let total_cents = 100;
-            let order = OrderCreated {
-                order_id,
-                total_cents,
-            };
-            emit_one(db, order).await.expect("commit");
+            place_order(db, order_id, 100).await.expect("commit");
         }
     };
     emit_orders(0..10).await;
@@ -413,12 +408,7 @@ async fn an_inheriting_table_keeps_its_rows() {
     let setup = Setup::postgres().await;
     let (db, nats, stream) = (&setup.test.db, &setup.nats, &setup.stream);
     for order_id in 0..10 {
-        let total_cents = 100;
-        let order = OrderCreated {
-            order_id,
-            total_cents,
-        };
-        emit_one(db, order).await.expect("commit");
+        place_order(db, order_id, 100).await.expect("commit");
     }
     // Ten rows with other ids in the inheriting table, not due for an hour.
     db.execute_unprepared(
