@@ -10,8 +10,23 @@ use sea_orm::DbErr;
 #[non_exhaustive]
 pub enum Error {
     /// The database refused a statement, or the connection failed.
-    #[error("database error")]
+    ///
+    /// Its text carries the database's own words: it is what a handler's
+    /// failure leaves in logs and dead letters.
+    #[error("database error: {0}")]
     Database(#[from] DbErr),
+
+    /// The outbox's tables are not in the database (or not in the
+    /// connection's schema).
+    #[error(
+        "the outbox tables are missing ({}): create them with `outbox migrate`, \
+         `outbox_core::migrate(&db)`, or your own migrator holding `outbox_core::migrations()`",
+        tables.join(", ")
+    )]
+    MissingTables {
+        /// The tables not found.
+        tables: Vec<&'static str>,
+    },
 
     /// An event's payload could not be serialized; the transaction was rolled back.
     #[error("cannot serialize event `{event_type}`")]

@@ -59,7 +59,7 @@ pub mod trace;
 pub use cancel::cancel;
 pub use error::{Error, ErrorReport, Result};
 pub use event::OutboxEvent;
-pub use migration::{migrate, migrations};
+pub use migration::{check_schema, migrate, migrations};
 pub use registry::{EventDescriptor, registry};
 pub use signal::{CommitSignal, wake_relays};
 

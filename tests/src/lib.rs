@@ -30,11 +30,29 @@ fn schema_options(schema: &str) -> ConnectOptions {
     options
 }
 
-/// A migrated, empty database that only one test uses.
+/// The database servers (and SQLite) that tests run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// `DATABASE_URL`, a schema per test.
+    Postgres,
+    /// `MYSQL_URL`, a database per test.
+    MySql,
+    /// A file in a temporary directory.
+    Sqlite,
+}
+
+impl Backend {
+    /// Every backend, for tests that run on each.
+    pub const ALL: [Backend; 3] = [Backend::Postgres, Backend::MySql, Backend::Sqlite];
+}
+
+/// A database that only one test uses, migrated unless made by [`TestDb::empty`].
 #[derive(Debug)]
 pub struct TestDb {
     /// The connection to hand to the code under test.
     pub db: DatabaseConnection,
+    /// A URL that opens the same database from another process (the `outbox` binary).
+    pub url: String,
     isolation: Isolation,
 }
 
@@ -55,6 +73,29 @@ enum Isolation {
 impl TestDb {
     /// A new schema on the PostgreSQL server, set as the connection's search path.
     pub async fn postgres() -> Self {
+        Self::empty(Backend::Postgres).await.migrated().await
+    }
+
+    /// A new database on the MariaDB/MySQL server.
+    pub async fn mysql() -> Self {
+        Self::empty(Backend::MySql).await.migrated().await
+    }
+
+    /// A new SQLite database file in a temporary directory.
+    pub async fn sqlite() -> Self {
+        Self::empty(Backend::Sqlite).await.migrated().await
+    }
+
+    /// A new, empty database (schema) on `backend`: no outbox tables.
+    pub async fn empty(backend: Backend) -> Self {
+        match backend {
+            Backend::Postgres => Self::postgres_empty().await,
+            Backend::MySql => Self::mysql_empty(16, None).await,
+            Backend::Sqlite => Self::sqlite_empty().await,
+        }
+    }
+
+    async fn postgres_empty() -> Self {
         let url = postgres_url();
         let admin = Database::connect(&url)
             .await
@@ -67,7 +108,10 @@ impl TestDb {
         let db = Database::connect(schema_options(&schema))
             .await
             .expect("connect to test schema");
-        Self::migrated(db, Isolation::Postgres { admin, schema }).await
+        let separator = if url.contains('?') { '&' } else { '?' };
+        let url = format!("{url}{separator}options=-c%20search_path%3D{schema}");
+        let isolation = Isolation::Postgres { admin, schema };
+        Self { db, url, isolation }
     }
 
     /// Another pool on this test's PostgreSQL schema, configured by `configure`
@@ -89,19 +133,14 @@ impl TestDb {
             .expect("connect to test schema")
     }
 
-    /// A new database on the MariaDB/MySQL server.
-    pub async fn mysql() -> Self {
-        Self::mysql_with(16, None).await
-    }
-
     /// A new database on the MariaDB/MySQL server, migrated through a pool of
     /// one connection on which `session` ran first: a `SET SESSION` whose
     /// effect on the migrations a test looks at.
     pub async fn mysql_migrated_after(session: &str) -> Self {
-        Self::mysql_with(1, Some(session)).await
+        Self::mysql_empty(1, Some(session)).await.migrated().await
     }
 
-    async fn mysql_with(connections: u32, session: Option<&str>) -> Self {
+    async fn mysql_empty(connections: u32, session: Option<&str>) -> Self {
         let url = mysql_url();
         let admin = Database::connect(format!("{url}/test"))
             .await
@@ -111,7 +150,8 @@ impl TestDb {
             .execute_unprepared(&format!("CREATE DATABASE {database}"))
             .await
             .expect("create test database");
-        let mut options = ConnectOptions::new(format!("{url}/{database}"));
+        let url = format!("{url}/{database}");
+        let mut options = ConnectOptions::new(&url);
         options.max_connections(connections).sqlx_logging(false);
         let db = Database::connect(options)
             .await
@@ -121,30 +161,36 @@ impl TestDb {
                 .await
                 .expect("the session's setting");
         }
-        Self::migrated(db, Isolation::MySql { admin, database }).await
+        let isolation = Isolation::MySql { admin, database };
+        Self { db, url, isolation }
     }
 
-    /// A new SQLite database file in a temporary directory.
-    pub async fn sqlite() -> Self {
+    async fn sqlite_empty() -> Self {
         let dir = tempfile::tempdir().expect("temporary directory");
         let path = dir.path().join("test.sqlite");
-        let mut options = ConnectOptions::new(format!("sqlite://{}?mode=rwc", path.display()));
+        let url = format!("sqlite://{}?mode=rwc", path.display());
+        let mut options = ConnectOptions::new(&url);
         options.max_connections(4).sqlx_logging(false);
         let db = Database::connect(options).await.expect("open SQLite file");
         db.execute_unprepared("PRAGMA journal_mode = WAL")
             .await
             .expect("WAL mode");
-        Self::migrated(db, Isolation::Sqlite { _dir: dir }).await
+        let isolation = Isolation::Sqlite { _dir: dir };
+        Self { db, url, isolation }
     }
 
-    async fn migrated(db: DatabaseConnection, isolation: Isolation) -> Self {
-        outbox_core::migrate(&db).await.expect("outbox migrations");
-        db.execute_unprepared(
-            "CREATE TABLE orders (id BIGINT PRIMARY KEY, total_cents BIGINT NOT NULL)",
-        )
-        .await
-        .expect("create the business table");
-        Self { db, isolation }
+    /// This database with the outbox's tables and the tests' `orders` table.
+    pub async fn migrated(self) -> Self {
+        outbox_core::migrate(&self.db)
+            .await
+            .expect("outbox migrations");
+        self.db
+            .execute_unprepared(
+                "CREATE TABLE orders (id BIGINT PRIMARY KEY, total_cents BIGINT NOT NULL)",
+            )
+            .await
+            .expect("create the business table");
+        self
     }
 
     /// Drops what the test created (its schema; a SQLite file goes with its directory).

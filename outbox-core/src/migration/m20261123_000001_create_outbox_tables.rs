@@ -4,6 +4,8 @@ use sea_orm::DbBackend;
 use sea_orm_migration::prelude::*;
 use sea_orm_migration::schema::*;
 
+use super::idempotent;
+
 pub(super) struct Migration;
 
 impl MigrationName for Migration {
@@ -67,39 +69,36 @@ pub(super) fn payload(backend: DbBackend, col: impl IntoIden) -> ColumnDef {
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         let backend = manager.get_database_backend();
-        manager
-            .create_table(
-                event_table(backend, Tables::OutboxMessages)
-                    .col(timestamp_with_time_zone(Col::NextAttemptAt))
-                    .col(text_null(Col::LastError))
-                    .col(timestamp_with_time_zone_null(Col::DeliveredAt))
-                    .to_owned(),
-            )
-            .await?;
+        idempotent::create_table(
+            manager,
+            event_table(backend, Tables::OutboxMessages)
+                .col(timestamp_with_time_zone(Col::NextAttemptAt))
+                .col(text_null(Col::LastError))
+                .col(timestamp_with_time_zone_null(Col::DeliveredAt))
+                .to_owned(),
+        )
+        .await?;
         // The relay claims due rows oldest first, and walks each partition key in order.
         for (name, first) in [
             ("outbox_messages_due", Col::NextAttemptAt),
             ("outbox_messages_partition", Col::PartitionKey),
         ] {
-            manager
-                .create_index(
-                    Index::create()
-                        .name(name)
-                        .table(Tables::OutboxMessages)
-                        .col(first)
-                        .col(Col::Id)
-                        .to_owned(),
-                )
-                .await?;
+            let index = Index::create()
+                .name(name)
+                .table(Tables::OutboxMessages)
+                .col(first)
+                .col(Col::Id)
+                .to_owned();
+            idempotent::create_index(manager, name, index).await?;
         }
-        manager
-            .create_table(
-                event_table(backend, Tables::OutboxDeadLetters)
-                    .col(text(Col::LastError))
-                    .col(timestamp_with_time_zone(Col::FailedAt))
-                    .to_owned(),
-            )
-            .await
+        idempotent::create_table(
+            manager,
+            event_table(backend, Tables::OutboxDeadLetters)
+                .col(text(Col::LastError))
+                .col(timestamp_with_time_zone(Col::FailedAt))
+                .to_owned(),
+        )
+        .await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {

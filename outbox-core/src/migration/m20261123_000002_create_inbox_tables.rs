@@ -3,6 +3,7 @@
 use sea_orm_migration::prelude::*;
 use sea_orm_migration::schema::*;
 
+use super::idempotent;
 use super::m20261123_000001_create_outbox_tables::payload;
 
 pub(super) struct Migration;
@@ -39,68 +40,65 @@ enum Col {
     FailedAt,
 }
 
+const PROCESSED_INDEX: &str = "outbox_inbox_processed";
+const MESSAGE_INDEX: &str = "outbox_inbox_dead_letters_message";
+
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         let backend = manager.get_database_backend();
-        manager
-            .create_table(
-                Table::create()
-                    .table(Tables::OutboxInbox)
-                    // Bounded so that MySQL can index it.
-                    .col(string_len(Col::Consumer, 255))
-                    .col(uuid(Col::EventId))
-                    .col(timestamp_with_time_zone(Col::ProcessedAt))
-                    .primary_key(Index::create().col(Col::Consumer).col(Col::EventId))
-                    .to_owned(),
-            )
-            .await?;
+        idempotent::create_table(
+            manager,
+            Table::create()
+                .table(Tables::OutboxInbox)
+                // Bounded so that MySQL can index it.
+                .col(string_len(Col::Consumer, 255))
+                .col(uuid(Col::EventId))
+                .col(timestamp_with_time_zone(Col::ProcessedAt))
+                .primary_key(Index::create().col(Col::Consumer).col(Col::EventId))
+                .to_owned(),
+        )
+        .await?;
         // Retention deletes each consumer's oldest rows.
-        manager
-            .create_index(
-                Index::create()
-                    .name("outbox_inbox_processed")
-                    .table(Tables::OutboxInbox)
-                    .col(Col::Consumer)
-                    .col(Col::ProcessedAt)
-                    .to_owned(),
-            )
-            .await?;
-        manager
-            .create_table(
-                Table::create()
-                    .table(Tables::OutboxInboxDeadLetters)
-                    .col(pk_uuid(Col::Id))
-                    .col(string_len(Col::Consumer, 255))
-                    .col(string_len(Col::Stream, 255))
-                    .col(big_integer(Col::StreamSequence))
-                    .col(string(Col::Subject))
-                    .col(uuid_null(Col::EventId))
-                    .col(string_null(Col::EventType))
-                    .col(integer_null(Col::EventVersion))
-                    .col(string_null(Col::PartitionKey))
-                    .col(payload(backend, Col::Payload))
-                    .col(text(Col::Headers))
-                    .col(string(Col::Reason))
-                    .col(text(Col::Error))
-                    .col(integer(Col::Deliveries))
-                    .col(timestamp_with_time_zone(Col::FailedAt))
-                    .to_owned(),
-            )
-            .await?;
+        let processed = Index::create()
+            .name(PROCESSED_INDEX)
+            .table(Tables::OutboxInbox)
+            .col(Col::Consumer)
+            .col(Col::ProcessedAt)
+            .to_owned();
+        idempotent::create_index(manager, PROCESSED_INDEX, processed).await?;
+        idempotent::create_table(
+            manager,
+            Table::create()
+                .table(Tables::OutboxInboxDeadLetters)
+                .col(pk_uuid(Col::Id))
+                .col(string_len(Col::Consumer, 255))
+                .col(string_len(Col::Stream, 255))
+                .col(big_integer(Col::StreamSequence))
+                .col(string(Col::Subject))
+                .col(uuid_null(Col::EventId))
+                .col(string_null(Col::EventType))
+                .col(integer_null(Col::EventVersion))
+                .col(string_null(Col::PartitionKey))
+                .col(payload(backend, Col::Payload))
+                .col(text(Col::Headers))
+                .col(string(Col::Reason))
+                .col(text(Col::Error))
+                .col(integer(Col::Deliveries))
+                .col(timestamp_with_time_zone(Col::FailedAt))
+                .to_owned(),
+        )
+        .await?;
         // A redelivery of a message already dead-lettered adds no second row.
-        manager
-            .create_index(
-                Index::create()
-                    .name("outbox_inbox_dead_letters_message")
-                    .table(Tables::OutboxInboxDeadLetters)
-                    .col(Col::Consumer)
-                    .col(Col::Stream)
-                    .col(Col::StreamSequence)
-                    .unique()
-                    .to_owned(),
-            )
-            .await
+        let message = Index::create()
+            .name(MESSAGE_INDEX)
+            .table(Tables::OutboxInboxDeadLetters)
+            .col(Col::Consumer)
+            .col(Col::Stream)
+            .col(Col::StreamSequence)
+            .unique()
+            .to_owned();
+        idempotent::create_index(manager, MESSAGE_INDEX, message).await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {

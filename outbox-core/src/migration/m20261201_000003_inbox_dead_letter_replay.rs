@@ -4,6 +4,8 @@
 use sea_orm_migration::prelude::*;
 use sea_orm_migration::schema::*;
 
+use super::idempotent;
+
 pub(super) struct Migration;
 
 impl MigrationName for Migration {
@@ -24,27 +26,16 @@ const INDEX: &str = "outbox_inbox_dead_letters_replay";
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager
-            .alter_table(
-                Table::alter()
-                    .table(OutboxInboxDeadLetters::Table)
-                    .add_column(timestamp_with_time_zone_null(
-                        OutboxInboxDeadLetters::ReplayRequestedAt,
-                    ))
-                    .to_owned(),
-            )
-            .await?;
+        let column = timestamp_with_time_zone_null(OutboxInboxDeadLetters::ReplayRequestedAt);
+        idempotent::add_column(manager, "outbox_inbox_dead_letters", column).await?;
         // Each consumer looks for its requested replays every second.
-        manager
-            .create_index(
-                Index::create()
-                    .name(INDEX)
-                    .table(OutboxInboxDeadLetters::Table)
-                    .col(OutboxInboxDeadLetters::Consumer)
-                    .col(OutboxInboxDeadLetters::ReplayRequestedAt)
-                    .to_owned(),
-            )
-            .await
+        let index = Index::create()
+            .name(INDEX)
+            .table(OutboxInboxDeadLetters::Table)
+            .col(OutboxInboxDeadLetters::Consumer)
+            .col(OutboxInboxDeadLetters::ReplayRequestedAt)
+            .to_owned();
+        idempotent::create_index(manager, INDEX, index).await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {

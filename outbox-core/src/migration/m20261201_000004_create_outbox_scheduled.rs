@@ -5,6 +5,7 @@ use sea_orm::DbBackend;
 use sea_orm_migration::prelude::*;
 use sea_orm_migration::schema::*;
 
+use super::idempotent;
 use super::m20261123_000001_create_outbox_tables::payload;
 
 pub(super) struct Migration;
@@ -51,36 +52,33 @@ impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         use OutboxScheduled as Col;
         let backend = manager.get_database_backend();
-        manager
-            .create_table(
-                Table::create()
-                    .table(Col::Table)
-                    .col(pk_uuid(Col::Id))
-                    .col(string(Col::EventType))
-                    .col(integer(Col::EventVersion))
-                    .col(string(Col::Exchange))
-                    .col(string(Col::Subject))
-                    .col(string_null(Col::PartitionKey))
-                    .col(payload(backend, Col::Payload))
-                    .col(text_null(Col::Headers))
-                    .col(string(Col::ContentType))
-                    .col(timestamp_with_time_zone(Col::CreatedAt))
-                    .col(deliver_at(backend))
-                    .to_owned(),
-            )
-            .await?;
+        idempotent::create_table(
+            manager,
+            Table::create()
+                .table(Col::Table)
+                .col(pk_uuid(Col::Id))
+                .col(string(Col::EventType))
+                .col(integer(Col::EventVersion))
+                .col(string(Col::Exchange))
+                .col(string(Col::Subject))
+                .col(string_null(Col::PartitionKey))
+                .col(payload(backend, Col::Payload))
+                .col(text_null(Col::Headers))
+                .col(string(Col::ContentType))
+                .col(timestamp_with_time_zone(Col::CreatedAt))
+                .col(deliver_at(backend))
+                .to_owned(),
+        )
+        .await?;
         // The relay looks for due events, earliest first: one index range,
         // empty while nothing is due however many are pending.
-        manager
-            .create_index(
-                Index::create()
-                    .name(DUE_INDEX)
-                    .table(Col::Table)
-                    .col(Col::DeliverAt)
-                    .col(Col::Id)
-                    .to_owned(),
-            )
-            .await
+        let due = Index::create()
+            .name(DUE_INDEX)
+            .table(Col::Table)
+            .col(Col::DeliverAt)
+            .col(Col::Id)
+            .to_owned();
+        idempotent::create_index(manager, DUE_INDEX, due).await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {

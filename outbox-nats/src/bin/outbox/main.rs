@@ -1,6 +1,7 @@
 //! `outbox`: run a relay as its own process, and look into the outbox.
 //!
 //! ```text
+//! outbox migrate --database-url postgres://...
 //! outbox relay --database-url postgres://... --nats-url nats://a:4222,nats://b:4222 --stream ORDERS=orders
 //! outbox status --database-url postgres://... --json --max-pending 10000
 //! outbox dead-letters list --database-url postgres://...
@@ -38,6 +39,9 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Create or upgrade the outbox tables, then exit (for deploy pipelines;
+    /// `relay` does it at start unless given --no-migrate).
+    Migrate,
     /// Deliver committed events to NATS JetStream until interrupted (Ctrl-C, SIGTERM).
     Relay(Box<relay::RelayArgs>),
     /// Pending events, the oldest one's age, and dead letters. With a
@@ -90,6 +94,10 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         .ok_or("no database: pass --database-url or set DATABASE_URL")?;
     let db = Database::connect(&url).await?;
     match cli.command {
+        Command::Migrate => {
+            outbox_core::migrate(&db).await?;
+            println!("the outbox tables are up to date");
+        }
         Command::Relay(args) => relay::run(db, *args).await?,
         Command::Status(args) => return status::run(&db, &args).await,
         Command::DeadLetters(command) => dead_letters::run(&db, command).await?,

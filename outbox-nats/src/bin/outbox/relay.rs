@@ -47,6 +47,14 @@ pub(crate) struct RelayArgs {
     /// (PostgreSQL; 0: never, leaving it to autovacuum).
     #[arg(long, env = "OUTBOX_VACUUM_AFTER", default_value_t = 100_000)]
     vacuum_after: u64,
+    /// Whether to create or upgrade the outbox tables at start. `false` (or
+    /// --no-migrate) when they are your own migrator's or `outbox migrate`'s
+    /// job: the relay then only checks that they exist.
+    #[arg(long, env = "OUTBOX_MIGRATE", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    migrate: bool,
+    /// The same as --migrate false.
+    #[arg(long)]
+    no_migrate: bool,
     /// Serve the relay's metrics in Prometheus text format on this address
     /// (e.g. 127.0.0.1:9464), at any path.
     #[arg(long, env = "OUTBOX_METRICS_ADDR")]
@@ -112,7 +120,11 @@ pub(crate) async fn run(
             .map_err(|error| format!("cannot serve metrics on --metrics-addr {addr}: {error}"))?;
         tracing::info!(%addr, "serving Prometheus metrics");
     }
-    outbox_core::migrate(&db).await?;
+    if args.migrate && !args.no_migrate {
+        outbox_core::migrate(&db).await?;
+    } else {
+        outbox_core::check_schema(&db).await?;
+    }
     let client = tokio::select! {
         client = nats.connect() => client?,
         () = shutdown_signal() => return Ok(()),

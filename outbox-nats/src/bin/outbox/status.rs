@@ -24,6 +24,7 @@ pub(crate) async fn run(
     db: &DatabaseConnection,
     args: &StatusArgs,
 ) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    outbox_core::check_schema(db).await?;
     let stats = outbox_core::relay::stats(db).await?;
     let age = (stats.oldest_pending)
         .map(|oldest| (chrono::Utc::now() - oldest).num_milliseconds().max(0) as f64 / 1e3);
