@@ -91,6 +91,15 @@ impl std::fmt::Display for AppError {
     }
 }
 
+impl std::error::Error for AppError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            AppError::Outbox(error) => error.source(),
+            AppError::Rejected => None,
+        }
+    }
+}
+
 impl From<outbox_core::Error> for AppError {
     fn from(error: outbox_core::Error) -> Self {
         AppError::Outbox(error)

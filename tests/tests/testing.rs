@@ -10,7 +10,7 @@ use outbox_core::testing::{MemoryPublisher, TestConsumer, emitted, relayed};
 use outbox_core::{Error, emit, transactional};
 use outbox_tests::fixtures::{AppError, OrderCreated, Sequenced, order};
 use sea_orm::{ActiveModelTrait, ActiveValue::Set, DatabaseConnection, DatabaseTransaction};
-use sea_orm::{EntityTrait, PaginatorTrait};
+use sea_orm::{ConnectionTrait, EntityTrait, PaginatorTrait, Statement};
 
 /// The service code under test: an order and its event, or neither.
 #[transactional]
@@ -148,7 +148,72 @@ async fn a_test_consumer_handles_each_event_once_without_a_broker(db: &DatabaseC
     assert_eq!(order::Entity::find().count(db).await.expect("orders"), 1);
 }
 
+/// A handler's error wrapping a database error, as a service writes it.
+#[derive(Debug)]
+struct ReserveFailed(outbox_core::Error);
+
+impl std::fmt::Display for ReserveFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("cannot reserve stock")
+    }
+}
+
+impl std::error::Error for ReserveFailed {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+/// Reads a table that does not exist.
+async fn reserve_from_nowhere(
+    _: OrderCreated,
+    _: Metadata,
+    db: &DatabaseTransaction,
+) -> Result<(), ReserveFailed> {
+    let statement =
+        Statement::from_string(db.get_database_backend(), "SELECT * FROM no_such_table");
+    (db.query_all_raw(statement).await).map_err(|error| ReserveFailed(error.into()))?;
+    Ok(())
+}
+
+/// The text a failed handler leaves (in logs, dead letters and
+/// `Processed::Failed`) holds its whole chain, down to the database's words:
+/// `outbox_core::Error` returned as it is, and wrapped in the service's own.
+async fn a_failed_handler_keeps_the_database_error_it_failed_with(db: &DatabaseConnection) {
+    let order = OrderCreated {
+        order_id: 1,
+        total_cents: 1,
+    };
+    let wrapped = (TestConsumer::new(db.clone(), "wrapped"))
+        .on::<OrderCreated, _>(reserve_from_nowhere)
+        .expect("one handler");
+    let bare = (TestConsumer::new(db.clone(), "bare"))
+        .on::<OrderCreated, _>(
+            async |event, meta, db: &DatabaseTransaction| -> outbox_core::Result<()> {
+                reserve_from_nowhere(event, meta, db)
+                    .await
+                    .map_err(|error| error.0)
+            },
+        )
+        .expect("one handler");
+    for (consumer, starts) in [
+        (wrapped, "cannot reserve stock: database error: "),
+        (bare, "database error: "),
+    ] {
+        let answer = consumer.deliver(uuid::Uuid::now_v7(), &order).await;
+        let Ok(Processed::Failed(failure)) = answer else {
+            panic!("the handler failed: {answer:?}");
+        };
+        let text = failure.to_string();
+        assert!(
+            text.starts_with(starts) && text.contains("no_such_table"),
+            "{text}"
+        );
+    }
+}
+
 outbox_tests::on_each_backend!(
+    a_failed_handler_keeps_the_database_error_it_failed_with,
     placing_an_order_emitted_exactly_this_event,
     the_memory_publisher_records_and_rejects_what_it_is_told_to,
     relayed_waits_for_the_relay_and_fails_without_one,

@@ -1,10 +1,11 @@
 //! What a consumer runs for an event: an `async fn` or a type implementing [`Handler`].
 
-use std::fmt::Display;
-
 use sea_orm::DatabaseTransaction;
 
 use super::Metadata;
+
+/// A handler's error as the consumer keeps it, with its chain of causes.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Handles events of type `E` inside the inbox's transaction.
 ///
@@ -36,8 +37,9 @@ use super::Metadata;
 /// }
 /// ```
 pub trait Handler<E>: Send + Sync + 'static {
-    /// What the handler fails with; its text goes to logs and dead letters.
-    type Error: Display;
+    /// What the handler fails with: any error type, or a `String`. Its text
+    /// and every cause under it (`source()`) go to logs and dead letters.
+    type Error: Into<BoxError>;
 
     /// Applies the event's effect through `db`, the transaction the inbox row is in.
     fn handle(
@@ -56,7 +58,7 @@ pub trait Handler<E>: Send + Sync + 'static {
 /// implemented by hand.
 pub trait HandlerFn<'a, E>: Send + Sync + 'static {
     /// The function's error type.
-    type Error: Display;
+    type Error: Into<BoxError>;
     /// The future the function returns.
     type Future: Future<Output = Result<(), Self::Error>> + Send + 'a;
 
@@ -68,7 +70,7 @@ impl<'a, E, F, Fut, Err> HandlerFn<'a, E> for F
 where
     F: Fn(E, Metadata, &'a DatabaseTransaction) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), Err>> + Send + 'a,
-    Err: Display,
+    Err: Into<BoxError>,
 {
     type Error = Err;
     type Future = Fut;
@@ -83,14 +85,14 @@ where
     F: for<'a> HandlerFn<'a, E>,
     E: Send,
 {
-    type Error = String;
+    type Error = BoxError;
 
     async fn handle(
         &self,
         event: E,
         meta: Metadata,
         db: &DatabaseTransaction,
-    ) -> Result<(), String> {
-        self.call(event, meta, db).await.map_err(|e| e.to_string())
+    ) -> Result<(), BoxError> {
+        self.call(event, meta, db).await.map_err(Into::into)
     }
 }

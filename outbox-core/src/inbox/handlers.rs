@@ -43,8 +43,8 @@ pub enum Processed {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum HandlerFailure {
-    /// The handler returned an error, kept as its text (handlers' error
-    /// types only promise `Display`).
+    /// The handler returned an error, kept as its text with its causes
+    /// (`error: cause: cause`).
     #[error("{0}")]
     Returned(String),
     /// The handler panicked; the panic's message, if it was a string.
@@ -121,10 +121,10 @@ impl Handlers {
                         std::any::type_name::<E>()
                     )
                 })?;
-                handler
-                    .handle(*event, meta, db)
-                    .await
-                    .map_err(|e| e.to_string())
+                handler.handle(*event, meta, db).await.map_err(|error| {
+                    let error: super::BoxError = error.into();
+                    crate::ErrorReport(&*error).to_string()
+                })
             })
         });
         for name in E::EVENT_TYPES {

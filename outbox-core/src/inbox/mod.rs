@@ -25,7 +25,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 pub use guard::{ConsumerGuard, Taken};
-pub use handler::{Handler, HandlerFn};
+pub use handler::{BoxError, Handler, HandlerFn};
 pub use handlers::{DuplicateHandler, HandlerFailure, Handlers, Incoming, Processed};
 pub use store::{dead_letter, purge, record, recorded};
 
