@@ -114,23 +114,15 @@ impl TestDb {
         Self { db, url, isolation }
     }
 
-    /// Another pool on this test's PostgreSQL schema, configured by `configure`
-    /// (for tests of what a relay does with a small pool).
-    ///
-    /// # Panics
-    /// On a database other than PostgreSQL.
-    pub async fn postgres_pool(
-        &self,
-        configure: impl FnOnce(&mut ConnectOptions),
-    ) -> DatabaseConnection {
-        let Isolation::Postgres { schema, .. } = &self.isolation else {
-            panic!("postgres_pool needs a PostgreSQL test database");
-        };
-        let mut options = schema_options(schema);
+    /// Another pool on this test's database, configured by `configure`
+    /// (for tests of what the relay or a consumer does with a small pool).
+    pub async fn pool(&self, configure: impl FnOnce(&mut ConnectOptions)) -> DatabaseConnection {
+        let mut options = ConnectOptions::new(&self.url);
+        options.sqlx_logging(false);
         configure(&mut options);
         Database::connect(options)
             .await
-            .expect("connect to test schema")
+            .expect("connect to the test database")
     }
 
     /// A new database on the MariaDB/MySQL server, migrated through a pool of

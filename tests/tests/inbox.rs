@@ -809,6 +809,37 @@ async fn a_second_process_of_a_running_consumer_refuses_to_start(setup: Setup) {
     setup.finish().await;
 }
 
+/// A pool of one connection cannot hold the consumer's lock and run a
+/// handler: `spawn` refuses, saying how many the consumer needs, instead of
+/// starting a consumer that handles nothing. It holds nothing afterwards: a
+/// consumer on a pool of two starts.
+async fn a_consumer_refuses_a_pool_it_would_stall_on(setup: Setup) {
+    let with_pool = async |size| {
+        let db = (setup.test)
+            .pool(|options| {
+                options
+                    .max_connections(size)
+                    .acquire_timeout(Duration::from_secs(30));
+            })
+            .await;
+        Consumer::builder(setup.nats.client.clone(), db, "ledger")
+            .namespace(setup.nats.namespace.clone())
+            .on::<Sequenced, _>(Recorder::default())
+            .spawn()
+            .await
+    };
+    match with_pool(1).await {
+        Err(error @ outbox_nats::ConsumerError::PoolTooSmall { needs: 2, .. }) => {
+            let text = error.to_string();
+            assert!(text.contains("needs at least 2 connections"), "{text}");
+        }
+        other => panic!("started on a pool of one: {other:?}"),
+    }
+    let two = with_pool(2).await.expect("starts on a pool of two");
+    two.shutdown().await.expect("stop");
+    setup.finish().await;
+}
+
 /// Signals when it starts, then takes a while.
 #[derive(Clone)]
 struct Slow {
@@ -1254,6 +1285,7 @@ outbox_tests::on_postgres_and_mysql!(
     events_emitted_by_a_handler_reach_the_outbox_only_when_it_commits,
     per_key_order_holds_with_8_in_flight_over_20_keys,
     a_second_process_of_a_running_consumer_refuses_to_start,
+    a_consumer_refuses_a_pool_it_would_stall_on,
     a_replayed_dead_letter_is_handled_again_once,
     an_events_own_headers_travel_to_the_handler,
 );

@@ -862,7 +862,7 @@ async fn a_pool_of_one_connection_falls_back_to_rounds_in_turn() {
         emit_round(setup.db(), n, 10).await.expect("commit");
     }
     let one = (setup.test)
-        .postgres_pool(|options| {
+        .pool(|options| {
             options
                 .max_connections(1)
                 .acquire_timeout(Duration::from_secs(1));

@@ -20,10 +20,35 @@
 //! [`ConsumerGuard::renew`]); a second process started in that moment could
 //! take it first, and the holder then reports it.
 
+use std::time::Duration;
+
 use sea_orm::{
     ConnAcquireErr, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr,
     Statement, TransactionTrait,
 };
+
+/// Connections a consumer needs from its pool at once on PostgreSQL and
+/// MySQL: the guard's lock keeps one for the consumer's life, handlers need
+/// at least one more (and run `max_in_flight` transactions at once when the
+/// pool has them).
+pub const CONNECTIONS_NEEDED: u32 = 2;
+
+/// Whether `db`'s pool gives [`CONNECTIONS_NEEDED`] connections at once
+/// within `wait`: checked before the guard is taken, since a consumer whose
+/// lock holds the pool's only connection would start and then handle
+/// nothing. Always `true` on SQLite, where the guard holds no connection.
+pub async fn pool_is_large_enough(db: &DatabaseConnection, wait: Duration) -> Result<bool, DbErr> {
+    if db.get_database_backend() == DbBackend::Sqlite {
+        return Ok(true);
+    }
+    let held = db.begin().await?;
+    let second = tokio::time::timeout(wait, db.ping()).await;
+    held.rollback().await?;
+    match second {
+        Err(_) | Ok(Err(DbErr::ConnectionAcquire(ConnAcquireErr::Timeout))) => Ok(false),
+        Ok(pinged) => pinged.map(|()| true),
+    }
+}
 
 /// The lock that makes a process the only one running a consumer name.
 #[derive(Debug)]

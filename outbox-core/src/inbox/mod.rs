@@ -24,7 +24,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-pub use guard::{ConsumerGuard, Taken};
+pub use guard::{CONNECTIONS_NEEDED, ConsumerGuard, Taken, pool_is_large_enough};
 pub use handler::{BoxError, Handler, HandlerFn};
 pub use handlers::{DuplicateHandler, HandlerFailure, Handlers, Incoming, Processed};
 pub use store::{dead_letter, purge, record, recorded};

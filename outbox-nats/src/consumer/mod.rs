@@ -12,13 +12,17 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::{AckPolicy, pull};
 use async_nats::jetstream::{self, Context};
 use outbox_core::OutboxEvent;
-use outbox_core::inbox::{ConsumerGuard, DuplicateHandler, Handler, Handlers, Taken};
+use outbox_core::inbox::{self, ConsumerGuard, DuplicateHandler, Handler, Handlers, Taken};
 use outbox_core::relay::Backoff;
 use sea_orm::DatabaseConnection;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::streams::{namespaced, stream_name};
+
+/// How long `spawn` waits for a second connection of the pool: longer than
+/// opening one takes, short enough that a misconfigured pool fails fast.
+const POOL_CHECK_WAIT: Duration = Duration::from_secs(5);
 
 /// How a consumer runs; set through [`ConsumerBuilder`], whose methods give
 /// the defaults.
@@ -110,6 +114,21 @@ pub enum ConsumerError {
         "consumer `{0}` is already running in another process; run one process per consumer name (per-key order depends on it)"
     )]
     AlreadyRunning(String),
+    /// The database pool cannot hold the consumer's lock and run a handler
+    /// at once: started, the consumer would handle nothing.
+    #[error(
+        "consumer `{consumer}` needs at least {needs} connections of its database pool at once \
+         (one holds its lock, the others run handlers: max_in_flight + 2 for full speed), but the \
+         pool gave no second connection within {waited:?}; raise the pool's max_connections"
+    )]
+    PoolTooSmall {
+        /// The consumer.
+        consumer: String,
+        /// The connections it needs at least.
+        needs: u32,
+        /// How long it waited for the second one.
+        waited: Duration,
+    },
     /// The database could not be asked for the consumer's lock.
     #[error("cannot take the lock of consumer `{consumer}` in the database")]
     Guard {
@@ -302,14 +321,23 @@ impl ConsumerBuilder {
         let context = jetstream::new(self.client.clone());
         let (stream_handle, consumer) =
             durable(&context, &stream, &self.name, &filters, &self.config).await?;
+        let guard_error = |source| ConsumerError::Guard {
+            consumer: self.name.clone(),
+            source,
+        };
+        let waited = POOL_CHECK_WAIT;
+        if !(inbox::pool_is_large_enough(&self.db, waited).await).map_err(guard_error)? {
+            return Err(ConsumerError::PoolTooSmall {
+                consumer: self.name,
+                needs: inbox::CONNECTIONS_NEEDED,
+                waited,
+            });
+        }
         // Taken last: nothing after it can fail, so a held lock is never left
         // behind by a failed `spawn` (MySQL's would stay on a pooled connection).
         let (guard, taken) = ConsumerGuard::take(&self.db, &self.name)
             .await
-            .map_err(|source| ConsumerError::Guard {
-                consumer: self.name.clone(),
-                source,
-            })?;
+            .map_err(guard_error)?;
         if taken == Taken::Elsewhere {
             return Err(ConsumerError::AlreadyRunning(self.name));
         }
