@@ -40,4 +40,7 @@ mod streams;
 pub use connect::{ConnectError, NatsAuth, NatsConfig, NatsTls, Secret};
 pub use consumer::{Consumer, ConsumerBuilder, ConsumerError, ConsumerHandle};
 pub use publisher::{InvalidHeader, JetStreamPublisher, headers};
-pub use streams::{ProvisionError, StreamSettings, StreamSpec, provision, streams_from_registry};
+pub use streams::{
+    ProvisionError, RegistryStreamsError, StreamSettings, StreamSpec, provision,
+    streams_from_registry,
+};

@@ -118,11 +118,39 @@ pub(crate) fn namespaced(subject: &str, namespace: Option<&str>) -> String {
     }
 }
 
+/// Why the registry gives no streams to provision.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegistryStreamsError {
+    /// Two event types conflict; the error names both.
+    #[error(transparent)]
+    Conflict(#[from] RegistryError),
+    /// No event type is registered in this program.
+    #[error(
+        "the event registry is empty: no `#[derive(OutboxEvent)]` type is linked into this \
+         program. A type registers only when the binary links the crate that defines it, and \
+         the linker drops a crate the binary never names: reference it from the binary (name \
+         one of its items, or `extern crate my_events;`), or list the streams yourself with \
+         `StreamSpec::for_exchange`"
+    )]
+    Empty,
+}
+
 /// The streams of every event type in the program's registry, after checking
 /// that no two types conflict (the error names both).
-pub fn streams_from_registry(namespace: Option<&str>) -> Result<Vec<StreamSpec>, RegistryError> {
+///
+/// An empty registry is an error, not an empty list: it means the crate
+/// that derives the events is not linked into this binary (see
+/// [`RegistryStreamsError::Empty`]), and provisioning nothing would leave
+/// every publish to be rejected later.
+pub fn streams_from_registry(
+    namespace: Option<&str>,
+) -> Result<Vec<StreamSpec>, RegistryStreamsError> {
     let registry = outbox_core::registry();
     registry.validate()?;
+    if registry.iter().next().is_none() {
+        return Err(RegistryStreamsError::Empty);
+    }
     let mut streams: BTreeMap<String, StreamSpec> = BTreeMap::new();
     for event in registry.iter() {
         let spec = StreamSpec::for_exchange(event.stream, event.exchange, namespace);

@@ -234,12 +234,36 @@ async fn a_wrong_password_or_a_missing_credentials_file_ends_the_relay_with_a_cl
         stderr.contains("empty entry") && !stderr.contains("secret-2b"),
         "{stderr}"
     );
+}
 
-    let negative = outbox(path, &["relay", "--database-url", &url])
-        .args(["--poll-interval", "-1"])
-        .output()
-        .expect("run outbox relay");
-    assert_eq!(negative.status.code(), Some(2), "{negative:?}");
-    let stderr = String::from_utf8_lossy(&negative.stderr);
-    assert!(stderr.contains("--poll-interval"), "{stderr}");
+/// An option out of its range ends the relay at once, naming the option and
+/// the range: a poll interval of 0 would busy-poll, a batch of 20000 was
+/// silently cut to 10000.
+#[test]
+fn an_option_out_of_range_is_refused_naming_it_and_its_range() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path();
+    let url = format!("sqlite://{}?mode=rwc", path.join("outbox.sqlite").display());
+    for (option, value, range) in [
+        ("--poll-interval", "-1", "0 or more"),
+        ("--poll-interval", "0", "0.01 to 3600"),
+        ("--batch-size", "20000", "1..=10000"),
+        ("--batch-size", "0", "1..=10000"),
+        ("--max-attempts", "0", "1.."),
+    ] {
+        let refused = outbox(path, &["relay", "--database-url", &url])
+            .args([option, value])
+            .output()
+            .expect("run outbox relay");
+        assert_eq!(
+            refused.status.code(),
+            Some(2),
+            "{option} {value}: {refused:?}"
+        );
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            stderr.contains(option) && stderr.contains(range),
+            "{option} {value}: {stderr}"
+        );
+    }
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::stream::StorageType;
 use clap::ValueEnum;
-use outbox_core::relay::Relay;
+use outbox_core::relay::{MAX_BATCH_SIZE, Relay};
 use outbox_nats::{JetStreamPublisher, StreamSettings, StreamSpec, provision};
 use sea_orm::DatabaseConnection;
 
@@ -34,14 +34,16 @@ pub(crate) struct RelayArgs {
     /// Prefix of every subject and stream name.
     #[arg(long, env = "OUTBOX_NAMESPACE")]
     namespace: Option<String>,
-    /// Events per round.
-    #[arg(long, env = "OUTBOX_BATCH_SIZE", default_value_t = 2_000)]
+    /// Events per round (1 to 10000).
+    #[arg(long, env = "OUTBOX_BATCH_SIZE", default_value_t = 2_000,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_BATCH_SIZE as u64))]
     batch_size: usize,
-    /// Attempts before a rejected event is dead-lettered.
-    #[arg(long, env = "OUTBOX_MAX_ATTEMPTS", default_value_t = 10)]
+    /// Attempts before a rejected event is dead-lettered (1 or more).
+    #[arg(long, env = "OUTBOX_MAX_ATTEMPTS", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..))]
     max_attempts: u32,
-    /// Seconds between polls when nothing else wakes the relay.
-    #[arg(long, env = "OUTBOX_POLL_INTERVAL", default_value_t = 1.0, value_parser = parse_seconds, allow_hyphen_values = true)]
+    /// Seconds between polls when nothing else wakes the relay (0.01 to 3600).
+    #[arg(long, env = "OUTBOX_POLL_INTERVAL", default_value_t = 1.0, value_parser = parse_poll_interval, allow_hyphen_values = true)]
     poll_interval: f64,
     /// Deleted events between the relay's own `VACUUM outbox_messages`
     /// (PostgreSQL; 0: never, leaving it to autovacuum).
@@ -83,6 +85,14 @@ pub(crate) fn parse_seconds(value: &str) -> Result<f64, String> {
     match value.parse::<f64>() {
         Ok(seconds) if seconds.is_finite() && seconds >= 0.0 => Ok(seconds),
         _ => Err(format!("`{value}` is not a number of seconds (0 or more)")),
+    }
+}
+
+/// A poll interval: 0 would poll without pause, a busy loop.
+fn parse_poll_interval(value: &str) -> Result<f64, String> {
+    match parse_seconds(value)? {
+        seconds if (0.01..=3600.0).contains(&seconds) => Ok(seconds),
+        _ => Err(format!("`{value}` is outside 0.01 to 3600 seconds")),
     }
 }
 
