@@ -12,12 +12,14 @@
 //! the end) and NATS (`NATS_URL`, default `127.0.0.1:4222`; streams under a
 //! namespace of their own, deleted at the end).
 
+use outbox_core::uuid;
+use outbox_nats::async_nats;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream;
 use outbox_core::inbox::Metadata;
 use outbox_core::relay::Relay;
 use outbox_core::{OutboxEvent, emit, transactional};
+use outbox_nats::async_nats::jetstream;
 use outbox_nats::{Consumer, JetStreamPublisher, provision, streams_from_registry};
 use sea_orm::{
     ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, DbErr,

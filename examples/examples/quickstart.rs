@@ -7,12 +7,15 @@
 //! a server on 127.0.0.1:4222, else a private `nats-server -js` started from
 //! PATH for the run.
 
+use outbox_nats::async_nats;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull::OrderedConfig};
 use futures::StreamExt;
 use outbox_core::relay::Relay;
 use outbox_core::{OutboxEvent, emit, transactional};
+use outbox_nats::async_nats::jetstream::{
+    self, consumer::DeliverPolicy, consumer::pull::OrderedConfig,
+};
 use outbox_nats::{JetStreamPublisher, provision, streams_from_registry};
 use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbErr, Statement};
 

@@ -63,6 +63,10 @@ pub use migration::{check_schema, migrate, migrations};
 pub use registry::{EventDescriptor, registry};
 pub use signal::{CommitSignal, wake_relays};
 
+/// The `uuid` crate (with `v7`) of the ids `emit!` returns and the inbox
+/// keys on: `outbox_core::uuid::Uuid`, without a dependency of your own.
+pub use uuid;
+
 /// Derives [`OutboxEvent`] for a struct or an enum.
 ///
 /// ```

@@ -8,7 +8,9 @@
 //!   inbox (`outbox_core::inbox`), so that each handler's effect happens once per event.
 //! - [`NatsConfig`] connects to a server list with credentials and TLS,
 //!   waiting for NATS at the first connection.
-//! - The `outbox` command (feature `cli`, on by default) runs a relay as its own process.
+//! - The `outbox` command (feature `cli`, off by default: a library user gets
+//!   neither clap nor the other databases' drivers) runs a relay as its own
+//!   process: `cargo install outbox-nats --features cli`.
 //!
 //! Metrics go through the `metrics` facade. To serve them to Prometheus from
 //! an application running a relay and consumers, install an exporter before
@@ -20,6 +22,8 @@
 //! # async fn run(db: sea_orm::DatabaseConnection) -> Result<(), Box<dyn std::error::Error>> {
 //! use outbox_core::relay::Relay;
 //! use outbox_nats::{JetStreamPublisher, provision, streams_from_registry};
+//!
+//! use outbox_nats::async_nats;
 //!
 //! let publisher = JetStreamPublisher::new(async_nats::connect("127.0.0.1:4222").await?);
 //! let relay = Relay::builder(db, publisher.clone()).build();
@@ -36,6 +40,12 @@ mod connect;
 mod consumer;
 mod publisher;
 mod streams;
+
+/// The async-nats this crate is built against. Its `Client` is what
+/// [`JetStreamPublisher`] and [`Consumer`] take: use this one
+/// (`outbox_nats::async_nats::connect`), or depend on the same version
+/// (0.52), or the compiler will see two different `Client` types.
+pub use async_nats;
 
 pub use connect::{ConnectError, NatsAuth, NatsConfig, NatsTls, Secret};
 pub use consumer::{Consumer, ConsumerBuilder, ConsumerError, ConsumerHandle};

@@ -11,6 +11,7 @@
 //! Each variant reads the whole stream through a durable consumer of its
 //! own; the three run in turn, `repeat` times, and the medians are reported.
 
+use outbox_nats::async_nats;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -18,12 +19,12 @@ use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
 use outbox_core::inbox::{Handler, Metadata};
+use outbox_core::uuid::Uuid;
 use outbox_nats::{Consumer, ConsumerHandle};
 use sea_orm::{
     ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, Statement,
     TransactionTrait,
 };
-use uuid::Uuid;
 
 use super::{BenchEvent, BoxError, ServiceCpu, own_cpu_seconds, round, round3};
 

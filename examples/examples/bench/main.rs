@@ -15,27 +15,28 @@
 
 mod consumer;
 
+use outbox_nats::async_nats;
 use std::collections::HashMap;
 use std::future::IntoFuture;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_nats::HeaderMap;
-use async_nats::jetstream::Context;
-use async_nats::jetstream::message::PublishMessage;
 use clap::Parser;
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
 use outbox_core::entity::outbox_message;
 use outbox_core::relay::{Batch, Delivery, Publisher, Relay};
+use outbox_core::uuid::Uuid;
 use outbox_core::{OutboxEvent, emit, transactional};
+use outbox_nats::async_nats::HeaderMap;
+use outbox_nats::async_nats::jetstream::Context;
+use outbox_nats::async_nats::jetstream::message::PublishMessage;
 use outbox_nats::{JetStreamPublisher, StreamSpec, provision};
 use sea_orm::ActiveValue::Set;
 use sea_orm::{
     ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, EntityTrait,
     QueryOrder, QuerySelect, Statement, TransactionTrait,
 };
-use uuid::Uuid;
 
 #[derive(Parser, Debug)]
 #[command(

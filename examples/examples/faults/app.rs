@@ -5,11 +5,11 @@
 use std::time::Duration;
 
 use outbox_core::inbox::Metadata;
+use outbox_core::uuid::Uuid;
 use outbox_core::{OutboxEvent, emit, transactional};
 use sea_orm::{
     ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, Statement, Value,
 };
-use uuid::Uuid;
 
 /// Step `seq` of an order; the order's steps must take effect in order.
 #[derive(Debug, serde::Serialize, serde::Deserialize, OutboxEvent)]

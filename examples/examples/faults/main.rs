@@ -1,7 +1,7 @@
 //! The fault suite: every delivery guarantee checked by breaking real processes.
 //!
 //! ```text
-//! cargo build -p outbox-nats --bin outbox
+//! cargo build -p outbox-nats --features cli --bin outbox
 //! cargo run --example faults                  # short mode: 20 s of faults per scenario
 //! cargo run --example faults -- --seconds 300 # long mode
 //! ```
@@ -126,7 +126,7 @@ async fn suite(cli: &Cli) -> Result<bool> {
     };
     if !outbox_bin.exists() {
         return Err(format!(
-            "{} is missing: build it first (cargo build -p outbox-nats --bin outbox)",
+            "{} is missing: build it first (cargo build -p outbox-nats --features cli --bin outbox)",
             outbox_bin.display()
         )
         .into());

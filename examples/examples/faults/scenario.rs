@@ -2,13 +2,15 @@
 //! as `outbox` processes, the consumer as a process of its own, a producer,
 //! and faults injected while events flow; then the verdict.
 
+use outbox_core::uuid;
+use outbox_nats::async_nats;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use async_nats::jetstream;
+use outbox_nats::async_nats::jetstream;
 use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection};
 use tokio::time::Instant;
 

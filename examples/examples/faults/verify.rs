@@ -1,9 +1,10 @@
 //! The checks at the end of a scenario, from outside: the stream read with
 //! plain async-nats, the database with plain SQL.
 
+use outbox_nats::async_nats;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use async_nats::jetstream;
+use outbox_nats::async_nats::jetstream;
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 
 use crate::procs::Result;
