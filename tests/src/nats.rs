@@ -189,12 +189,14 @@ impl PrivateNats {
     }
 }
 
+/// `NATS_SERVER` if set (CI points it at the current release), else
+/// Debian's, else the one on PATH.
 fn binary() -> PathBuf {
     let sbin = PathBuf::from("/usr/sbin/nats-server");
-    if sbin.exists() {
-        sbin
-    } else {
-        PathBuf::from("nats-server")
+    match std::env::var_os("NATS_SERVER") {
+        Some(path) => PathBuf::from(path),
+        None if sbin.exists() => sbin,
+        None => PathBuf::from("nats-server"),
     }
 }
 

@@ -144,7 +144,7 @@ impl Nats {
             let file = store.join("nats.conf");
             std::fs::write(&file, config)?;
             let args = vec!["-c".into(), file.into_os_string()];
-            let node = Proc::new(&format!("nats-{i}"), Path::new(binary()), args, dir);
+            let node = Proc::new(&format!("nats-{i}"), &binary(), args, dir);
             nodes.push((node, *port));
         }
         Ok(Self { nodes })
@@ -178,11 +178,13 @@ impl Nats {
     }
 }
 
-fn binary() -> &'static str {
-    if Path::new("/usr/sbin/nats-server").exists() {
-        "/usr/sbin/nats-server"
-    } else {
-        "nats-server"
+/// `NATS_SERVER` if set (CI points it at the current release), else
+/// Debian's, else the one on PATH.
+fn binary() -> PathBuf {
+    match std::env::var_os("NATS_SERVER") {
+        Some(path) => PathBuf::from(path),
+        None if Path::new("/usr/sbin/nats-server").exists() => "/usr/sbin/nats-server".into(),
+        None => "nats-server".into(),
     }
 }
 
