@@ -50,6 +50,7 @@ pub mod registry;
 pub mod relay;
 mod scope;
 mod signal;
+mod status;
 mod subject;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -62,6 +63,7 @@ pub use event::OutboxEvent;
 pub use migration::{check_schema, migrate, migrations};
 pub use registry::{EventDescriptor, registry};
 pub use signal::{CommitSignal, wake_relays};
+pub use status::{ConsumerStatus, Status, status};
 
 /// The `uuid` crate (with `v7`) of the ids `emit!` returns and the inbox
 /// keys on: `outbox_core::uuid::Uuid`, without a dependency of your own.

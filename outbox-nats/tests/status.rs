@@ -79,3 +79,118 @@ async fn status_reports_json_and_exits_1_when_a_threshold_is_breached() {
         "{stderr}"
     );
 }
+
+/// Commits one event for later.
+#[outbox_core::transactional]
+async fn schedule_one(
+    db: &sea_orm::DatabaseConnection,
+    at: chrono::DateTime<chrono::Utc>,
+) -> outbox_core::Result<()> {
+    outbox_core::emit!(
+        OrderCreated {
+            order_id: 9,
+            total_cents: 1
+        },
+        at = at
+    );
+    Ok(())
+}
+
+/// Besides the relay's side, `status` reports the events scheduled for
+/// later and each consumer's dead letters, in text and JSON, and
+/// `--max-dead-letters` breaches on a consumer's as on the relay's.
+#[tokio::test]
+async fn status_reports_scheduled_events_and_each_consumers_dead_letters() {
+    use outbox_core::entity::inbox_dead_letter;
+    use sea_orm::EntityTrait;
+
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let url = format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("outbox.sqlite").display()
+    );
+    let db = Database::connect(&url).await.expect("open SQLite");
+    outbox_core::migrate(&db).await.expect("migrate");
+    let due = chrono::Utc::now() + chrono::Duration::hours(1);
+    schedule_one(&db, due).await.expect("schedule");
+    for (consumer, sequence) in [("billing", 1), ("billing", 2), ("shipping", 3)] {
+        let letter = inbox_dead_letter::Model {
+            id: uuid::Uuid::now_v7(),
+            consumer: consumer.into(),
+            stream: "ORDERS".into(),
+            stream_sequence: sequence,
+            subject: "orders.created".into(),
+            event_id: Some(uuid::Uuid::now_v7()),
+            event_type: Some("OrderCreated".into()),
+            event_version: Some(1),
+            partition_key: None,
+            payload: b"{}".to_vec(),
+            headers: "{}".into(),
+            reason: "handler_failed".into(),
+            error: "rejected".into(),
+            deliveries: 5,
+            failed_at: chrono::Utc::now(),
+            replay_requested_at: (sequence == 2).then(chrono::Utc::now),
+        };
+        inbox_dead_letter::Entity::insert(inbox_dead_letter::ActiveModel::from(letter))
+            .exec(&db)
+            .await
+            .expect("a dead letter");
+    }
+    db.close().await.expect("close");
+
+    let within = status(&url, &["--json", "--max-dead-letters", "2"]);
+    assert_eq!(within.status.code(), Some(0), "{within:?}");
+    let json = report(&within);
+    assert_eq!(json["scheduled"], 1);
+    assert!(json["next_scheduled"].is_string(), "{json}");
+    assert_eq!(json["dead_letters"], 0);
+    assert_eq!(json["inbox_dead_letters"], 3);
+    assert_eq!(
+        json["consumers"],
+        serde_json::json!([
+            {"name": "billing", "dead_letters": 2, "replay_requested": 1},
+            {"name": "shipping", "dead_letters": 1, "replay_requested": 0},
+        ])
+    );
+
+    let breached = status(&url, &["--max-dead-letters", "1"]);
+    assert_eq!(breached.status.code(), Some(1), "{breached:?}");
+    let text = String::from_utf8_lossy(&breached.stdout);
+    for line in [
+        "scheduled:      1 (next due ",
+        "consumer dead letters: 3",
+        "  billing: 2 (1 replay requested)",
+        "  shipping: 1 (0 replay requested)",
+        "breached:       max_dead_letters",
+    ] {
+        assert!(text.contains(line), "no `{line}` in:\n{text}");
+    }
+}
+
+/// A database that refuses connections: `status` is a probe and fails
+/// within its own short timeout, naming the server and the cause, never
+/// the password (the pool alone said "pool timed out" after 30 s).
+#[test]
+fn status_on_an_unreachable_database_names_the_server_and_the_cause() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port();
+    let url = format!("postgres://app:pw-9f1c@127.0.0.1:{port}/app");
+    let started = std::time::Instant::now();
+    let output = status(&url, &[]);
+    let took = started.elapsed();
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("cannot reach the database at 127.0.0.1:{port}"))
+            && stderr.to_lowercase().contains("refused"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("pw-9f1c"),
+        "the password reached: {stderr}"
+    );
+    assert!(took < std::time::Duration::from_secs(20), "took {took:?}");
+}

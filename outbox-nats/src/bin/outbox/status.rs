@@ -3,6 +3,8 @@
 
 use std::process::ExitCode;
 
+use chrono::Utc;
+use outbox_core::Status;
 use sea_orm::DatabaseConnection;
 
 use crate::relay::parse_seconds;
@@ -18,6 +20,38 @@ pub(crate) struct StatusArgs {
     /// Breached when the oldest pending event is older than this many seconds.
     #[arg(long, value_parser = parse_seconds, allow_hyphen_values = true)]
     max_age: Option<f64>,
+    /// Breached when the relay, or any one consumer, has more dead letters than this.
+    #[arg(long)]
+    max_dead_letters: Option<u64>,
+}
+
+/// Seconds from `time` to now, 0 for a time ahead.
+fn age(time: chrono::DateTime<Utc>) -> f64 {
+    (Utc::now() - time).num_milliseconds().max(0) as f64 / 1e3
+}
+
+/// The thresholds `status` breaches.
+fn breached(args: &StatusArgs, status: &Status) -> Vec<&'static str> {
+    let mut breached = Vec::new();
+    if args
+        .max_pending
+        .is_some_and(|max| status.outbox.pending > max)
+    {
+        breached.push("max_pending");
+    }
+    if let (Some(max), Some(oldest)) = (args.max_age, status.outbox.oldest_pending)
+        && age(oldest) > max
+    {
+        breached.push("max_age");
+    }
+    let most_dead = (status.consumers.iter().map(|c| c.dead_letters))
+        .chain([status.outbox.dead_letters])
+        .max()
+        .unwrap_or(0);
+    if args.max_dead_letters.is_some_and(|max| most_dead > max) {
+        breached.push("max_dead_letters");
+    }
+    breached
 }
 
 pub(crate) async fn run(
@@ -25,34 +59,49 @@ pub(crate) async fn run(
     args: &StatusArgs,
 ) -> Result<ExitCode, Box<dyn std::error::Error>> {
     outbox_core::check_schema(db).await?;
-    let stats = outbox_core::relay::stats(db).await?;
-    let age = (stats.oldest_pending)
-        .map(|oldest| (chrono::Utc::now() - oldest).num_milliseconds().max(0) as f64 / 1e3);
-    let mut breached = Vec::new();
-    if args.max_pending.is_some_and(|max| stats.pending > max) {
-        breached.push("max_pending");
-    }
-    if let (Some(max), Some(age)) = (args.max_age, age)
-        && age > max
-    {
-        breached.push("max_age");
-    }
+    let status = outbox_core::status(db).await?;
+    let breached = breached(args, &status);
+    let outbox = &status.outbox;
     if args.json {
+        let consumers: Vec<_> = (status.consumers.iter())
+            .map(|consumer| {
+                serde_json::json!({
+                    "name": consumer.name,
+                    "dead_letters": consumer.dead_letters,
+                    "replay_requested": consumer.replay_requested,
+                })
+            })
+            .collect();
         let report = serde_json::json!({
-            "pending": stats.pending,
-            "oldest_pending": stats.oldest_pending,
-            "oldest_pending_age_seconds": age,
-            "dead_letters": stats.dead_letters,
+            "pending": outbox.pending,
+            "oldest_pending": outbox.oldest_pending,
+            "oldest_pending_age_seconds": outbox.oldest_pending.map(age),
+            "dead_letters": outbox.dead_letters,
+            "scheduled": status.scheduled,
+            "next_scheduled": status.next_scheduled,
+            "inbox_dead_letters": status.inbox_dead_letters(),
+            "consumers": consumers,
             "breached": breached,
         });
         println!("{report}");
     } else {
-        println!("pending events: {}", stats.pending);
-        match (stats.oldest_pending, age) {
-            (Some(oldest), Some(age)) => println!("oldest pending: {oldest} ({age:.0}s ago)"),
-            _ => println!("oldest pending: -"),
+        println!("pending events: {}", outbox.pending);
+        match outbox.oldest_pending {
+            Some(oldest) => println!("oldest pending: {oldest} ({:.0}s ago)", age(oldest)),
+            None => println!("oldest pending: -"),
         }
-        println!("dead letters:   {}", stats.dead_letters);
+        println!("dead letters:   {} (relay)", outbox.dead_letters);
+        match status.next_scheduled {
+            Some(next) => println!("scheduled:      {} (next due {next})", status.scheduled),
+            None => println!("scheduled:      0"),
+        }
+        println!("consumer dead letters: {}", status.inbox_dead_letters());
+        for consumer in &status.consumers {
+            println!(
+                "  {}: {} ({} replay requested)",
+                consumer.name, consumer.dead_letters, consumer.replay_requested
+            );
+        }
         if !breached.is_empty() {
             println!("breached:       {}", breached.join(", "));
         }

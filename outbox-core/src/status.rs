@@ -1,0 +1,92 @@
+//! What an operator asks of the outbox at once: the relay's backlog and dead
+//! letters, the events scheduled for later, and each consumer's dead letters.
+
+use chrono::{DateTime, Utc};
+use sea_orm::sea_query::{Expr, Func, SimpleExpr};
+use sea_orm::{ConnectionTrait, DbErr, EntityTrait, PaginatorTrait, QueryOrder, QuerySelect};
+
+use crate::entity::{inbox_dead_letter, outbox_scheduled};
+use crate::relay::{OutboxStats, stats};
+
+/// A snapshot of every outbox table, for `outbox status` and health checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Status {
+    /// The relay's side: pending events, the oldest one, its dead letters.
+    pub outbox: OutboxStats,
+    /// Events emitted for later, not due yet (`emit!(event, at = ..)`).
+    pub scheduled: u64,
+    /// When the earliest of them comes due.
+    pub next_scheduled: Option<DateTime<Utc>>,
+    /// Each consumer that has dead letters, by name.
+    pub consumers: Vec<ConsumerStatus>,
+}
+
+/// One consumer's share of the inbox dead letters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConsumerStatus {
+    /// The consumer name.
+    pub name: String,
+    /// Its messages in `outbox_inbox_dead_letters`.
+    pub dead_letters: u64,
+    /// Of those, how many an operator handed back for replay, not yet taken.
+    pub replay_requested: u64,
+}
+
+impl Status {
+    /// Dead letters of every consumer together.
+    pub fn inbox_dead_letters(&self) -> u64 {
+        self.consumers.iter().map(|c| c.dead_letters).sum()
+    }
+}
+
+/// Reads the snapshot: a few indexed counts, nothing that scans the inbox.
+///
+/// ```no_run
+/// # async fn run(db: sea_orm::DatabaseConnection) -> Result<(), sea_orm::DbErr> {
+/// let status = outbox_core::status(&db).await?;
+/// println!("{} pending, {} consumer dead letters", status.outbox.pending, status.inbox_dead_letters());
+/// # Ok(()) }
+/// ```
+pub async fn status<C: ConnectionTrait>(db: &C) -> Result<Status, DbErr> {
+    let next_scheduled: Option<Option<DateTime<Utc>>> = outbox_scheduled::Entity::find()
+        .select_only()
+        .column_as(
+            SimpleExpr::from(Func::min(Expr::col(outbox_scheduled::Column::DeliverAt))),
+            "next",
+        )
+        .into_tuple()
+        .one(db)
+        .await?;
+    use inbox_dead_letter::Column;
+    let consumers: Vec<(String, i64, i64)> = inbox_dead_letter::Entity::find()
+        .select_only()
+        .column(Column::Consumer)
+        .column_as(
+            SimpleExpr::from(Func::count(Expr::col(Column::Id))),
+            "dead_letters",
+        )
+        // COUNT of a column counts the rows where it is not NULL.
+        .column_as(
+            SimpleExpr::from(Func::count(Expr::col(Column::ReplayRequestedAt))),
+            "replay_requested",
+        )
+        .group_by(Column::Consumer)
+        .order_by_asc(Column::Consumer)
+        .into_tuple()
+        .all(db)
+        .await?;
+    Ok(Status {
+        outbox: stats(db).await?,
+        scheduled: outbox_scheduled::Entity::find().count(db).await?,
+        next_scheduled: next_scheduled.flatten(),
+        consumers: (consumers.into_iter())
+            .map(|(name, dead_letters, replay_requested)| ConsumerStatus {
+                name,
+                dead_letters: u64::try_from(dead_letters).unwrap_or(0),
+                replay_requested: u64::try_from(replay_requested).unwrap_or(0),
+            })
+            .collect(),
+    })
+}
