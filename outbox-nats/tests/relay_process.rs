@@ -267,3 +267,50 @@ fn an_option_out_of_range_is_refused_naming_it_and_its_range() {
         );
     }
 }
+
+/// A relay whose database refuses connections waits for it, as it waits for
+/// NATS: it logs the server and the cause at once (never the password),
+/// keeps running, and stops cleanly on SIGTERM.
+#[test]
+fn a_relay_waits_for_an_unreachable_database_and_says_why() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path();
+    let port = free_port();
+    let url = format!("postgres://app:pw-77e0@127.0.0.1:{port}/app");
+    let log = std::fs::File::create(path.join("relay.log")).expect("log file");
+    let mut relay = outbox(path, &["relay", "--database-url", &url])
+        .stdout(log.try_clone().expect("log file"))
+        .stderr(log)
+        .spawn()
+        .expect("start outbox relay");
+    let wanted = format!("cannot reach the database at 127.0.0.1:{port}");
+    let mut text = String::new();
+    for _ in 0..200 {
+        text = std::fs::read_to_string(path.join("relay.log")).expect("read the log");
+        if text.contains(&wanted) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        text.contains("the database is unreachable; retrying until it is")
+            && text.contains(&wanted)
+            && text.to_lowercase().contains("refused"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("pw-77e0"),
+        "the password reached the log: {text}"
+    );
+    assert!(
+        relay.try_wait().expect("poll").is_none(),
+        "it gave up: {text}"
+    );
+    let term = Command::new("kill")
+        .args(["-TERM", &relay.id().to_string()])
+        .status()
+        .expect("send SIGTERM");
+    assert!(term.success());
+    let status = relay.wait().expect("wait for the relay");
+    assert_eq!(status.code(), Some(0), "{text}");
+}

@@ -8,6 +8,7 @@
 //! outbox dead-letters replay --event-type OrderCreated --database-url postgres://...
 //! ```
 
+mod database;
 mod dead_letters;
 mod nats;
 mod relay;
@@ -16,7 +17,6 @@ mod status;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use sea_orm::Database;
 
 #[derive(Parser)]
 #[command(version, about = "Relay and inspect a transactional outbox")]
@@ -92,7 +92,15 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let url = cli
         .database_url
         .ok_or("no database: pass --database-url or set DATABASE_URL")?;
-    let db = Database::connect(&url).await?;
+    let patience = match cli.command {
+        Command::Relay(_) => database::Patience::Wait,
+        _ => database::Patience::Probe,
+    };
+    // Interruptible while the relay waits for the database.
+    let db = tokio::select! {
+        db = database::open(&url, patience) => db?,
+        () = relay::shutdown_signal() => return Ok(ExitCode::SUCCESS),
+    };
     match cli.command {
         Command::Migrate => {
             outbox_core::migrate(&db).await?;
