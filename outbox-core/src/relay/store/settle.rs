@@ -56,6 +56,17 @@ pub(in crate::relay) async fn settle<C: ConnectionTrait>(
                 dead.push(dead_letter(event, error, now));
             }
             Some(Delivery::Rejected(error)) => {
+                // The first rejection is worth a line: a dead letter would
+                // say so only after every retry, minutes later.
+                if event.attempts == 0 {
+                    tracing::warn!(
+                        event_id = %event.id,
+                        event_type = %event.event_type,
+                        subject = %event.subject,
+                        error = %error,
+                        "the broker rejected an event; it will be retried"
+                    );
+                }
                 let attempts = event.attempts.saturating_add(1);
                 if u32::try_from(attempts).unwrap_or(u32::MAX) >= config.max_attempts {
                     dead.push(dead_letter(event, error, now));
@@ -95,8 +106,8 @@ pub(in crate::relay) async fn settle<C: ConnectionTrait>(
         let ids: Vec<Uuid> = dead.iter().filter_map(|d| d.id.clone().take()).collect();
         for letter in &dead {
             tracing::warn!(
-                event_id = ?letter.id.as_ref(),
-                error = ?letter.last_error.as_ref(),
+                event_id = %letter.id.as_ref(),
+                error = %letter.last_error.as_ref(),
                 "event dead-lettered"
             );
         }
