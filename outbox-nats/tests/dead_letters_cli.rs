@@ -162,6 +162,14 @@ async fn an_inbox_dead_letter_replayed_from_the_command_line_is_handed_back() {
     assert_eq!(shown["payload"], "not json");
     assert_eq!(shown["headers"]["Nats-Msg-Id"], "x");
     assert_eq!(shown["deliveries"], 5);
+    // By the event's id too: the one that stays when a failed replay makes
+    // a new dead letter (a new id) of the same event.
+    let by_event: serde_json::Value = serde_json::from_str(&stdout(&outbox(
+        &url,
+        &["show", "--inbox", &event_id.to_string()],
+    )))
+    .expect("one JSON record");
+    assert_eq!(by_event["id"], letter.id.to_string());
 
     let replayed = stdout(&outbox(
         &url,

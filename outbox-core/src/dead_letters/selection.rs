@@ -29,7 +29,11 @@ impl Selection {
         Self::default()
     }
 
-    /// The dead letter with this id (an error if there is none).
+    /// The dead letter with this id (an error if there is none): a dead
+    /// letter's own id, or the id of the event it holds. The relay's dead
+    /// letters are keyed by their event's id; a consumer's have ids of their
+    /// own, new at each failed replay, so the event's id is the one that
+    /// lasts (and selects that event's dead letter at every consumer).
     pub fn id(id: Uuid) -> Self {
         Self {
             id: Some(id),
@@ -71,13 +75,17 @@ impl Selection {
     pub(super) fn condition<C: ColumnTrait>(
         &self,
         id: C,
+        event_id: Option<C>,
         event_type: C,
         failed_at: C,
         consumer: Option<C>,
     ) -> Condition {
         let mut condition = Condition::all();
         if let Some(value) = self.id {
-            condition = condition.add(id.eq(value));
+            condition = condition.add(match event_id {
+                Some(event_id) => Condition::any().add(id.eq(value)).add(event_id.eq(value)),
+                None => Condition::all().add(id.eq(value)),
+            });
         }
         if let Some(value) = &self.event_type {
             condition = condition.add(event_type.eq(value.clone()));

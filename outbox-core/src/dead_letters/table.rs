@@ -40,7 +40,7 @@ impl Table for dead_letter::Entity {
 
     fn condition(selection: &Selection) -> Condition {
         let event_type = dead_letter::Column::EventType;
-        selection.condition(Self::ID, event_type, Self::FAILED_AT, None)
+        selection.condition(Self::ID, None, event_type, Self::FAILED_AT, None)
     }
 
     fn id(model: &dead_letter::Model) -> Uuid {
@@ -55,7 +55,14 @@ impl Table for inbox_dead_letter::Entity {
     fn condition(selection: &Selection) -> Condition {
         use inbox_dead_letter::Column;
         let consumer = Some(Column::Consumer);
-        selection.condition(Self::ID, Column::EventType, Self::FAILED_AT, consumer)
+        let event_id = Some(Column::EventId);
+        selection.condition(
+            Self::ID,
+            event_id,
+            Column::EventType,
+            Self::FAILED_AT,
+            consumer,
+        )
     }
 
     fn id(model: &inbox_dead_letter::Model) -> Uuid {
@@ -63,7 +70,9 @@ impl Table for inbox_dead_letter::Entity {
     }
 }
 
-/// The dead letter `id` of table `T`, in full.
+/// The dead letter `id` of table `T`, in full: `id` is the dead letter's
+/// own or its event's (see [`Selection::id`]); of several consumers' dead
+/// letters of one event, the latest.
 ///
 /// ```no_run
 /// # async fn run(db: sea_orm::DatabaseConnection, id: uuid::Uuid) -> Result<(), outbox_core::dead_letters::DeadLetterError> {
@@ -77,7 +86,11 @@ pub async fn show<T: Table>(
     db: &DatabaseConnection,
     id: Uuid,
 ) -> Result<T::Model, DeadLetterError> {
-    let row = T::find().filter(T::ID.eq(id)).one(db).await?;
+    let row = (T::find())
+        .filter(T::condition(&Selection::id(id)))
+        .order_by_desc(T::FAILED_AT)
+        .one(db)
+        .await?;
     row.ok_or(DeadLetterError::NotFound(id))
 }
 

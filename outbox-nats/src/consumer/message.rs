@@ -114,6 +114,11 @@ impl Held {
         self.copy.message()
     }
 
+    /// The event type (`Outbox-Event-Type`), if the message names one.
+    pub(super) fn event_type(&self) -> Option<&str> {
+        header(self.message(), "Outbox-Event-Type")
+    }
+
     /// The event id (`Nats-Msg-Id`), if the message has a valid one.
     pub(super) fn event_id(&self) -> Option<Uuid> {
         Uuid::parse_str(header(self.message(), "Nats-Msg-Id")?).ok()

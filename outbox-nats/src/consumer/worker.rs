@@ -427,7 +427,8 @@ impl Worker {
     /// database fails, the message is retried instead: nothing is dropped.
     async fn dead_letter(&self, held: &Held, reason: DeadLetterReason, error: String) -> Outcome {
         let sequence = held.position.stream_sequence;
-        tracing::error!(consumer = %self.name, sequence, %reason, %error, "dead-lettering a message");
+        let (event_id, event_type) = (held.event_id(), held.event_type());
+        tracing::error!(consumer = %self.name, sequence, event_id = event_id.as_ref().map(tracing::field::display), event_type, %reason, %error, "dead-lettering a message");
         let letter = message::dead_letter(&self.name, &self.stream_name, held, reason, error);
         let event_id = letter.event_id;
         let stored = async {
@@ -463,7 +464,8 @@ impl Worker {
     fn retry(&self, held: &Held, what: &str, error: &str) -> Outcome {
         let delay = self.retry_delay(held);
         let (sequence, delivery) = (held.position.stream_sequence, held.delivery_count());
-        tracing::warn!(consumer = %self.name, sequence, delivery, retry_in = ?delay, %error, "{what}; the message will be retried");
+        let (event_id, event_type) = (held.event_id(), held.event_type());
+        tracing::warn!(consumer = %self.name, sequence, event_id = event_id.as_ref().map(tracing::field::display), event_type, delivery, retry_in = ?delay, %error, "{what}; the message will be retried");
         Outcome::Retry(delay)
     }
 
