@@ -48,7 +48,7 @@ mod streams;
 pub use async_nats;
 
 pub use connect::{ConnectError, NatsAuth, NatsConfig, NatsTls, Secret};
-pub use consumer::{Consumer, ConsumerBuilder, ConsumerError, ConsumerHandle};
+pub use consumer::{Consumer, ConsumerBuilder, ConsumerError, ConsumerHandle, StartAt};
 pub use publisher::{InvalidHeader, JetStreamPublisher, headers};
 pub use streams::{
     ProvisionError, RegistryStreamsError, StreamSettings, StreamSpec, provision,

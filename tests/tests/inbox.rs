@@ -11,7 +11,7 @@ use chrono::Utc;
 use outbox_core::entity::{inbox_dead_letter, inbox_message};
 use outbox_core::inbox::{self, Handler, Metadata};
 use outbox_core::{OutboxEvent, emit, transactional};
-use outbox_nats::Consumer;
+use outbox_nats::{Consumer, StartAt};
 use outbox_tests::fixtures::{
     AppError, OrderCreated, Sequenced, StockReserved, emit_round, order, reserve_stock,
 };
@@ -678,6 +678,49 @@ impl Handler<Sequenced> for Recorder {
     }
 }
 
+/// A new consumer name starts where it is told: every event the stream
+/// holds (the default), only those stored after it was created, from a
+/// time, or from a stream sequence.
+async fn a_new_consumer_starts_where_it_is_told(setup: Setup) {
+    let event = |n| Sequenced { key: "k".into(), n };
+    // Stream sequences 1 and 2; event 2 is stored at sequence 3, later.
+    setup.publish(event(0)).await;
+    setup.publish(event(1)).await;
+    let new_only = Recorder::default();
+    let waiting = (setup.consumer("new-only"))
+        .start_at(StartAt::New)
+        .on::<Sequenced, _>(new_only.clone())
+        .spawn()
+        .await
+        .expect("start");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let before_the_third = Utc::now();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    setup.publish(event(2)).await;
+    setup.settled("new-only").await;
+    waiting.shutdown().await.expect("stop");
+    let handled = |recorder: &Recorder| recorder.handled.lock().expect("lock").get("k").cloned();
+    assert_eq!(handled(&new_only), Some(vec![2]), "only what came after");
+    for (name, start, expected) in [
+        ("everything", StartAt::All, vec![0, 1, 2]),
+        ("from-time", StartAt::Time(before_the_third), vec![2]),
+        ("from-sequence", StartAt::Sequence(2), vec![1, 2]),
+    ] {
+        let recorder = Recorder::default();
+        let builder = setup.consumer(name).on::<Sequenced, _>(recorder.clone());
+        let builder = if start == StartAt::All {
+            builder // the default
+        } else {
+            builder.start_at(start)
+        };
+        let consumer = builder.spawn().await.expect("start");
+        setup.settled(name).await;
+        consumer.shutdown().await.expect("stop");
+        assert_eq!(handled(&recorder), Some(expected), "{name}");
+    }
+    setup.finish().await;
+}
+
 async fn per_key_order_holds_with_8_in_flight_over_20_keys(setup: Setup) {
     let (keys, per_key) = (20, 20);
     for n in 0..per_key {
@@ -1286,6 +1329,7 @@ outbox_tests::on_postgres_and_mysql!(
     per_key_order_holds_with_8_in_flight_over_20_keys,
     a_second_process_of_a_running_consumer_refuses_to_start,
     a_consumer_refuses_a_pool_it_would_stall_on,
+    a_new_consumer_starts_where_it_is_told,
     a_replayed_dead_letter_is_handled_again_once,
     an_events_own_headers_travel_to_the_handler,
 );

@@ -9,7 +9,7 @@ mod worker;
 
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{AckPolicy, pull};
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
 use async_nats::jetstream::{self, Context};
 use outbox_core::OutboxEvent;
 use outbox_core::inbox::{self, ConsumerGuard, DuplicateHandler, Handler, Handlers, Taken};
@@ -45,6 +45,65 @@ pub(crate) struct ConsumerConfig {
     /// Acknowledge and count, rather than dead-letter, messages of an event
     /// type or version no handler takes (default: dead-letter).
     pub(crate) skip_unhandled: bool,
+    /// Where a new durable consumer starts (default: the stream's first event).
+    pub(crate) start_at: StartAt,
+}
+
+/// Where a consumer name starts reading the stream the first time it runs,
+/// when its durable JetStream consumer is created. Afterwards the durable
+/// keeps its own position: changing this for an existing name does nothing
+/// (delete the durable to start it anew).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StartAt {
+    /// Every event the stream holds (the default): a new consumer applies
+    /// the history the stream keeps, as a new service catching up needs.
+    #[default]
+    All,
+    /// Only events stored after the consumer was created: a trial consumer
+    /// that must not re-apply history, or re-dead-letter old poison messages.
+    New,
+    /// Events stored at or after this time.
+    Time(chrono::DateTime<chrono::Utc>),
+    /// Events from this stream sequence on.
+    Sequence(u64),
+}
+
+impl StartAt {
+    /// The durable's deliver policy: a stream sequence for every start but
+    /// the first, resolved by the server itself (an ordered consumer of the
+    /// same policy says where it would start). The durable's configuration
+    /// then keeps that sequence, which recovery reads as its floor: a new
+    /// durable reports no ack floor until its first ack, and recovery must
+    /// not read back the history it was told to skip.
+    async fn deliver_policy(
+        self,
+        stream: &jetstream::stream::Stream,
+    ) -> Result<DeliverPolicy, async_nats::Error> {
+        let policy = match self {
+            StartAt::All => return Ok(DeliverPolicy::All),
+            StartAt::Sequence(sequence) => {
+                return Ok(DeliverPolicy::ByStartSequence {
+                    start_sequence: sequence.max(1),
+                });
+            }
+            StartAt::New => DeliverPolicy::New,
+            StartAt::Time(at) => {
+                let nanos = i128::from(at.timestamp_micros()) * 1_000;
+                DeliverPolicy::ByStartTime {
+                    start_time: time::OffsetDateTime::from_unix_timestamp_nanos(nanos)?,
+                }
+            }
+        };
+        let probe = pull::OrderedConfig {
+            deliver_policy: policy,
+            ..Default::default()
+        };
+        let probe = stream.create_consumer(probe).await?;
+        let start_sequence = probe.cached_info().delivered.stream_sequence + 1;
+        let _ = stream.delete_consumer(&probe.cached_info().name).await;
+        Ok(DeliverPolicy::ByStartSequence { start_sequence })
+    }
 }
 
 impl Default for ConsumerConfig {
@@ -61,6 +120,7 @@ impl Default for ConsumerConfig {
             max_ack_pending: 1_000,
             inbox_retention: Duration::from_secs(7 * 24 * 3600),
             skip_unhandled: false,
+            start_at: StartAt::All,
         }
     }
 }
@@ -108,6 +168,17 @@ pub enum ConsumerError {
         /// What JetStream said.
         #[source]
         source: async_nats::jetstream::stream::ConsumerError,
+    },
+    /// Where a new durable starts (`StartAt`) could not be resolved.
+    #[error("cannot find where consumer `{consumer}` starts on stream `{stream}`")]
+    Start {
+        /// The consumer.
+        consumer: String,
+        /// The stream.
+        stream: String,
+        /// What JetStream said.
+        #[source]
+        source: async_nats::Error,
     },
     /// Another process runs this consumer name: per-key order needs one.
     #[error(
@@ -294,6 +365,13 @@ impl ConsumerBuilder {
         self
     }
 
+    /// Where this consumer name starts the first time it runs (default
+    /// [`StartAt::All`]: every event the stream holds). See [`StartAt`].
+    pub fn start_at(mut self, start: StartAt) -> Self {
+        self.config.start_at = start;
+        self
+    }
+
     /// Acknowledges and counts (metric `outbox_inbox_messages_total{outcome="skipped"}`)
     /// messages whose event type or version no handler takes, instead of dead-lettering them.
     pub fn skip_unhandled(mut self) -> Self {
@@ -394,11 +472,24 @@ async fn durable(
         }
     })?;
     let (filter_subject, filter_subjects) = filter_fields(filters);
+    // An existing durable keeps its position: where a new one would start
+    // is looked up only for a name the stream does not know yet.
+    let deliver_policy = match stream_handle.consumer_info(name).await {
+        Ok(existing) => existing.config.deliver_policy,
+        Err(_) => (config.start_at.deliver_policy(&stream_handle).await).map_err(|source| {
+            ConsumerError::Start {
+                consumer: name.to_owned(),
+                stream: stream.to_owned(),
+                source,
+            }
+        })?,
+    };
     let consumer_config = pull::Config {
         filter_subject,
         filter_subjects,
         durable_name: Some(name.to_owned()),
         ack_policy: AckPolicy::Explicit,
+        deliver_policy,
         ack_wait: config.ack_wait,
         // The consumer counts deliveries itself and dead-letters past its
         // bound; a server-side bound would stop redelivering silently.

@@ -66,7 +66,13 @@ pub(super) async fn recover(
     filters: &[String],
 ) -> Result<Recovered, RecoveryError> {
     let info = durable.get_info().await.map_err(RecoveryError::Info)?;
-    let from = info.ack_floor.stream_sequence + 1;
+    // Nothing below where the durable started (see `StartAt`): a durable
+    // that has acked nothing yet reports an ack floor of 0.
+    let start = match info.config.deliver_policy {
+        DeliverPolicy::ByStartSequence { start_sequence } => start_sequence,
+        _ => 1,
+    };
+    let from = (info.ack_floor.stream_sequence + 1).max(start);
     let to = info.delivered.stream_sequence;
     let delivered_consumer_sequence = info.delivered.consumer_sequence;
     let mut messages = Vec::new();
