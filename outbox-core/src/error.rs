@@ -121,6 +121,34 @@ pub enum Error {
     NotRelayed(#[from] crate::testing::NotRelayed),
 }
 
+impl Error {
+    /// Whether the database broke a lock conflict by failing this
+    /// transaction (a deadlock, a serialization failure, a lock wait that
+    /// timed out; SQLite's "database is locked"): nothing is wrong, and the
+    /// same work tried again at once normally succeeds.
+    ///
+    /// Read from the driver's message, the one place SeaORM leaves the
+    /// SQLSTATE without a driver feature of ours: MySQL's `1213 (40001)`
+    /// and `1205`, PostgreSQL's "deadlock detected" (40P01) and "could not
+    /// serialize access" (40001).
+    pub fn is_lock_conflict(&self) -> bool {
+        let Error::Database(error) = self else {
+            return false;
+        };
+        let text = error.to_string();
+        [
+            "(40001)",
+            "1213 (",
+            "1205 (",
+            "deadlock detected",
+            "could not serialize access",
+        ]
+        .iter()
+        .any(|mark| text.contains(mark))
+            || text.contains("database is locked")
+    }
+}
+
 /// `Result` with the framework's [`Error`] as the default error type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

@@ -32,6 +32,13 @@ impl RelayHandle {
     }
 }
 
+/// Rounds in a row that may fail on a lock conflict and be tried again at
+/// once; past them, the relay backs off as from an outage.
+const IMMEDIATE_CONFLICT_RETRIES: u32 = 5;
+
+/// Counter: rounds the database failed to break a lock conflict (deadlocks).
+const LOCK_CONFLICTS: &str = "outbox_relay_lock_conflicts_total";
+
 pub(super) fn spawn<P: Publisher>(relay: Relay<P>) -> RelayHandle {
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(run(relay, stopped));
@@ -44,6 +51,7 @@ async fn run<P: Publisher>(relay: Relay<P>, mut stopped: watch::Receiver<bool>) 
     let notified = std::sync::Arc::new(tokio::sync::Notify::new());
     let listener = listener(&relay, &notified);
     let mut failures = 0_u32;
+    let mut conflicts = 0_u32;
     let mut next_housekeeping = Instant::now();
     let mut schedule = Schedule::default();
     tracing::info!(batch_size = config.batch_size, "relay started");
@@ -67,6 +75,7 @@ async fn run<P: Publisher>(relay: Relay<P>, mut stopped: watch::Receiver<bool>) 
         };
         let wait = match tracing::Instrument::instrument(drained, span).await {
             Ok(pause) => {
+                conflicts = 0;
                 if failures > 0 {
                     tracing::info!(failed_rounds = failures, "relay recovered");
                     failures = 0;
@@ -76,6 +85,14 @@ async fn run<P: Publisher>(relay: Relay<P>, mut stopped: watch::Receiver<bool>) 
                     continue; // paused, or something came due: more may be waiting
                 }
                 config.poll_interval.min(pause - now)
+            }
+            // Another relay won a lock conflict: not an outage, so no
+            // backoff and no warning, unless it keeps happening.
+            Err(error) if error.is_lock_conflict() && conflicts < IMMEDIATE_CONFLICT_RETRIES => {
+                conflicts += 1;
+                metrics::counter!(LOCK_CONFLICTS).increment(1);
+                tracing::debug!(error = %crate::ErrorReport(&error), "a relay round lost a lock conflict; retrying at once");
+                continue;
             }
             Err(error) => {
                 failures = failures.saturating_add(1);
