@@ -6,7 +6,7 @@ use std::time::Duration;
 use outbox_core::entity::dead_letter;
 use outbox_core::inbox::{DeadLetterReason, Metadata, Processed};
 use outbox_core::relay::{Delivery, Relay};
-use outbox_core::testing::{MemoryPublisher, TestConsumer, emitted, relayed};
+use outbox_core::testing::{MemoryPublisher, TestConsumer, emitted, emitted_in_full, relayed};
 use outbox_core::{Error, emit, transactional};
 use outbox_tests::fixtures::{AppError, OrderCreated, Sequenced, order};
 use sea_orm::{ActiveModelTrait, ActiveValue::Set, DatabaseConnection, DatabaseTransaction};
@@ -29,6 +29,81 @@ async fn place_order(db: &DatabaseConnection, id: i64, total_cents: i64) -> Resu
         total_cents
     });
     Ok(())
+}
+
+/// An order with a tenant header, and a reminder for an hour later.
+#[transactional]
+async fn place_with_reminder(
+    db: &DatabaseConnection,
+    id: i64,
+) -> Result<(uuid::Uuid, uuid::Uuid), AppError> {
+    let placed = emit!(
+        OrderCreated {
+            order_id: id,
+            total_cents: 1
+        },
+        headers = [("Tenant-Id", "acme")]
+    );
+    let reminder = emit!(
+        OrderCreated {
+            order_id: id,
+            total_cents: 0
+        },
+        after = Duration::from_secs(3600)
+    );
+    Ok((placed, reminder))
+}
+
+/// `emitted_in_full` shows what `emitted` leaves out: each event's id,
+/// subject, key and headers, and the events scheduled for later with their
+/// time; `Metadata::for_event` builds a handler's metadata in one call.
+async fn the_test_kit_shows_headers_and_scheduled_events(db: &DatabaseConnection) {
+    let (placed, reminder) = place_with_reminder(db, 7).await.expect("placed");
+    let all = emitted_in_full::<OrderCreated>(db).await.expect("outbox");
+    assert_eq!(all.len(), 2);
+    assert_eq!((all[0].id, all[1].id), (placed, reminder));
+    assert_eq!(all[0].subject, "orders.order.7.created");
+    assert_eq!(all[0].key.as_deref(), Some("7"));
+    assert_eq!(
+        all[0].headers.get("Tenant-Id").map(String::as_str),
+        Some("acme")
+    );
+    assert_eq!(all[0].deliver_at, None);
+    let due = all[1].deliver_at.expect("scheduled");
+    assert!(
+        due > chrono::Utc::now() + chrono::Duration::minutes(59),
+        "{due}"
+    );
+    assert_eq!(
+        emitted::<OrderCreated>(db).await.expect("outbox").len(),
+        1,
+        "emitted: the outbox only"
+    );
+
+    let event = &all[0].event;
+    let meta = Metadata::for_event(event).expect("valid subject");
+    assert_eq!(
+        (
+            meta.event_type.as_str(),
+            meta.version,
+            meta.subject.as_str()
+        ),
+        ("OrderCreated", 1, "orders.order.7.created")
+    );
+    assert_eq!((meta.key.as_deref(), meta.delivery_count), (Some("7"), 1));
+
+    // Two handlers for one event type on one consumer: refused, not ignored.
+    let twice = (TestConsumer::new(db.clone(), "twice"))
+        .on::<OrderCreated, _>(record_order)
+        .expect("the first")
+        .on::<OrderCreated, _>(record_order);
+    let error = twice.expect_err("a second handler for OrderCreated");
+    assert!(
+        error
+            .to_string()
+            .contains("two handlers for event `OrderCreated`"),
+        "{error}"
+    );
 }
 
 async fn placing_an_order_emitted_exactly_this_event(db: &DatabaseConnection) {
@@ -213,6 +288,7 @@ async fn a_failed_handler_keeps_the_database_error_it_failed_with(db: &DatabaseC
 }
 
 outbox_tests::on_each_backend!(
+    the_test_kit_shows_headers_and_scheduled_events,
     a_failed_handler_keeps_the_database_error_it_failed_with,
     placing_an_order_emitted_exactly_this_event,
     the_memory_publisher_records_and_rejects_what_it_is_told_to,

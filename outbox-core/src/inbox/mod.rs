@@ -54,6 +54,41 @@ pub struct Metadata {
     pub headers: BTreeMap<String, String>,
 }
 
+#[cfg(feature = "testing")]
+impl Metadata {
+    /// What a consumer would hand a handler with `event` on its first
+    /// delivery, for calling a handler directly in a test: a new event id,
+    /// the event's type, version, subject and key, delivery 1, stream
+    /// sequence 1, emitted now, no headers. Change any field after.
+    ///
+    /// ```
+    /// # #[derive(serde::Serialize, serde::Deserialize, outbox_core::OutboxEvent)]
+    /// # #[outbox(exchange = "orders", routing_key = "order.{order_id}.created", key = order_id)]
+    /// # struct OrderCreated { order_id: i64 }
+    /// use outbox_core::inbox::Metadata;
+    ///
+    /// let mut meta = Metadata::for_event(&OrderCreated { order_id: 7 })?;
+    /// meta.headers.insert("Tenant-Id".into(), "acme".into());
+    /// assert_eq!(meta.subject, "orders.order.7.created");
+    /// # Ok::<(), outbox_core::Error>(())
+    /// ```
+    ///
+    /// Fails as `emit!` would: an invalid subject or partition key.
+    pub fn for_event<E: crate::OutboxEvent>(event: &E) -> Result<Self, crate::Error> {
+        Ok(Self {
+            id: Uuid::now_v7(),
+            event_type: event.event_type().to_owned(),
+            version: E::VERSION,
+            subject: event.subject()?,
+            key: event.partition_key(),
+            delivery_count: 1,
+            occurred_at: Some(Utc::now()),
+            stream_sequence: 1,
+            headers: BTreeMap::new(),
+        })
+    }
+}
+
 /// Why a message was dead-lettered by a consumer (`outbox_inbox_dead_letters.reason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]

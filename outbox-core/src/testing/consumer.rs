@@ -3,7 +3,6 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use chrono::Utc;
 use sea_orm::DatabaseConnection;
 use uuid::Uuid;
 
@@ -75,14 +74,10 @@ impl TestConsumer {
     pub async fn deliver<E: OutboxEvent>(&self, id: Uuid, event: &E) -> Result<Processed, Error> {
         let meta = Metadata {
             id,
-            event_type: event.event_type().to_owned(),
-            version: E::VERSION,
-            subject: event.subject()?,
-            key: event.partition_key(),
+            // Counted by `deliver_raw`.
             delivery_count: 0,
-            occurred_at: Some(Utc::now()),
             stream_sequence: 0,
-            headers: Default::default(),
+            ..Metadata::for_event(event)?
         };
         let payload = event.to_payload()?;
         Ok(self.deliver_raw(meta, &payload).await)

@@ -2,7 +2,11 @@
 //! service's own `cargo test` needs with a real database and no broker.
 //!
 //! - [`emitted`]: the events of a type that committed in the outbox, decoded,
-//!   in emit order — "placing an order emitted exactly this `OrderCreated`".
+//!   in emit order — "placing an order emitted exactly this `OrderCreated`";
+//!   [`emitted_in_full`] adds each one's id, subject, key, headers and, for
+//!   events emitted for later, when they are due.
+//! - [`Metadata::for_event`](crate::inbox::Metadata::for_event): what a
+//!   handler is given with an event, for calling a handler directly.
 //! - [`MemoryPublisher`]: a relay [`Publisher`](crate::relay::Publisher)
 //!   that records what it was given and answers chosen events with a
 //!   rejection, an outage or an undeliverable verdict, to test one's retry
@@ -13,6 +17,7 @@
 //!   left the outbox, for end-to-end tests that do run a relay.
 
 mod consumer;
+mod emitted;
 mod publisher;
 
 use std::time::Duration;
@@ -23,37 +28,11 @@ use sea_orm::{
 use tokio::time::Instant;
 
 pub use consumer::TestConsumer;
+pub use emitted::{Emitted, emitted, emitted_in_full};
 pub use publisher::MemoryPublisher;
 
+use crate::Error;
 use crate::entity::outbox_message::{Column, Entity};
-use crate::{Error, OutboxEvent};
-
-/// The events of type `E` (every event type it carries, at `E::VERSION`)
-/// that are in the outbox — committed and not yet delivered — decoded, in
-/// emit order. Events scheduled for later are not there until they come
-/// due: they wait in [`outbox_scheduled`](crate::entity::outbox_scheduled).
-///
-/// Fails if one does not decode into `E`, or if `E` is not in the registry.
-pub async fn emitted<E: OutboxEvent>(db: &impl ConnectionTrait) -> Result<Vec<E>, Error> {
-    let rows = Entity::find()
-        .filter(Column::EventType.is_in(E::EVENT_TYPES.iter().copied()))
-        .filter(Column::EventVersion.eq(i32::from(E::VERSION)))
-        .filter(Column::DeliveredAt.is_null())
-        .order_by_asc(Column::Id)
-        .all(db)
-        .await?;
-    let mut events = Vec::with_capacity(rows.len());
-    for row in rows {
-        let descriptor = (crate::registry().get(&row.event_type, E::VERSION))
-            .ok_or_else(|| Error::NotRegistered(std::any::type_name::<E>()))?;
-        let event = (descriptor.decode)(&row.payload)?;
-        let event = event
-            .downcast::<E>()
-            .map_err(|_| Error::NotRegistered(std::any::type_name::<E>()))?;
-        events.push(*event);
-    }
-    Ok(events)
-}
 
 /// Events committed before [`relayed`] was called were still in the outbox
 /// when it stopped waiting.
