@@ -6,8 +6,11 @@ use std::time::Duration;
 use outbox_core::entity::dead_letter;
 use outbox_core::inbox::{DeadLetterReason, Metadata, Processed};
 use outbox_core::relay::{Delivery, Relay};
-use outbox_core::testing::{MemoryPublisher, TestConsumer, emitted, emitted_in_full, relayed};
+use outbox_core::testing::{
+    MemoryPublisher, TestConsumer, TestDatabase, emitted, emitted_in_full, relayed,
+};
 use outbox_core::{Error, emit, transactional};
+use outbox_tests::Backend;
 use outbox_tests::fixtures::{AppError, OrderCreated, Sequenced, order};
 use sea_orm::{ActiveModelTrait, ActiveValue::Set, DatabaseConnection, DatabaseTransaction};
 use sea_orm::{ConnectionTrait, EntityTrait, PaginatorTrait, Statement};
@@ -295,3 +298,56 @@ outbox_tests::on_each_backend!(
     relayed_waits_for_the_relay_and_fails_without_one,
     a_test_consumer_handles_each_event_once_without_a_broker,
 );
+
+/// Whether the test database `name` (a schema, a database, or a file)
+/// still exists on `backend`.
+async fn still_there(backend: Backend, name: &str) -> bool {
+    let admin = match backend {
+        Backend::Postgres => outbox_tests::postgres_url(),
+        Backend::MySql => outbox_tests::mysql_url(),
+        Backend::Sqlite => return std::env::temp_dir().join(format!("{name}.sqlite")).exists(),
+    };
+    let admin = sea_orm::Database::connect(admin).await.expect("the server");
+    let sql = "SELECT COUNT(*) FROM information_schema.schemata WHERE schema_name = ";
+    let statement = Statement::from_string(admin.get_database_backend(), format!("{sql}'{name}'"));
+    let row = admin
+        .query_one_raw(statement)
+        .await
+        .expect("ask the catalogue");
+    let count: i64 = row.expect("a row").try_get_by_index(0).expect("a count");
+    count > 0
+}
+
+/// `TestDatabase`: a fresh, migrated database per test, gone after
+/// `finish`, and gone too when a failing test drops it unfinished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_test_database_is_fresh_migrated_and_dropped_after() {
+    for backend in Backend::ALL {
+        let server = match backend {
+            Backend::Postgres => outbox_tests::postgres_url(),
+            Backend::MySql => outbox_tests::mysql_url(),
+            Backend::Sqlite => "sqlite::memory:".to_owned(),
+        };
+        let finished = TestDatabase::new(&server).await.expect("a test database");
+        let dropped = TestDatabase::new(&server).await.expect("a second");
+        assert_ne!(finished.name(), dropped.name(), "{backend:?}: one per test");
+        outbox_core::check_schema(finished.db())
+            .await
+            .expect("migrated");
+        place_order(finished.db(), 1, 5)
+            .await
+            .expect_err("no orders table: only the outbox's");
+        let names = [finished.name().to_owned(), dropped.name().to_owned()];
+        for name in &names {
+            assert!(still_there(backend, name).await, "{backend:?} {name}");
+        }
+        finished.finish().await.expect("dropped");
+        drop(dropped); // as a panicking test would
+        for name in &names {
+            assert!(
+                !still_there(backend, name).await,
+                "{backend:?}: {name} is gone"
+            );
+        }
+    }
+}

@@ -13,10 +13,13 @@
 //!   and dead-letter handling.
 //! - [`TestConsumer`]: a consumer's handlers run through the inbox without a
 //!   broker: give it an event, get back what became of it.
+//! - [`TestDatabase`]: a fresh, migrated schema (PostgreSQL), database
+//!   (MySQL) or file (SQLite) per test, dropped after it.
 //! - [`relayed`]: waits, bounded, until everything committed so far has
 //!   left the outbox, for end-to-end tests that do run a relay.
 
 mod consumer;
+mod database;
 mod emitted;
 mod publisher;
 
@@ -28,6 +31,7 @@ use sea_orm::{
 use tokio::time::Instant;
 
 pub use consumer::TestConsumer;
+pub use database::TestDatabase;
 pub use emitted::{Emitted, emitted, emitted_in_full};
 pub use publisher::MemoryPublisher;
 
