@@ -678,6 +678,31 @@ impl Handler<Sequenced> for Recorder {
     }
 }
 
+/// More than one filter subject needs nats-server 2.10: on an older one the
+/// consumer says so in one line at start, on a newer one it starts. (CI runs
+/// this file on 2.15 and on Debian's 2.9.)
+async fn several_filter_subjects_need_a_2_10_server_and_say_so(setup: Setup) {
+    let version = setup.nats.client.server_info().version;
+    let started = (setup.consumer("filtered"))
+        .filter_subjects(["orders.seq.a", "orders.seq.b"])
+        .on::<Sequenced, _>(Recorder::default())
+        .spawn()
+        .await;
+    let old = version.starts_with("2.9.") || version.starts_with("2.8.");
+    match started {
+        Err(error @ outbox_nats::ConsumerError::ServerTooOld { .. }) if old => {
+            let text = error.to_string();
+            assert!(
+                text.contains("needs nats-server 2.10") && text.contains(&version),
+                "{text}"
+            );
+        }
+        Ok(consumer) if !old => consumer.shutdown().await.expect("stop"),
+        other => panic!("on nats-server {version}: {other:?}"),
+    }
+    setup.finish().await;
+}
+
 /// A new consumer name starts where it is told: every event the stream
 /// holds (the default), only those stored after it was created, from a
 /// time, or from a stream sequence.
@@ -1330,6 +1355,7 @@ outbox_tests::on_postgres_and_mysql!(
     a_second_process_of_a_running_consumer_refuses_to_start,
     a_consumer_refuses_a_pool_it_would_stall_on,
     a_new_consumer_starts_where_it_is_told,
+    several_filter_subjects_need_a_2_10_server_and_say_so,
     a_replayed_dead_letter_is_handled_again_once,
     an_events_own_headers_travel_to_the_handler,
 );

@@ -169,6 +169,20 @@ pub enum ConsumerError {
         #[source]
         source: async_nats::jetstream::stream::ConsumerError,
     },
+    /// The NATS server is older than a configured feature needs.
+    #[error(
+        "consumer `{consumer}`: {feature} needs nats-server {needs} or later; this one is {server}"
+    )]
+    ServerTooOld {
+        /// The consumer.
+        consumer: String,
+        /// What needs the newer server.
+        feature: &'static str,
+        /// The first version that has it.
+        needs: &'static str,
+        /// The server's version.
+        server: String,
+    },
     /// Where a new durable starts (`StartAt`) could not be resolved.
     #[error("cannot find where consumer `{consumer}` starts on stream `{stream}`")]
     Start {
@@ -396,6 +410,15 @@ impl ConsumerBuilder {
         let filters: Vec<String> = (self.filter_subjects.iter())
             .map(|subject| namespaced(subject, ns))
             .collect();
+        let server = self.client.server_info().version;
+        if filters.len() > 1 && !at_least(&server, (2, 10)) {
+            return Err(ConsumerError::ServerTooOld {
+                consumer: self.name,
+                feature: "more than one filter subject",
+                needs: "2.10",
+                server,
+            });
+        }
         let context = jetstream::new(self.client.clone());
         let (stream_handle, consumer) =
             durable(&context, &stream, &self.name, &filters, &self.config).await?;
@@ -435,6 +458,15 @@ impl ConsumerBuilder {
         let task = tokio::spawn(worker.run(guard, stopped));
         Ok(ConsumerHandle { stop, task })
     }
+}
+
+/// Whether server version `version` (`2.9.10`, `2.11.0-RC.1`) is at least `(major, minor)`.
+fn at_least(version: &str, (major, minor): (u64, u64)) -> bool {
+    let mut parts = version
+        .split(['.', '-'])
+        .map(|part| part.parse::<u64>().unwrap_or(0));
+    let found = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    found >= (major, minor)
 }
 
 fn single_stream(consumer: &str, handlers: &Handlers) -> Result<String, ConsumerError> {
