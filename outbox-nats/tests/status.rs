@@ -3,9 +3,8 @@
 
 use std::process::{Command, Output};
 
-use outbox_tests::emit_one;
 use outbox_tests::fixtures::OrderCreated;
-use sea_orm::Database;
+use outbox_tests::{TestDb, emit_one};
 
 fn status(url: &str, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_outbox"))
@@ -21,13 +20,8 @@ fn report(output: &Output) -> serde_json::Value {
 
 #[tokio::test]
 async fn status_reports_json_and_exits_1_when_a_threshold_is_breached() {
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let url = format!(
-        "sqlite://{}?mode=rwc",
-        dir.path().join("outbox.sqlite").display()
-    );
-    let db = Database::connect(&url).await.expect("open SQLite");
-    outbox_core::migrate(&db).await.expect("migrate");
+    let test = TestDb::sqlite().await;
+    let (url, db) = (test.url.clone(), test.db.clone());
     emit_one(
         &db,
         OrderCreated {
@@ -46,7 +40,6 @@ async fn status_reports_json_and_exits_1_when_a_threshold_is_breached() {
     )
     .await
     .expect("commit");
-    db.close().await.expect("close");
 
     let healthy = status(&url, &["--json", "--max-pending", "2", "--max-age", "3600"]);
     assert_eq!(healthy.status.code(), Some(0), "{healthy:?}");
@@ -104,13 +97,8 @@ async fn status_reports_scheduled_events_and_each_consumers_dead_letters() {
     use outbox_core::entity::inbox_dead_letter;
     use sea_orm::EntityTrait;
 
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let url = format!(
-        "sqlite://{}?mode=rwc",
-        dir.path().join("outbox.sqlite").display()
-    );
-    let db = Database::connect(&url).await.expect("open SQLite");
-    outbox_core::migrate(&db).await.expect("migrate");
+    let test = TestDb::sqlite().await;
+    let (url, db) = (test.url.clone(), test.db.clone());
     let due = chrono::Utc::now() + chrono::Duration::hours(1);
     schedule_one(&db, due).await.expect("schedule");
     for (consumer, sequence) in [("billing", 1), ("billing", 2), ("shipping", 3)] {
@@ -137,7 +125,6 @@ async fn status_reports_scheduled_events_and_each_consumers_dead_letters() {
             .await
             .expect("a dead letter");
     }
-    db.close().await.expect("close");
 
     let within = status(&url, &["--json", "--max-dead-letters", "2"]);
     assert_eq!(within.status.code(), Some(0), "{within:?}");
