@@ -110,7 +110,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .await
             .map_err(|_| "no event arrived within 10 s")?
             .ok_or("the consumer stopped")??;
-        let id = message.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id"));
+        let id = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(outbox_core::headers::MSG_ID));
         println!(
             "  {} id={} {}",
             message.subject,

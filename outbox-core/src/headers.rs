@@ -1,5 +1,20 @@
 //! The message headers an application may add to an event
-//! (`emit!(event, headers = [...])`), and those the framework keeps for itself.
+//! (`emit!(event, headers = [...])`), and those the framework keeps for
+//! itself, named once here for every crate that writes or reads them.
+
+/// The event id, as `emit!` gave it: JetStream's deduplication key and the
+/// inbox's key.
+pub const MSG_ID: &str = "Nats-Msg-Id";
+/// The event type consumers dispatch on (`#[outbox(name = ...)]`).
+pub const EVENT_TYPE: &str = "Outbox-Event-Type";
+/// The event's schema version.
+pub const EVENT_VERSION: &str = "Outbox-Event-Version";
+/// The partition key, on keyed events only.
+pub const PARTITION_KEY: &str = "Outbox-Partition-Key";
+/// When `emit!` recorded the event (RFC 3339).
+pub const OCCURRED_AT: &str = "Outbox-Occurred-At";
+/// The payload's format (`application/json`).
+pub const CONTENT_TYPE: &str = "Content-Type";
 
 /// Why a header cannot be added to an event; `None` if it can.
 ///

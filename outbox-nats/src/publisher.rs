@@ -10,6 +10,7 @@ use async_nats::jetstream::{self, Context};
 use async_nats::{HeaderMap, HeaderName, HeaderValue, Subscriber};
 use futures::{FutureExt, StreamExt};
 use outbox_core::entity::outbox_message;
+use outbox_core::headers;
 use outbox_core::relay::{Batch, Delivery, Publisher};
 use tokio::sync::Mutex;
 
@@ -120,12 +121,12 @@ impl JetStreamPublisher {
 /// the event are checked here, because async-nats panics on a value with a
 /// line break or a malformed name.
 pub fn headers(event: &outbox_message::Model) -> Result<HeaderMap, InvalidHeader> {
-    const MSG_ID: HeaderName = HeaderName::from_static("Nats-Msg-Id");
-    const EVENT_TYPE: HeaderName = HeaderName::from_static("Outbox-Event-Type");
-    const EVENT_VERSION: HeaderName = HeaderName::from_static("Outbox-Event-Version");
-    const PARTITION_KEY: HeaderName = HeaderName::from_static("Outbox-Partition-Key");
-    const CONTENT_TYPE: HeaderName = HeaderName::from_static("Content-Type");
-    const OCCURRED_AT: HeaderName = HeaderName::from_static("Outbox-Occurred-At");
+    const MSG_ID: HeaderName = HeaderName::from_static(headers::MSG_ID);
+    const EVENT_TYPE: HeaderName = HeaderName::from_static(headers::EVENT_TYPE);
+    const EVENT_VERSION: HeaderName = HeaderName::from_static(headers::EVENT_VERSION);
+    const PARTITION_KEY: HeaderName = HeaderName::from_static(headers::PARTITION_KEY);
+    const CONTENT_TYPE: HeaderName = HeaderName::from_static(headers::CONTENT_TYPE);
+    const OCCURRED_AT: HeaderName = HeaderName::from_static(headers::OCCURRED_AT);
 
     let mut headers = HeaderMap::new();
     let id = event.id.hyphenated();
@@ -330,11 +331,11 @@ mod tests {
         let map = headers(&event("7", Some(r#"{"Trace-Id":"abc"}"#))).expect("headers");
         assert_eq!(map.get("Trace-Id").map(|v| v.as_str()), Some("abc"));
         assert_eq!(
-            map.get("Outbox-Event-Version").map(|v| v.as_str()),
+            map.get(headers::EVENT_VERSION).map(|v| v.as_str()),
             Some("2")
         );
         assert_eq!(
-            map.get("Outbox-Partition-Key").map(|v| v.as_str()),
+            map.get(headers::PARTITION_KEY).map(|v| v.as_str()),
             Some("7")
         );
     }
@@ -345,7 +346,7 @@ mod tests {
             |key: &str, extra: Option<&str>| headers(&event(key, extra)).expect_err("refused");
         assert!(matches!(
             reason("a\r\nb", None),
-            InvalidHeader::LineBreak { name } if name == "Outbox-Partition-Key"
+            InvalidHeader::LineBreak { name } if name == headers::PARTITION_KEY
         ));
         assert!(matches!(
             reason("7", Some(r#"{"Bad:Name":"x"}"#)),

@@ -160,7 +160,7 @@ async fn an_inbox_dead_letter_replayed_from_the_command_line_is_handed_back() {
     )))
     .expect("one JSON record");
     assert_eq!(shown["payload"], "not json");
-    assert_eq!(shown["headers"]["Nats-Msg-Id"], "x");
+    assert_eq!(shown["headers"][outbox_core::headers::MSG_ID], "x");
     assert_eq!(shown["deliveries"], 5);
     // By the event's id too: the one that stays when a failed replay makes
     // a new dead letter (a new id) of the same event.

@@ -346,9 +346,9 @@ async fn poison_and_undecodable_messages_are_dead_lettered_and_later_ones_contin
     let (undecodable, unknown, unsupported) = (id(1), id(2), id(3));
     let outbox = |id: &str, event_type: &'static str, version: &'static str| {
         [
-            ("Nats-Msg-Id", id.to_owned()),
-            ("Outbox-Event-Type", event_type.to_owned()),
-            ("Outbox-Event-Version", version.to_owned()),
+            (outbox_core::headers::MSG_ID, id.to_owned()),
+            (outbox_core::headers::EVENT_TYPE, event_type.to_owned()),
+            (outbox_core::headers::EVENT_VERSION, version.to_owned()),
         ]
     };
     for (headers, payload) in [
@@ -408,7 +408,9 @@ async fn poison_and_undecodable_messages_are_dead_lettered_and_later_ones_contin
     assert_eq!(by_reason["unsupported_version"].event_version, Some(9));
     assert_eq!(by_reason["malformed"].payload, b"no headers");
     assert!(
-        by_reason["malformed"].error.contains("Nats-Msg-Id"),
+        by_reason["malformed"]
+            .error
+            .contains(outbox_core::headers::MSG_ID),
         "{}",
         by_reason["malformed"].error
     );

@@ -89,7 +89,7 @@ fn header<'a>(message: &'a StreamMessage, name: &str) -> &'a str {
 fn sequenced(messages: &[StreamMessage]) -> Vec<Sequenced> {
     messages
         .iter()
-        .filter(|m| header(m, "Outbox-Event-Type") == "Sequenced")
+        .filter(|m| header(m, outbox_core::headers::EVENT_TYPE) == "Sequenced")
         .map(|m| serde_json::from_slice(&m.payload).expect("Sequenced payload"))
         .collect()
 }
@@ -104,7 +104,10 @@ fn per_key(messages: &[StreamMessage]) -> HashMap<String, Vec<u32>> {
 }
 
 fn assert_each_once(messages: &[StreamMessage], expected: usize) {
-    let ids: HashSet<&str> = messages.iter().map(|m| header(m, "Nats-Msg-Id")).collect();
+    let ids: HashSet<&str> = messages
+        .iter()
+        .map(|m| header(m, outbox_core::headers::MSG_ID))
+        .collect();
     assert_eq!(messages.len(), expected, "messages in the stream");
     assert_eq!(ids.len(), expected, "distinct event ids in the stream");
 }
@@ -131,13 +134,21 @@ async fn delivers_committed_events_with_their_headers(db: &DatabaseConnection) {
         message.subject.as_str(),
         format!("{}.orders.order.7.created", nats.namespace)
     );
-    let id: uuid::Uuid = header(message, "Nats-Msg-Id").parse().expect("event id");
+    let id: uuid::Uuid = header(message, outbox_core::headers::MSG_ID)
+        .parse()
+        .expect("event id");
     assert_eq!(id.get_version_num(), 7);
-    assert_eq!(header(message, "Outbox-Event-Type"), "OrderCreated");
-    assert_eq!(header(message, "Outbox-Event-Version"), "1");
-    assert_eq!(header(message, "Outbox-Partition-Key"), "7");
-    assert_eq!(header(message, "Content-Type"), "application/json");
-    chrono::DateTime::parse_from_rfc3339(header(message, "Outbox-Occurred-At"))
+    assert_eq!(
+        header(message, outbox_core::headers::EVENT_TYPE),
+        "OrderCreated"
+    );
+    assert_eq!(header(message, outbox_core::headers::EVENT_VERSION), "1");
+    assert_eq!(header(message, outbox_core::headers::PARTITION_KEY), "7");
+    assert_eq!(
+        header(message, outbox_core::headers::CONTENT_TYPE),
+        "application/json"
+    );
+    chrono::DateTime::parse_from_rfc3339(header(message, outbox_core::headers::OCCURRED_AT))
         .expect("RFC 3339 time");
     let payload: OrderCreated = serde_json::from_slice(&message.payload).expect("JSON");
     assert_eq!(
@@ -325,7 +336,7 @@ async fn poison_events_are_dead_lettered_and_the_rest_delivered(setup: Setup) {
     assert_eq!(k2, [0, 1, 2, 3, 4], "other keys are not held back");
     let k1 = messages
         .iter()
-        .find(|m| header(m, "Outbox-Partition-Key") == "k1")
+        .find(|m| header(m, outbox_core::headers::PARTITION_KEY) == "k1")
         .expect("the failing key's later event is delivered");
     let stored_at = chrono::DateTime::<chrono::Utc>::from(std::time::SystemTime::from(k1.time));
     assert!(
@@ -527,13 +538,15 @@ async fn an_event_that_cannot_travel_as_nats_headers_is_dead_lettered_at_once() 
         "dead-lettered at its first attempt, not retried"
     );
     assert!(
-        letters[0].last_error.contains("Outbox-Partition-Key"),
+        letters[0]
+            .last_error
+            .contains(outbox_core::headers::PARTITION_KEY),
         "{}",
         letters[0].last_error
     );
     let delivered = nats.messages(stream).await;
     let keys: Vec<&str> = (delivered.iter())
-        .map(|m| header(m, "Outbox-Partition-Key"))
+        .map(|m| header(m, outbox_core::headers::PARTITION_KEY))
         .collect();
     assert_eq!(keys, ["fine"]);
     setup.finish().await;
@@ -1298,7 +1311,10 @@ async fn replayed_dead_letters_keep_their_id_and_order_and_are_stored_once(setup
     let [stray_message] = &strays[..] else {
         panic!("the stray is stored once");
     };
-    assert_eq!(header(stray_message, "Nats-Msg-Id"), stray.id.to_string());
+    assert_eq!(
+        header(stray_message, outbox_core::headers::MSG_ID),
+        stray.id.to_string()
+    );
     let stored_at = |m: &StreamMessage| std::time::SystemTime::from(m.time);
     assert!(
         stored_at(stray_message) <= stored_at(&orders[1]),

@@ -693,7 +693,7 @@ impl Bench {
                     outbox_nats::headers(&row)?
                 } else {
                     let mut only_id = HeaderMap::new();
-                    only_id.insert("Nats-Msg-Id", row.id.to_string().as_str());
+                    only_id.insert(outbox_core::headers::MSG_ID, row.id.to_string().as_str());
                     only_id
                 };
                 let subject = format!("{}.{}", self.namespace, row.subject);

@@ -154,7 +154,7 @@ pub(crate) async fn verdict(
     for sequence in 1..=last {
         let message = stream.get_raw_message(sequence).await?;
         verdict.stream_messages += 1;
-        let id = (message.headers.get("Nats-Msg-Id"))
+        let id = (message.headers.get(outbox_core::headers::MSG_ID))
             .map(|v| v.as_str().to_owned())
             .unwrap_or_default();
         let count = seen.entry(id.clone()).or_default();

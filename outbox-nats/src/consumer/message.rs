@@ -7,6 +7,7 @@ use async_nats::Message;
 use async_nats::jetstream::{self, message::AckKind};
 use chrono::{DateTime, Utc};
 use outbox_core::entity::inbox_dead_letter;
+use outbox_core::headers;
 use outbox_core::inbox::{DeadLetterReason, Metadata};
 use uuid::Uuid;
 
@@ -100,7 +101,7 @@ impl Held {
     }
 
     fn new(copy: Copy, position: Position) -> Self {
-        let key = header(copy.message(), "Outbox-Partition-Key").map(str::to_owned);
+        let key = header(copy.message(), headers::PARTITION_KEY).map(str::to_owned);
         Self {
             copy,
             position,
@@ -116,12 +117,12 @@ impl Held {
 
     /// The event type (`Outbox-Event-Type`), if the message names one.
     pub(super) fn event_type(&self) -> Option<&str> {
-        header(self.message(), "Outbox-Event-Type")
+        header(self.message(), headers::EVENT_TYPE)
     }
 
     /// The event id (`Nats-Msg-Id`), if the message has a valid one.
     pub(super) fn event_id(&self) -> Option<Uuid> {
-        Uuid::parse_str(header(self.message(), "Nats-Msg-Id")?).ok()
+        Uuid::parse_str(header(self.message(), headers::MSG_ID)?).ok()
     }
 
     /// Deliveries so far, this one included: JetStream's count plus local retries.
@@ -184,12 +185,12 @@ pub(super) enum Malformed {
 pub(super) fn metadata(held: &Held, namespace: Option<&str>) -> Result<Metadata, Malformed> {
     let message = held.message();
     let required = |name: &'static str| header(message, name).ok_or(Malformed::Missing(name));
-    let id = required("Nats-Msg-Id")?;
+    let id = required(headers::MSG_ID)?;
     let id = Uuid::parse_str(id).map_err(|source| Malformed::EventId {
         value: id.to_owned(),
         source,
     })?;
-    let version = required("Outbox-Event-Version")?;
+    let version = required(headers::EVENT_VERSION)?;
     let version = version
         .parse::<u16>()
         .map_err(|source| Malformed::Version {
@@ -202,12 +203,12 @@ pub(super) fn metadata(held: &Held, namespace: Option<&str>) -> Result<Metadata,
         .unwrap_or(subject);
     Ok(Metadata {
         id,
-        event_type: required("Outbox-Event-Type")?.to_owned(),
+        event_type: required(headers::EVENT_TYPE)?.to_owned(),
         version,
         subject: subject.to_owned(),
         key: held.key.clone(),
         delivery_count: held.delivery_count(),
-        occurred_at: header(message, "Outbox-Occurred-At")
+        occurred_at: header(message, headers::OCCURRED_AT)
             .and_then(|at| DateTime::parse_from_rfc3339(at).ok())
             .map(|at| at.with_timezone(&Utc)),
         stream_sequence: held.position.stream_sequence,
@@ -247,8 +248,8 @@ pub(super) fn dead_letter(
         stream_sequence: i64::try_from(held.position.stream_sequence).unwrap_or(i64::MAX),
         subject: message.subject.to_string(),
         event_id: held.event_id(),
-        event_type: header(message, "Outbox-Event-Type").map(str::to_owned),
-        event_version: header(message, "Outbox-Event-Version").and_then(|v| v.parse().ok()),
+        event_type: header(message, headers::EVENT_TYPE).map(str::to_owned),
+        event_version: header(message, headers::EVENT_VERSION).and_then(|v| v.parse().ok()),
         partition_key: held.key.clone(),
         payload: message.payload.to_vec(),
         headers: serde_json::Value::Object(headers).to_string(),
