@@ -14,9 +14,9 @@
 //! consumer and acknowledges, retries or dead-letters by its [`Processed`]
 //! answer.
 
+mod dispatch;
 mod guard;
 mod handler;
-mod handlers;
 mod store;
 
 use std::collections::BTreeMap;
@@ -24,9 +24,9 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+pub use dispatch::{DuplicateHandler, HandlerFailure, Handlers, Incoming, Processed};
 pub use guard::{CONNECTIONS_NEEDED, ConsumerGuard, Taken, pool_is_large_enough};
 pub use handler::{BoxError, Handler, HandlerFn};
-pub use handlers::{DuplicateHandler, HandlerFailure, Handlers, Incoming, Processed};
 pub use store::{dead_letter, purge, record, recorded};
 
 /// What a handler learns about a message besides the event itself.

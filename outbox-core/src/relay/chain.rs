@@ -12,14 +12,14 @@ use super::store::{Claimed, Settled};
 
 /// Keys whose events must wait, with the oldest event of each that the
 /// previous round did not get stored: newer events of the key go after it.
-pub(super) type Held = HashMap<String, Uuid>;
+pub(super) type HeldKeys = HashMap<String, Uuid>;
 
 /// Publishes `batch` but for the events newer than their key's entry in
 /// `held`, which sit the whole round out.
 pub(super) async fn publish<P: Publisher>(
     publisher: &P,
     batch: Vec<Claimed>,
-    held: &Held,
+    held: &HeldKeys,
 ) -> Vec<Settled> {
     let positions: Vec<usize> = (batch.iter().enumerate())
         .filter(|(_, Claimed { event, .. })| {

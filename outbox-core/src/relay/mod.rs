@@ -53,7 +53,7 @@ pub use stats::{OutboxStats, stats};
 pub use worker::RelayHandle;
 
 use crate::Error;
-use chain::Held;
+use chain::HeldKeys;
 use round::Round;
 use store::{InFlight, Store};
 
@@ -116,7 +116,7 @@ impl<P: Publisher> Relay<P> {
     /// One round in turn: claim, publish, settle.
     async fn round(&self) -> Result<BatchReport, Error> {
         let round = Round::claim(&self.store, &self.config, &InFlight::default()).await?;
-        let published = round.publish(&self.publisher, &Held::new()).await;
+        let published = round.publish(&self.publisher, &HeldKeys::new()).await;
         published.settle(&self.store, &self.config).await
     }
 

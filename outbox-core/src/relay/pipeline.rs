@@ -46,7 +46,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::Relay;
-use super::chain::Held;
+use super::chain::HeldKeys;
 use super::publish::Publisher;
 use super::report::BatchReport;
 use super::round::{Published, Round};
@@ -77,7 +77,7 @@ pub(super) async fn drain<P: Publisher>(
         }
     }
     let mut current = Round::claim(&relay.store, &relay.config, &InFlight::default()).await?;
-    let mut held = Held::new();
+    let mut held = HeldKeys::new();
     let mut previous: Option<Published> = None;
     while !current.is_empty() {
         let in_flight = current.in_flight();

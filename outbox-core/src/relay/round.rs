@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use sea_orm::DatabaseTransaction;
 use tracing::Instrument;
 
-use super::chain::{self, Held};
+use super::chain::{self, HeldKeys};
 use super::config::RelayConfig;
 use super::publish::{Delivery, Publisher};
 use super::report::BatchReport;
@@ -75,7 +75,7 @@ impl Round {
 
     /// Publishes the claimed batch; a keyed event newer than its key's entry
     /// in `held` is held back.
-    pub(super) async fn publish<P: Publisher>(self, publisher: &P, held: &Held) -> Published {
+    pub(super) async fn publish<P: Publisher>(self, publisher: &P, held: &HeldKeys) -> Published {
         let Self {
             txn,
             batch,
@@ -175,8 +175,8 @@ impl Published {
 
     /// The keys that had an event this round did not get stored, each with
     /// its oldest such event.
-    pub(super) fn held(&self) -> Held {
-        let mut held = Held::new();
+    pub(super) fn held(&self) -> HeldKeys {
+        let mut held = HeldKeys::new();
         for Settled { claimed, delivery } in &self.events {
             if let Some(key) = &claimed.event.partition_key
                 && !matches!(delivery, Some(Delivery::Stored { .. }))

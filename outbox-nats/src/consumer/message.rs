@@ -22,7 +22,7 @@ pub(super) struct Position {
 /// dead-lettered or handed back.
 #[derive(Debug)]
 pub(super) struct Held {
-    pub(super) copy: Copy,
+    pub(super) origin: Origin,
     pub(super) position: Position,
     /// The partition key (`Outbox-Partition-Key`), which orders the message among its key's.
     pub(super) key: Option<String>,
@@ -34,7 +34,7 @@ pub(super) struct Held {
 
 /// Where a held copy came from.
 #[derive(Debug)]
-pub(super) enum Copy {
+pub(super) enum Origin {
     /// Delivered by the durable consumer: acknowledged through it.
     Delivered(Box<jetstream::Message>),
     /// Read from the stream at recovery, for a delivery this process never
@@ -56,7 +56,7 @@ impl Held {
         };
         let consumer_sequence = info.consumer_sequence;
         Some((
-            Self::new(Copy::Delivered(Box::new(message)), position),
+            Self::new(Origin::Delivered(Box::new(message)), position),
             consumer_sequence,
         ))
     }
@@ -67,7 +67,7 @@ impl Held {
             stream_sequence,
             delivered: 1,
         };
-        Self::new(Copy::Recovered(message), position)
+        Self::new(Origin::Recovered(message), position)
     }
 
     /// The message a dead letter kept, to be handled again.
@@ -93,17 +93,17 @@ impl Held {
             stream_sequence: u64::try_from(letter.stream_sequence).unwrap_or(0),
             delivered: 1,
         };
-        let copy = Copy::Replayed {
+        let origin = Origin::Replayed {
             message,
             dead_letter: letter.id,
         };
-        Self::new(copy, position)
+        Self::new(origin, position)
     }
 
-    fn new(copy: Copy, position: Position) -> Self {
-        let key = header(copy.message(), headers::PARTITION_KEY).map(str::to_owned);
+    fn new(origin: Origin, position: Position) -> Self {
+        let key = header(origin.message(), headers::PARTITION_KEY).map(str::to_owned);
         Self {
-            copy,
+            origin,
             position,
             key,
             failures: 0,
@@ -112,7 +112,7 @@ impl Held {
     }
 
     pub(super) fn message(&self) -> &Message {
-        self.copy.message()
+        self.origin.message()
     }
 
     /// The event type (`Outbox-Event-Type`), if the message names one.
@@ -134,22 +134,22 @@ impl Held {
     /// or replayed copy has nothing to acknowledge. An error means JetStream
     /// redelivers.
     pub(super) async fn ack(&self, kind: AckKind) -> Result<(), async_nats::Error> {
-        match &self.copy {
-            Copy::Delivered(message) => message.ack_with(kind).await,
-            Copy::Recovered(_) | Copy::Replayed { .. } => Ok(()),
+        match &self.origin {
+            Origin::Delivered(message) => message.ack_with(kind).await,
+            Origin::Recovered(_) | Origin::Replayed { .. } => Ok(()),
         }
     }
 
     /// The dead letter this copy replays, if it does.
     pub(super) fn replays(&self) -> Option<Uuid> {
-        match &self.copy {
-            Copy::Replayed { dead_letter, .. } => Some(*dead_letter),
-            Copy::Delivered(_) | Copy::Recovered(_) => None,
+        match &self.origin {
+            Origin::Replayed { dead_letter, .. } => Some(*dead_letter),
+            Origin::Delivered(_) | Origin::Recovered(_) => None,
         }
     }
 }
 
-impl Copy {
+impl Origin {
     fn message(&self) -> &Message {
         match self {
             Self::Delivered(message) => message,

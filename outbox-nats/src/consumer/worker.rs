@@ -26,7 +26,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::ConsumerConfig;
-use super::message::{self, Copy, Held};
+use super::message::{self, Held, Origin};
 use super::recovery::{self, Recovered};
 use super::schedule::Schedule;
 
@@ -345,7 +345,7 @@ impl Worker {
                     settled.push(None);
                 }
                 // The durable's own copy is dead-lettered when it comes back.
-                Err(_) if matches!(held.copy, Copy::Recovered(_)) => {
+                Err(_) if matches!(held.origin, Origin::Recovered(_)) => {
                     settled.push(Some(Outcome::Resolved));
                 }
                 Err(malformed) => {
