@@ -36,6 +36,7 @@
 //!   the relays of its process; [`wake_relays`] does, after a commit of your own.
 #![deny(missing_docs)]
 
+mod backoff;
 mod cancel;
 pub mod dead_letters;
 mod emit;
@@ -57,6 +58,7 @@ pub mod testing;
 #[cfg(feature = "opentelemetry")]
 pub mod trace;
 
+pub use backoff::Backoff;
 pub use cancel::cancel;
 pub use error::{Error, ErrorReport, Result};
 pub use event::OutboxEvent;

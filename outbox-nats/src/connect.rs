@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_nats::{ConnectErrorKind, ConnectOptions, ServerAddr};
-use outbox_core::relay::Backoff;
+use outbox_core::Backoff;
 
 /// Pauses between attempts at the first connection.
 const FIRST_CONNECTION: Backoff = Backoff {

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream;
-use outbox_core::relay::{Backoff, Publisher, Relay, RelayBuilder};
+use outbox_core::Backoff;
+use outbox_core::relay::{Publisher, Relay, RelayBuilder};
 use outbox_core::{OutboxEvent, emit, transactional};
 use outbox_nats::{Consumer, ConsumerBuilder};
 use sea_orm::DatabaseConnection;

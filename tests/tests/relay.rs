@@ -802,7 +802,7 @@ async fn rejected_events_are_each_rescheduled_by_their_own_attempts_and_error() 
     let hour = Duration::from_secs(3600);
     let before = chrono::Utc::now();
     let report = fast(db, RejectAll)
-        .retry_backoff(outbox_core::relay::Backoff {
+        .retry_backoff(outbox_core::Backoff {
             initial: hour,
             max: 100 * hour,
         })

@@ -255,7 +255,7 @@ async fn effect(
 }
 
 /// The consumer's retry delays: short, so that a run is not spent waiting.
-pub(crate) const RETRY: outbox_core::relay::Backoff = outbox_core::relay::Backoff {
+pub(crate) const RETRY: outbox_core::Backoff = outbox_core::Backoff {
     initial: Duration::from_millis(100),
     max: Duration::from_secs(2),
 };

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use super::backoff::Backoff;
+use crate::Backoff;
 
 /// The largest batch a relay claims: the claim binds up to three values per
 /// event (its key and id, and the id of an event of the round in flight),

@@ -24,7 +24,6 @@
 //! previous one is settled and the next one claimed (see
 //! [`RelayConfig::overlap_rounds`]).
 
-mod backoff;
 mod chain;
 mod config;
 #[cfg(test)]
@@ -45,13 +44,13 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sea_orm::DatabaseConnection;
 
-pub use backoff::Backoff;
 pub use config::{MAX_BATCH_SIZE, RelayConfig};
 pub use publish::{Batch, Delivery, KeyOrder, Publisher};
 pub use report::BatchReport;
 pub use stats::{OutboxStats, stats};
 pub use worker::RelayHandle;
 
+use crate::Backoff;
 use crate::Error;
 use chain::HeldKeys;
 use round::Round;

@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
 use async_nats::jetstream::{self, Context};
+use outbox_core::Backoff;
 use outbox_core::OutboxEvent;
 use outbox_core::inbox::{self, ConsumerGuard, DuplicateHandler, Handler, Handlers, Taken};
-use outbox_core::relay::Backoff;
 use sea_orm::DatabaseConnection;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;

@@ -14,11 +14,11 @@ use async_nats::jetstream::message::AckKind;
 use async_nats::jetstream::stream::Stream;
 use chrono::Utc;
 use futures::{FutureExt, StreamExt};
+use outbox_core::Backoff;
 use outbox_core::dead_letters;
 use outbox_core::inbox::{
     self, ConsumerGuard, DeadLetterReason, Handlers, Incoming, Processed, Taken,
 };
-use outbox_core::relay::Backoff;
 use sea_orm::{DatabaseConnection, TransactionTrait};
 use tokio::sync::watch;
 use tokio::task::JoinSet;

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use outbox_core::relay::Backoff;
+use outbox_core::Backoff;
 use sea_orm::sqlx::Error as SqlxError;
 use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbErr, RuntimeErr};
 
