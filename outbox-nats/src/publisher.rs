@@ -38,6 +38,15 @@ pub struct JetStreamPublisher {
     replies: Mutex<Option<Replies>>,
 }
 
+/// A JetStream context with the publisher's ack timeout and in-flight bound.
+fn context(client: &async_nats::Client, ack_timeout: Duration, max_in_flight: usize) -> Context {
+    jetstream::ContextBuilder::new()
+        .timeout(ack_timeout)
+        .max_ack_inflight(max_in_flight)
+        .backpressure_on_inflight(true)
+        .build(client.clone())
+}
+
 /// One subscription to `<inbox>.*.*`; batch `n`'s `i`-th event asks for its
 /// ack on `<inbox>.<n>.<i>`, so that a late ack of an earlier batch is told apart.
 #[derive(Debug)]
@@ -62,30 +71,48 @@ impl Clone for JetStreamPublisher {
 }
 
 impl JetStreamPublisher {
-    /// A publisher with a 5 s acknowledgement timeout and up to 4,096 acks in flight.
+    /// A publisher with a 5 s acknowledgement timeout and up to 4,096 acks
+    /// in flight; [`ack_timeout`](Self::ack_timeout),
+    /// [`max_in_flight`](Self::max_in_flight) and
+    /// [`namespace`](Self::namespace) change them.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::time::Duration;
+    /// use outbox_nats::{JetStreamPublisher, async_nats};
+    ///
+    /// let publisher = JetStreamPublisher::new(async_nats::connect("127.0.0.1:4222").await?)
+    ///     .ack_timeout(Duration::from_secs(10))
+    ///     .max_in_flight(1_024)
+    ///     .namespace("staging");
+    /// # Ok(()) }
+    /// ```
     pub fn new(client: async_nats::Client) -> Self {
-        Self::with_options(client, Duration::from_secs(5), 4_096)
-    }
-
-    /// A publisher with the given ack timeout and in-flight bound.
-    pub fn with_options(
-        client: async_nats::Client,
-        ack_timeout: Duration,
-        max_in_flight: usize,
-    ) -> Self {
-        let context = jetstream::ContextBuilder::new()
-            .timeout(ack_timeout)
-            .max_ack_inflight(max_in_flight)
-            .backpressure_on_inflight(true)
-            .build(client.clone());
+        let (ack_timeout, max_in_flight) = (Duration::from_secs(5), 4_096);
         Self {
+            context: context(&client, ack_timeout, max_in_flight),
             client,
-            context,
             namespace: None,
             ack_timeout,
-            max_in_flight: max_in_flight.max(1),
+            max_in_flight,
             replies: Mutex::new(None),
         }
+    }
+
+    /// How long to wait for each acknowledgement before the event counts as
+    /// not delivered (and is tried again).
+    pub fn ack_timeout(mut self, ack_timeout: Duration) -> Self {
+        self.ack_timeout = ack_timeout;
+        self.context = context(&self.client, ack_timeout, self.max_in_flight);
+        self
+    }
+
+    /// Acknowledgements awaited at once, at least 1: a window that slides as
+    /// they come in.
+    pub fn max_in_flight(mut self, max_in_flight: usize) -> Self {
+        self.max_in_flight = max_in_flight.max(1);
+        self.context = context(&self.client, self.ack_timeout, self.max_in_flight);
+        self
     }
 
     /// Prefixes every subject with `namespace.` (and every provisioned stream

@@ -800,7 +800,8 @@ async fn batches_larger_than_the_in_flight_bound_go_through_a_sliding_window() {
     let setup = Setup::postgres().await;
     let (db, nats, stream) = (&setup.test.db, &setup.nats, &setup.stream);
     emit_round(db, 0, 100).await.expect("commit");
-    let narrow = JetStreamPublisher::with_options(nats.client.clone(), Duration::from_secs(5), 16)
+    let narrow = JetStreamPublisher::new(nats.client.clone())
+        .max_in_flight(16)
         .namespace(nats.namespace.clone());
     let relay = fast(db, narrow).batch_size(100).build();
     // The bound only turns a hang (sends waiting for slots no ack frees) into a failure.

@@ -340,7 +340,9 @@ async fn connect_schema(schema: &str, connections: usize) -> Result<DatabaseConn
 }
 
 fn publisher(client: async_nats::Client, args: &Args, namespace: &str) -> JetStreamPublisher {
-    JetStreamPublisher::with_options(client, Duration::from_secs(10), args.in_flight)
+    JetStreamPublisher::new(client)
+        .ack_timeout(Duration::from_secs(10))
+        .max_in_flight(args.in_flight)
         .namespace(namespace.to_owned())
 }
 
