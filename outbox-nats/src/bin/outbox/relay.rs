@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::stream::StorageType;
 use clap::ValueEnum;
-use outbox_core::relay::{MAX_BATCH_SIZE, Relay};
+use outbox_core::relay::{MAX_BATCH_SIZE, Relay, RelayConfig};
 use outbox_nats::{JetStreamPublisher, StreamSettings, StreamSpec, provision};
 use sea_orm::DatabaseConnection;
 
@@ -35,19 +35,19 @@ pub(crate) struct RelayArgs {
     #[arg(long, env = "OUTBOX_NAMESPACE")]
     namespace: Option<String>,
     /// Events per round (1 to 10000).
-    #[arg(long, env = "OUTBOX_BATCH_SIZE", default_value_t = 2_000,
+    #[arg(long, env = "OUTBOX_BATCH_SIZE", default_value_t = RelayConfig::default().batch_size,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_BATCH_SIZE as u64))]
     batch_size: usize,
     /// Attempts before a rejected event is dead-lettered (1 or more).
-    #[arg(long, env = "OUTBOX_MAX_ATTEMPTS", default_value_t = 10,
+    #[arg(long, env = "OUTBOX_MAX_ATTEMPTS", default_value_t = RelayConfig::default().max_attempts,
           value_parser = clap::value_parser!(u32).range(1..))]
     max_attempts: u32,
     /// Seconds between polls when nothing else wakes the relay (0.01 to 3600).
-    #[arg(long, env = "OUTBOX_POLL_INTERVAL", default_value_t = 1.0, value_parser = parse_poll_interval, allow_hyphen_values = true)]
+    #[arg(long, env = "OUTBOX_POLL_INTERVAL", default_value_t = RelayConfig::default().poll_interval.as_secs_f64(), value_parser = parse_poll_interval, allow_hyphen_values = true)]
     poll_interval: f64,
     /// Deleted events between the relay's own `VACUUM outbox_messages`
     /// (PostgreSQL; 0: never, leaving it to autovacuum).
-    #[arg(long, env = "OUTBOX_VACUUM_AFTER", default_value_t = 100_000)]
+    #[arg(long, env = "OUTBOX_VACUUM_AFTER", default_value_t = RelayConfig::default().vacuum_after.unwrap_or(0))]
     vacuum_after: u64,
     /// Whether to create or upgrade the outbox tables at start. `false` (or
     /// --no-migrate) when they are your own migrator's or `outbox migrate`'s
