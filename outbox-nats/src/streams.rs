@@ -9,8 +9,10 @@ use async_nats::jetstream::Context;
 use async_nats::jetstream::stream::{Config, StorageType};
 use outbox_core::registry::RegistryError;
 
-/// A stream the relay needs, and the subjects it must capture.
+/// A stream the relay needs, and the subjects it must capture; made by
+/// [`StreamSpec::for_exchange`] or [`streams_from_registry`].
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct StreamSpec {
     /// The stream's name.
     pub name: String,

@@ -25,6 +25,7 @@ const BATCH_SECONDS: &str = "outbox_batch_duration_seconds";
 
 /// A snapshot of the outbox tables.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct OutboxStats {
     /// Events not delivered yet.
     pub pending: u64,
