@@ -1239,17 +1239,8 @@ async fn a_batch_commits_all_but_the_failing_handlers_effect(db: &DatabaseConnec
                 order_id,
                 total_cents: 100,
             };
-            let meta = Metadata {
-                id: uuid::Uuid::now_v7(),
-                event_type: "OrderCreated".into(),
-                version: 1,
-                subject: event.subject().expect("subject"),
-                key: event.partition_key(),
-                delivery_count: 1,
-                occurred_at: None,
-                stream_sequence: u64::try_from(order_id).expect("positive"),
-                headers: Default::default(),
-            };
+            let mut meta = Metadata::for_event(&event).expect("subject");
+            meta.stream_sequence = u64::try_from(order_id).expect("positive");
             (event, meta)
         })
         .collect();
@@ -1290,10 +1281,8 @@ async fn a_batch_commits_all_but_the_failing_handlers_effect(db: &DatabaseConnec
 
     // Two copies of one new event in a batch: the second waits for the first.
     let (event, meta) = &orders[0];
-    let copy = Metadata {
-        id: uuid::Uuid::now_v7(),
-        ..meta.clone()
-    };
+    let mut copy = meta.clone();
+    copy.id = uuid::Uuid::now_v7();
     let order_4 = OrderCreated {
         order_id: 4,
         total_cents: event.total_cents,

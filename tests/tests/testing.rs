@@ -205,17 +205,7 @@ async fn a_test_consumer_handles_each_event_once_without_a_broker(db: &DatabaseC
         deliver(bad, order(2, -1)).await,
         Processed::Failed(_)
     ));
-    let stranger = Metadata {
-        id: uuid::Uuid::now_v7(),
-        event_type: "Mystery".into(),
-        version: 1,
-        subject: "orders.mystery".into(),
-        key: None,
-        delivery_count: 0,
-        occurred_at: None,
-        stream_sequence: 0,
-        headers: Default::default(),
-    };
+    let stranger = Metadata::new(uuid::Uuid::now_v7(), "Mystery", 1, "orders.mystery");
     assert!(matches!(
         billing.deliver_raw(stranger, b"{}").await,
         Processed::Unhandled {

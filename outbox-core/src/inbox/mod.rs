@@ -30,7 +30,11 @@ pub use handler::{BoxError, Handler, HandlerFn};
 pub use store::{dead_letter, purge, record, recorded};
 
 /// What a handler learns about a message besides the event itself.
+///
+/// Made by a transport with [`Metadata::new`] and its fields set after
+/// (`#[non_exhaustive]`: a field added later is not a breaking change).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Metadata {
     /// The event id, assigned at `emit!` (`Nats-Msg-Id`); the inbox key.
     pub id: Uuid,
@@ -54,6 +58,30 @@ pub struct Metadata {
     pub headers: BTreeMap<String, String>,
 }
 
+impl Metadata {
+    /// The metadata of event `id` of `event_type` at `version` on `subject`,
+    /// on its first delivery: no key, no emit time, stream sequence 0, no
+    /// headers. A transport sets the rest.
+    pub fn new(
+        id: Uuid,
+        event_type: impl Into<String>,
+        version: u16,
+        subject: impl Into<String>,
+    ) -> Self {
+        Self {
+            id,
+            event_type: event_type.into(),
+            version,
+            subject: subject.into(),
+            key: None,
+            delivery_count: 1,
+            occurred_at: None,
+            stream_sequence: 0,
+            headers: BTreeMap::new(),
+        }
+    }
+}
+
 #[cfg(feature = "testing")]
 impl Metadata {
     /// What a consumer would hand a handler with `event` on its first
@@ -75,17 +103,16 @@ impl Metadata {
     ///
     /// Fails as `emit!` would: an invalid subject or partition key.
     pub fn for_event<E: crate::OutboxEvent>(event: &E) -> Result<Self, crate::Error> {
-        Ok(Self {
-            id: Uuid::now_v7(),
-            event_type: event.event_type().to_owned(),
-            version: E::VERSION,
-            subject: event.subject()?,
-            key: event.partition_key(),
-            delivery_count: 1,
-            occurred_at: Some(Utc::now()),
-            stream_sequence: 1,
-            headers: BTreeMap::new(),
-        })
+        let mut meta = Self::new(
+            Uuid::now_v7(),
+            event.event_type(),
+            E::VERSION,
+            event.subject()?,
+        );
+        meta.key = event.partition_key();
+        meta.occurred_at = Some(Utc::now());
+        meta.stream_sequence = 1;
+        Ok(meta)
     }
 }
 

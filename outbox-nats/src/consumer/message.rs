@@ -201,19 +201,15 @@ pub(super) fn metadata(held: &Held, namespace: Option<&str>) -> Result<Metadata,
     let subject = namespace
         .and_then(|ns| subject.strip_prefix(ns)?.strip_prefix('.'))
         .unwrap_or(subject);
-    Ok(Metadata {
-        id,
-        event_type: required(headers::EVENT_TYPE)?.to_owned(),
-        version,
-        subject: subject.to_owned(),
-        key: held.key.clone(),
-        delivery_count: held.delivery_count(),
-        occurred_at: header(message, headers::OCCURRED_AT)
-            .and_then(|at| DateTime::parse_from_rfc3339(at).ok())
-            .map(|at| at.with_timezone(&Utc)),
-        stream_sequence: held.position.stream_sequence,
-        headers: own_headers(message),
-    })
+    let mut meta = Metadata::new(id, required(headers::EVENT_TYPE)?, version, subject);
+    meta.key = held.key.clone();
+    meta.delivery_count = held.delivery_count();
+    meta.occurred_at = header(message, headers::OCCURRED_AT)
+        .and_then(|at| DateTime::parse_from_rfc3339(at).ok())
+        .map(|at| at.with_timezone(&Utc));
+    meta.stream_sequence = held.position.stream_sequence;
+    meta.headers = own_headers(message);
+    Ok(meta)
 }
 
 /// The event's own headers: all but the framework's, each with its first value.
