@@ -144,6 +144,7 @@ pub use outbox_macros::transactional;
 #[doc(hidden)]
 pub mod __private {
     pub use crate::emit::{EmitOptions, Emitter};
+    pub use crate::registry::DescriptorParts;
     pub use crate::scope::{Outcome, Scope};
     pub use crate::subject::SubjectBuilder;
     pub use inventory;

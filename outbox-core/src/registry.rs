@@ -15,7 +15,13 @@ use crate::Error;
 pub type DecodeFn = fn(&[u8]) -> Result<Box<dyn Any + Send>, Error>;
 
 /// Static metadata of one registered event type (one per struct, one per enum variant).
+///
+/// `#[non_exhaustive]`: the derive builds it through [`__private`]'s
+/// `DescriptorParts`, so that a field added later breaks no one.
+///
+/// [`__private`]: crate::__private
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct EventDescriptor {
     /// The event type consumers dispatch on (`Outbox-Event-Type`).
     pub name: &'static str,
@@ -37,7 +43,45 @@ pub struct EventDescriptor {
 
 inventory::collect!(EventDescriptor);
 
+/// Every field of an [`EventDescriptor`], for the derive's generated code.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct DescriptorParts {
+    pub name: &'static str,
+    pub version: u16,
+    pub exchange: &'static str,
+    pub stream: &'static str,
+    pub routing_key: &'static str,
+    pub rust_type: &'static str,
+    pub content_type: &'static str,
+    pub decode: DecodeFn,
+}
+
 impl EventDescriptor {
+    #[doc(hidden)]
+    pub const fn from_parts(parts: DescriptorParts) -> Self {
+        let DescriptorParts {
+            name,
+            version,
+            exchange,
+            stream,
+            routing_key,
+            rust_type,
+            content_type,
+            decode,
+        } = parts;
+        Self {
+            name,
+            version,
+            exchange,
+            stream,
+            routing_key,
+            rust_type,
+            content_type,
+            decode,
+        }
+    }
+
     /// The subject pattern, `<exchange>.<routing key>`.
     pub fn subject_pattern(&self) -> String {
         format!("{}.{}", self.exchange, self.routing_key)

@@ -36,7 +36,7 @@ pub(super) fn expand(event: &Event<'_>) -> TokenStream {
         let decode = quote_spanned!(ident.span()=> #krate::__private::decode_json::<#ident>);
         quote! {
             #krate::__private::inventory::submit! {
-                #krate::EventDescriptor {
+                #krate::EventDescriptor::from_parts(#krate::__private::DescriptorParts {
                     name: #name,
                     version: #version,
                     exchange: #exchange,
@@ -45,7 +45,7 @@ pub(super) fn expand(event: &Event<'_>) -> TokenStream {
                     rust_type: #rust_type,
                     content_type: <#ident as #krate::OutboxEvent>::CONTENT_TYPE,
                     decode: #decode,
-                }
+                })
             }
         }
     });
