@@ -6,7 +6,7 @@ use sea_orm::sea_query::{
 };
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr,
-    EntityTrait, IdenStatic, IsolationLevel, QueryFilter, Statement, TransactionTrait,
+    IsolationLevel, Statement, TransactionTrait,
 };
 use uuid::Uuid;
 
@@ -27,9 +27,9 @@ impl Dialect {
     }
 
     /// Whether consecutive rounds may overlap: PostgreSQL only. Not on MySQL:
-    /// a round's rows stay locked until its settle, and InnoDB's claim can
-    /// lock more due rows than it takes (see `store::claim`), so the next
-    /// round would claim little while the one in flight holds the rest.
+    /// InnoDB's `DELETE ... WHERE id IN (...)` may scan the table and wait on
+    /// every locked row it meets, among them the next round's, which the
+    /// relay releases only after that very delete.
     pub(in crate::relay) fn overlaps_rounds(self) -> bool {
         self.0 == DbBackend::Postgres
     }
@@ -146,42 +146,6 @@ impl Dialect {
             ),
         };
         Statement::from_sql_and_values(self.0, sql, values)
-    }
-
-    /// Deletes the rows of `E` whose `column` (its primary key) holds one of
-    /// these ids; returns how many there were.
-    ///
-    /// On MySQL through a join with the ids as one JSON array
-    /// (`JSON_TABLE`, MySQL 8.0.4+, MariaDB 10.6+), which InnoDB walks by
-    /// primary key. `DELETE ... WHERE id IN (...)` over much of a small
-    /// table is planned as a table scan, which locks every row it reads and
-    /// so waits on the rows another relay holds while that relay's delete
-    /// waits on this one's: the deadlocks (error 1213) of relays on one
-    /// MariaDB. Elsewhere [`ids_in`](Self::ids_in).
-    pub(super) async fn delete_ids<E: EntityTrait>(
-        self,
-        conn: &impl ConnectionTrait,
-        column: E::Column,
-        ids: Vec<Uuid>,
-    ) -> Result<u64, DbErr> {
-        if self.0 != DbBackend::MySql {
-            let rows = self.ids_in(column, ids);
-            return Ok(E::delete_many()
-                .filter(rows)
-                .exec(conn)
-                .await?
-                .rows_affected);
-        }
-        let table = E::default().table_name().to_owned();
-        let column = column.as_str().to_owned();
-        let hex: Vec<String> = ids.iter().map(|id| id.simple().to_string()).collect();
-        let json = serde_json::to_string(&hex).map_err(|error| DbErr::Custom(error.to_string()))?;
-        let sql = format!(
-            "DELETE t FROM `{table}` AS t JOIN JSON_TABLE(?, '$[*]' COLUMNS (id CHAR(32) PATH '$')) \
-             AS ids ON t.`{column}` = UNHEX(ids.id)"
-        );
-        let statement = Statement::from_sql_and_values(self.0, sql, [json.into()]);
-        Ok(conn.execute_raw(statement).await?.rows_affected())
     }
 
     /// The rows whose `column` holds one of these ids. On PostgreSQL one

@@ -13,7 +13,9 @@
 
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Expr, ExprTrait, IntoIden, Order, Query};
-use sea_orm::{ColumnTrait, ConnectionTrait, DbErr, EntityTrait, Iterable, QuerySelect};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, Iterable, QueryFilter, QuerySelect,
+};
 use uuid::Uuid;
 
 use super::Store;
@@ -103,8 +105,9 @@ async fn move_due<C: ConnectionTrait>(
         .to_owned();
     txn.execute(&insert).await?;
     let count = ids.len();
-    dialect
-        .delete_ids::<outbox_scheduled::Entity>(txn, Column::Id, ids)
+    outbox_scheduled::Entity::delete_many()
+        .filter(dialect.ids_in(Column::Id, ids))
+        .exec(txn)
         .await?;
     Ok(count)
 }
