@@ -53,7 +53,7 @@ async fn run<P: Publisher>(relay: Relay<P>, mut stopped: watch::Receiver<bool>) 
     let mut failures = 0_u32;
     let mut conflicts = 0_u32;
     let mut next_housekeeping = Instant::now();
-    let mut schedule = Schedule::default();
+    let mut due = DueTimes::default();
     tracing::info!(batch_size = config.batch_size, "relay started");
     while !*stopped.borrow() {
         if Instant::now() >= next_housekeeping {
@@ -64,11 +64,11 @@ async fn run<P: Publisher>(relay: Relay<P>, mut stopped: watch::Receiver<bool>) 
         // A long drain pauses for housekeeping, the gauges mattering most
         // during a backlog, and when a scheduled event comes due.
         let drained = async {
-            if schedule.stale(config.poll_interval) {
+            if due.stale(config.poll_interval) {
                 let seen = signal::scheduled_count();
-                schedule.looked(seen, relay.promote_due().await?);
+                due.looked(seen, relay.promote_due().await?);
             }
-            let next_due = schedule.next_due.map(instant_of);
+            let next_due = due.next_due.map(instant_of);
             let pause = next_due.map_or(next_housekeeping, |due| due.min(next_housekeeping));
             pipeline::drain(&relay, Some(&stopped), Some(pause)).await?;
             Ok::<_, crate::Error>(pause)
@@ -122,7 +122,7 @@ async fn run<P: Publisher>(relay: Relay<P>, mut stopped: watch::Receiver<bool>) 
 /// (another process may have). Each look is a statement, which at 1,000
 /// wakes a second added a quarter of a millisecond to commit → ack.
 #[derive(Debug, Default)]
-struct Schedule {
+struct DueTimes {
     /// When the earliest scheduled event is due, as of the last look.
     next_due: Option<DateTime<Utc>>,
     looked_at: Option<Instant>,
@@ -130,7 +130,7 @@ struct Schedule {
     seen: u64,
 }
 
-impl Schedule {
+impl DueTimes {
     fn stale(&self, poll_interval: std::time::Duration) -> bool {
         self.looked_at
             .is_none_or(|at| at.elapsed() >= poll_interval)

@@ -3,8 +3,8 @@
 
 mod keys;
 mod message;
+mod pending;
 mod recovery;
-mod schedule;
 mod worker;
 
 use std::time::Duration;

@@ -27,8 +27,8 @@ use uuid::Uuid;
 
 use super::ConsumerConfig;
 use super::message::{self, Held, Origin};
+use super::pending::Pending;
 use super::recovery::{self, Recovered};
-use super::schedule::Schedule;
 
 /// Pauses between attempts to (re)open the message stream or to recover.
 const RECONNECT: Backoff = Backoff {
@@ -86,7 +86,7 @@ impl Worker {
         let shared = Arc::new(self);
         let config = &shared.config;
         let mut tasks: JoinSet<Vec<(Held, Outcome)>> = JoinSet::new();
-        let mut schedule = Schedule::new();
+        let mut pending = Pending::new();
         let mut recovery = Recovery::Owed { trigger: None };
         // The consumer sequence of the last delivery seen: a delivery that
         // does not follow it means one went elsewhere.
@@ -112,8 +112,7 @@ impl Worker {
                     Ok(found) => {
                         failures = 0;
                         let found = shared.unhandled(found).await;
-                        last_delivery =
-                            Some(shared.recovered(&mut schedule, found, trigger.take()));
+                        last_delivery = Some(shared.recovered(&mut pending, found, trigger.take()));
                         recovery = Recovery::Done;
                     }
                     Err(error) => {
@@ -137,17 +136,17 @@ impl Worker {
                 }
             }
             // A batch is what is ready now: it never waits to fill up.
-            while tasks.len() < config.max_in_flight && schedule.has_ready() {
-                let batch = std::iter::from_fn(|| schedule.pop_ready());
+            while tasks.len() < config.max_in_flight && pending.has_ready() {
+                let batch = std::iter::from_fn(|| pending.pop_ready());
                 shared.start(&mut tasks, batch.take(config.batch_size).collect());
             }
             // Pull while the next batch is not full, so that one is ready
             // when a transaction ends.
             let room = matches!(recovery, Recovery::Done)
-                && schedule.ready() < config.batch_size
-                && schedule.len() < config.max_ack_pending
+                && pending.ready() < config.batch_size
+                && pending.len() < config.max_ack_pending
                 && Instant::now() >= resume;
-            let next_retry = schedule.next_retry();
+            let next_retry = pending.next_retry();
             tokio::select! {
                 // Err: the handle was dropped, which leaves the consumer running.
                 Ok(()) = stopped.changed() => break,
@@ -160,17 +159,17 @@ impl Worker {
                                 if let Some(id) = held.replays() {
                                     replaying.remove(&id);
                                 }
-                                schedule.resolve(&held);
+                                pending.resolve(&held);
                             }
                             Outcome::Retry(delay) => {
                                 held.failures += 1;
-                                schedule.retry(held, Instant::now() + delay);
+                                pending.retry(held, Instant::now() + delay);
                             }
                         }
                     }
                 }
                 () = sleep_until(next_retry), if next_retry.is_some() => {
-                    schedule.due(Instant::now());
+                    pending.due(Instant::now());
                 }
                 next = next_message(&mut messages), if room => match next {
                     Some(Ok(message)) => {
@@ -184,7 +183,7 @@ impl Worker {
                             recovery = Recovery::Owed { trigger: Some(Box::new((held, delivery))) };
                         } else {
                             last_delivery = Some(delivery);
-                            schedule.receive(held);
+                            pending.receive(held);
                         }
                     }
                     Some(Err(error)) => {
@@ -200,7 +199,7 @@ impl Worker {
                 _ = tick.tick() => {
                     let now = Instant::now();
                     if let Some(before) = now.checked_sub(config.ack_wait / 2) {
-                        for held in schedule.due_for_extension(before, now) {
+                        for held in pending.due_for_extension(before, now) {
                             let _ = held.ack(AckKind::Progress).await;
                         }
                     }
@@ -215,7 +214,7 @@ impl Worker {
                         next_purge = now + purge_every;
                     }
                     if now >= next_replay_poll && matches!(recovery, Recovery::Done) {
-                        shared.replays(&mut schedule, &mut replaying).await;
+                        shared.replays(&mut pending, &mut replaying).await;
                         next_replay_poll = now + REPLAY_POLL;
                     }
                 }
@@ -223,7 +222,7 @@ impl Worker {
         }
         // Messages not started go back at once; handlers in flight finish,
         // and those that failed go back too.
-        for held in schedule.drain() {
+        for held in pending.drain() {
             let _ = held.ack(AckKind::Nak(None)).await;
         }
         while let Some(joined) = tasks.join_next().await {
@@ -263,7 +262,7 @@ impl Worker {
     /// returns the consumer sequence the next delivery must follow.
     fn recovered(
         &self,
-        schedule: &mut Schedule,
+        pending: &mut Pending,
         found: Recovered,
         trigger: Option<Box<(Held, u64)>>,
     ) -> u64 {
@@ -271,11 +270,11 @@ impl Worker {
             tracing::info!(consumer = %self.name, messages = found.messages.len(), "handling deliveries this process did not see, in stream order");
         }
         for held in found.messages {
-            schedule.recovered(held);
+            pending.recovered(held);
         }
         match trigger.map(|trigger| *trigger) {
             Some((held, delivery)) => {
-                schedule.receive(held);
+                pending.receive(held);
                 delivery
             }
             None => found.delivered_consumer_sequence,
@@ -284,14 +283,14 @@ impl Worker {
 
     /// Queues the dead letters an operator asked to replay, each behind the
     /// messages of its key held now.
-    async fn replays(&self, schedule: &mut Schedule, replaying: &mut HashSet<Uuid>) {
+    async fn replays(&self, pending: &mut Pending, replaying: &mut HashSet<Uuid>) {
         let busy: Vec<Uuid> = replaying.iter().copied().collect();
         match dead_letters::inbox::requested(&self.db, &self.name, &busy, REPLAY_BATCH).await {
             Ok(letters) => {
                 for letter in letters {
                     tracing::info!(consumer = %self.name, dead_letter = %letter.id, "replaying a dead letter");
                     replaying.insert(letter.id);
-                    schedule.recovered(Held::replayed(letter));
+                    pending.recovered(Held::replayed(letter));
                 }
             }
             Err(error) => {

@@ -10,7 +10,7 @@ use super::message::Held;
 
 /// Every message the consumer holds that is not running.
 #[derive(Debug)]
-pub(super) struct Schedule {
+pub(super) struct Pending {
     keys: KeyQueues<Held>,
     /// May start as soon as there is room; their keys are busy with them.
     ready: VecDeque<Held>,
@@ -20,7 +20,7 @@ pub(super) struct Schedule {
     retry_ids: u64,
 }
 
-impl Schedule {
+impl Pending {
     pub(super) fn new() -> Self {
         Self {
             keys: KeyQueues::new(),
