@@ -87,3 +87,18 @@ async fn a_rejected_event_is_logged_at_its_first_rejection_with_its_reason() {
     );
     test.finish().await;
 }
+
+/// A poll interval of 0 would poll without pause: the builder takes
+/// `MIN_POLL_INTERVAL` instead (the binary refuses the value outright).
+#[tokio::test(flavor = "current_thread")]
+async fn a_zero_poll_interval_becomes_the_shortest_one() {
+    let test = TestDb::sqlite().await;
+    let relay = Relay::builder(test.db.clone(), MemoryPublisher::new())
+        .poll_interval(std::time::Duration::ZERO)
+        .build();
+    assert_eq!(
+        relay.config().poll_interval,
+        outbox_core::relay::MIN_POLL_INTERVAL
+    );
+    test.finish().await;
+}

@@ -10,6 +10,10 @@ use crate::Backoff;
 /// MySQL, 32,766 on SQLite).
 pub const MAX_BATCH_SIZE: usize = 10_000;
 
+/// The shortest poll interval a relay takes (`RelayBuilder::poll_interval`),
+/// the `outbox` binary's lower bound too.
+pub const MIN_POLL_INTERVAL: Duration = Duration::from_millis(10);
+
 /// How a relay batches, retries and keeps delivered events: set through
 /// [`RelayBuilder`](super::RelayBuilder), read through
 /// [`Relay::config`](super::Relay::config).

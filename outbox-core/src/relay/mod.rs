@@ -44,7 +44,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sea_orm::DatabaseConnection;
 
-pub use config::{MAX_BATCH_SIZE, RelayConfig};
+pub use config::{MAX_BATCH_SIZE, MIN_POLL_INTERVAL, RelayConfig};
 pub use publish::{Batch, Delivery, KeyOrder, Publisher};
 pub use report::BatchReport;
 pub use stats::{OutboxStats, stats};
@@ -159,9 +159,10 @@ impl<P: Publisher> RelayBuilder<P> {
         self
     }
 
-    /// How often to look for events when nothing wakes the relay.
+    /// How often to look for events when nothing wakes the relay; at least
+    /// [`MIN_POLL_INTERVAL`] (0 would poll without pause, a busy loop).
     pub fn poll_interval(mut self, interval: Duration) -> Self {
-        self.relay.config.poll_interval = interval;
+        self.relay.config.poll_interval = interval.max(MIN_POLL_INTERVAL);
         self
     }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::stream::StorageType;
 use clap::ValueEnum;
-use outbox_core::relay::{MAX_BATCH_SIZE, Relay, RelayConfig};
+use outbox_core::relay::{MAX_BATCH_SIZE, MIN_POLL_INTERVAL, Relay, RelayConfig};
 use outbox_nats::{JetStreamPublisher, StreamSettings, StreamSpec, provision};
 use sea_orm::DatabaseConnection;
 
@@ -91,7 +91,7 @@ pub(crate) fn parse_seconds(value: &str) -> Result<f64, String> {
 /// A poll interval: 0 would poll without pause, a busy loop.
 fn parse_poll_interval(value: &str) -> Result<f64, String> {
     match parse_seconds(value)? {
-        seconds if (0.01..=3600.0).contains(&seconds) => Ok(seconds),
+        seconds if (MIN_POLL_INTERVAL.as_secs_f64()..=3600.0).contains(&seconds) => Ok(seconds),
         _ => Err(format!("`{value}` is outside 0.01 to 3600 seconds")),
     }
 }
