@@ -38,6 +38,16 @@ pub struct OutboxStats {
     pub dead_letters: u64,
 }
 
+impl OutboxStats {
+    /// Seconds since the oldest pending event came due (0 for a time
+    /// ahead), or `None` with nothing pending: the age gauge and `outbox
+    /// status` read it.
+    pub fn oldest_pending_age(&self) -> Option<f64> {
+        self.oldest_pending
+            .map(|oldest| (Utc::now() - oldest).num_milliseconds().max(0) as f64 / 1e3)
+    }
+}
+
 /// Counts what the outbox holds.
 pub async fn stats<C: ConnectionTrait>(db: &C) -> Result<OutboxStats, DbErr> {
     let pending =
@@ -74,8 +84,5 @@ pub(super) fn record_batch(report: &BatchReport, took: Duration) {
 
 pub(super) fn record_stats(stats: &OutboxStats) {
     metrics::gauge!(PENDING).set(stats.pending as f64);
-    let age = stats.oldest_pending.map_or(0.0, |oldest| {
-        (Utc::now() - oldest).num_milliseconds().max(0) as f64 / 1e3
-    });
-    metrics::gauge!(OLDEST_AGE).set(age);
+    metrics::gauge!(OLDEST_AGE).set(stats.oldest_pending_age().unwrap_or(0.0));
 }

@@ -3,7 +3,6 @@
 
 use std::process::ExitCode;
 
-use chrono::Utc;
 use outbox_core::Status;
 use sea_orm::DatabaseConnection;
 
@@ -25,11 +24,6 @@ pub(crate) struct StatusArgs {
     max_dead_letters: Option<u64>,
 }
 
-/// Seconds from `time` to now, 0 for a time ahead.
-fn age(time: chrono::DateTime<Utc>) -> f64 {
-    (Utc::now() - time).num_milliseconds().max(0) as f64 / 1e3
-}
-
 /// The thresholds `status` breaches.
 fn breached(args: &StatusArgs, status: &Status) -> Vec<&'static str> {
     let mut breached = Vec::new();
@@ -39,8 +33,8 @@ fn breached(args: &StatusArgs, status: &Status) -> Vec<&'static str> {
     {
         breached.push("max_pending");
     }
-    if let (Some(max), Some(oldest)) = (args.max_age, status.outbox.oldest_pending)
-        && age(oldest) > max
+    if let (Some(max), Some(age)) = (args.max_age, status.outbox.oldest_pending_age())
+        && age > max
     {
         breached.push("max_age");
     }
@@ -75,7 +69,7 @@ pub(crate) async fn run(
         let report = serde_json::json!({
             "pending": outbox.pending,
             "oldest_pending": outbox.oldest_pending,
-            "oldest_pending_age_seconds": outbox.oldest_pending.map(age),
+            "oldest_pending_age_seconds": outbox.oldest_pending_age(),
             "dead_letters": outbox.dead_letters,
             "scheduled": status.scheduled,
             "next_scheduled": status.next_scheduled,
@@ -86,9 +80,9 @@ pub(crate) async fn run(
         println!("{report}");
     } else {
         println!("pending events: {}", outbox.pending);
-        match outbox.oldest_pending {
-            Some(oldest) => println!("oldest pending: {oldest} ({:.0}s ago)", age(oldest)),
-            None => println!("oldest pending: -"),
+        match (outbox.oldest_pending, outbox.oldest_pending_age()) {
+            (Some(oldest), Some(age)) => println!("oldest pending: {oldest} ({age:.0}s ago)"),
+            _ => println!("oldest pending: -"),
         }
         println!("dead letters:   {} (relay)", outbox.dead_letters);
         match status.next_scheduled {
