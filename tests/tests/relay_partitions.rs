@@ -7,6 +7,17 @@ use outbox_tests::fixtures::OrderCreated;
 use outbox_tests::{Setup, drained, emit_one, fast};
 use sea_orm::{ConnectionTrait, DatabaseConnection};
 
+/// Commits one `OrderCreated` per order id, each in its own transaction.
+async fn emit_orders(db: &DatabaseConnection, orders: std::ops::Range<i64>) {
+    for order_id in orders {
+        let order = OrderCreated {
+            order_id,
+            total_cents: 100,
+        };
+        emit_one(db, order).await.expect("commit");
+    }
+}
+
 /// What a PostgreSQL `SELECT count(*) ...` counts.
 async fn count(db: &DatabaseConnection, sql: &str) -> i64 {
     let statement = sea_orm::Statement::from_string(sea_orm::DbBackend::Postgres, sql);
@@ -27,20 +38,7 @@ async fn count(db: &DatabaseConnection, sql: &str) -> i64 {
 async fn a_partitioned_outbox_loses_no_event(overlap: bool) {
     let setup = Setup::postgres().await;
     let (db, nats, stream) = (&setup.test.db, &setup.nats, &setup.stream);
-    let emit_orders = async |orders: std::ops::Range<i64>| {
-        for order_id in orders {
-            emit_one(
-                db,
-                OrderCreated {
-                    order_id,
-                    total_cents: 100,
-                },
-            )
-            .await
-            .expect("commit");
-        }
-    };
-    emit_orders(0..10).await;
+    emit_orders(db, 0..10).await;
     // UUIDv7 ids grow with time: the first ten are below the boundary.
     tokio::time::sleep(Duration::from_millis(2)).await;
     let boundary = uuid::Uuid::now_v7();
@@ -58,7 +56,7 @@ async fn a_partitioned_outbox_loses_no_event(overlap: bool) {
     ))
     .await
     .expect("partition the outbox");
-    emit_orders(10..20).await;
+    emit_orders(db, 10..20).await;
     let rows_after = count(db, "SELECT count(*) FROM outbox_messages_after").await;
     assert_eq!(rows_after, 10, "ten events in each partition");
 
@@ -87,17 +85,7 @@ async fn a_partitioned_outbox_loses_no_event(overlap: bool) {
 async fn an_inheriting_table_keeps_its_rows() {
     let setup = Setup::postgres().await;
     let (db, nats, stream) = (&setup.test.db, &setup.nats, &setup.stream);
-    for order_id in 0..10 {
-        emit_one(
-            db,
-            OrderCreated {
-                order_id,
-                total_cents: 100,
-            },
-        )
-        .await
-        .expect("commit");
-    }
+    emit_orders(db, 0..10).await;
     // Ten rows with other ids in the inheriting table, not due for an hour.
     db.execute_unprepared(
         "CREATE TABLE outbox_archive () INHERITS (outbox_messages); \
