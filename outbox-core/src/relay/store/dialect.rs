@@ -6,7 +6,7 @@ use sea_orm::sea_query::{
 };
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr,
-    IsolationLevel, Statement, TransactionTrait,
+    EntityTrait, IdenStatic, IsolationLevel, QueryFilter, Statement, TransactionTrait,
 };
 use uuid::Uuid;
 
@@ -27,9 +27,9 @@ impl Dialect {
     }
 
     /// Whether consecutive rounds may overlap: PostgreSQL only. Not on MySQL:
-    /// InnoDB's `DELETE ... WHERE id IN (...)` may scan the table and wait on
-    /// every locked row it meets, among them the next round's, which the
-    /// relay releases only after that very delete.
+    /// a round's rows stay locked until its settle, and InnoDB's claim can
+    /// lock more due rows than it takes (see `store::claim`), so the next
+    /// round would claim little while the one in flight holds the rest.
     pub(in crate::relay) fn overlaps_rounds(self) -> bool {
         self.0 == DbBackend::Postgres
     }
@@ -146,6 +146,38 @@ impl Dialect {
             ),
         };
         Statement::from_sql_and_values(self.0, sql, values)
+    }
+
+    /// Deletes the rows of `E` whose primary key `column` holds one of these
+    /// ids; returns how many there were.
+    ///
+    /// On MySQL the delete is held to the primary key (`FORCE INDEX
+    /// (PRIMARY)`, which only the multi-table form takes). `DELETE ... WHERE
+    /// id IN (...)` over much of a small table is planned as a table scan,
+    /// and a scanning delete waits on every row it reads that another
+    /// transaction locked (unlike an `UPDATE`, it gets no semi-consistent
+    /// read): two relays' settles waited on each other's claimed rows and
+    /// InnoDB failed one with 1213. By primary key a delete reads only its
+    /// own rows, which the claim locked. Elsewhere [`ids_in`](Self::ids_in).
+    pub(super) async fn delete_ids<E: EntityTrait>(
+        self,
+        conn: &impl ConnectionTrait,
+        column: E::Column,
+        ids: Vec<Uuid>,
+    ) -> Result<u64, DbErr> {
+        if self.0 != DbBackend::MySql {
+            let rows = self.ids_in(column, ids);
+            let deleted = E::delete_many().filter(rows).exec(conn).await?;
+            return Ok(deleted.rows_affected);
+        }
+        let (table, column) = (E::default().table_name(), column.as_str());
+        let marks = vec!["?"; ids.len()].join(",");
+        let sql = format!(
+            "DELETE t FROM `{table}` AS t FORCE INDEX (PRIMARY) WHERE t.`{column}` IN ({marks})"
+        );
+        let statement =
+            Statement::from_sql_and_values(self.0, sql, ids.into_iter().map(Into::into));
+        Ok(conn.execute_raw(statement).await?.rows_affected())
     }
 
     /// The rows whose `column` holds one of these ids. On PostgreSQL one

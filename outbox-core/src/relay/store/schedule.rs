@@ -13,9 +13,7 @@
 
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Expr, ExprTrait, IntoIden, Order, Query};
-use sea_orm::{
-    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, Iterable, QueryFilter, QuerySelect,
-};
+use sea_orm::{ColumnTrait, ConnectionTrait, DbErr, EntityTrait, Iterable, QuerySelect};
 use uuid::Uuid;
 
 use super::Store;
@@ -105,9 +103,8 @@ async fn move_due<C: ConnectionTrait>(
         .to_owned();
     txn.execute(&insert).await?;
     let count = ids.len();
-    outbox_scheduled::Entity::delete_many()
-        .filter(dialect.ids_in(Column::Id, ids))
-        .exec(txn)
+    dialect
+        .delete_ids::<outbox_scheduled::Entity>(txn, Column::Id, ids)
         .await?;
     Ok(count)
 }

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
 use sea_orm::ActiveValue::Set;
-use sea_orm::sea_query::{Expr, SimpleExpr};
+use sea_orm::sea_query::Expr;
 use sea_orm::{ConnectionTrait, DbErr, EntityTrait, QueryFilter};
 use uuid::Uuid;
 
@@ -97,8 +97,7 @@ pub(in crate::relay) async fn settle<C: ConnectionTrait>(
         // claim's row locks keep them in place), go by id; settling a row
         // twice is harmless, as the first pass changed or removed it.
         if unsettled > 0 {
-            let rows = dialect.ids_in(outbox_message::Column::Id, stored);
-            mark_delivered(conn, rows, config, now).await?;
+            mark_delivered(conn, dialect, stored, config, now).await?;
         }
     }
     if !dead.is_empty() {
@@ -112,9 +111,8 @@ pub(in crate::relay) async fn settle<C: ConnectionTrait>(
             );
         }
         insert_all(conn, dead).await?;
-        outbox_message::Entity::delete_many()
-            .filter(dialect.ids_in(outbox_message::Column::Id, ids))
-            .exec(conn)
+        dialect
+            .delete_ids::<outbox_message::Entity>(conn, outbox_message::Column::Id, ids)
             .await?;
     }
     Ok(report)
@@ -144,29 +142,25 @@ async fn settle_located<C: ConnectionTrait>(
     Ok(done)
 }
 
-/// Deletes the delivered `rows`, or marks them `delivered_at` if the relay
-/// keeps them for a while; returns how many there were.
+/// Deletes the delivered events `ids`, or marks them `delivered_at` if the
+/// relay keeps them for a while; returns how many there were.
 async fn mark_delivered<C: ConnectionTrait>(
     conn: &C,
-    rows: SimpleExpr,
+    dialect: Dialect,
+    ids: Vec<Uuid>,
     config: &RelayConfig,
     now: DateTime<Utc>,
 ) -> Result<u64, DbErr> {
-    let done = if config.keep_delivered.is_some() {
-        outbox_message::Entity::update_many()
-            .col_expr(outbox_message::Column::DeliveredAt, Expr::value(now))
-            .filter(rows)
-            .exec(conn)
-            .await?
-            .rows_affected
-    } else {
-        outbox_message::Entity::delete_many()
-            .filter(rows)
-            .exec(conn)
-            .await?
-            .rows_affected
-    };
-    Ok(done)
+    use outbox_message::{Column, Entity};
+    if config.keep_delivered.is_none() {
+        return dialect.delete_ids::<Entity>(conn, Column::Id, ids).await;
+    }
+    let marked = Entity::update_many()
+        .col_expr(Column::DeliveredAt, Expr::value(now))
+        .filter(dialect.ids_in(Column::Id, ids))
+        .exec(conn)
+        .await?;
+    Ok(marked.rows_affected)
 }
 
 /// What a rejected event's row gets, shared by the events of a round
