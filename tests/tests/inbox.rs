@@ -1309,6 +1309,73 @@ async fn a_batch_commits_all_but_the_failing_handlers_effect(db: &DatabaseConnec
     assert_eq!(order::Entity::find().count(db).await.expect("orders"), 3);
 }
 
+/// Inserts the order; fails for order 12; for order 13 ends the batch's
+/// transaction behind the consumer's back (a `ROLLBACK`), so that the
+/// database fails at the next savepoint: a real database failure mid-batch.
+async fn insert_fail_on_12_break_on_13(
+    event: OrderCreated,
+    meta: Metadata,
+    db: &DatabaseTransaction,
+) -> Result<(), AppError> {
+    let order_id = event.order_id;
+    if order_id == 13 {
+        db.execute_unprepared("ROLLBACK").await.map_err(outbox_core::Error::from)?;
+        return Ok(());
+    }
+    InsertOrder::default().handle(event, meta, db).await?;
+    if order_id == 12 {
+        return Err(AppError::Rejected);
+    }
+    Ok(())
+}
+
+/// The database fails in the middle of a batch: nothing commits, and each
+/// message keeps an answer of its own — those the transaction would have
+/// committed are unavailable (retried, not blamed), the failed handler's
+/// failure and the unhandled message's verdict stand.
+async fn a_batch_the_database_fails_answers_each_message(db: &DatabaseConnection) {
+    let mut handlers = inbox::Handlers::new();
+    handlers
+        .insert::<OrderCreated, _>(insert_fail_on_12_break_on_13)
+        .expect("one handler");
+    let mut messages = Vec::new();
+    for order_id in [11, 12, 13, 0, 15] {
+        let event = OrderCreated {
+            order_id,
+            total_cents: 100,
+        };
+        let mut meta = Metadata::for_event(&event).expect("subject");
+        if order_id == 0 {
+            meta.event_type = "NoSuchEvent".to_owned();
+        }
+        messages.push((meta, event.to_payload().expect("payload")));
+    }
+    let batch = (messages.iter())
+        .map(|(meta, payload)| inbox::Incoming {
+            meta: meta.clone(),
+            payload,
+        })
+        .collect();
+    let answers = handlers.process_batch(db, "billing", batch).await;
+    let names: Vec<&str> = (answers.iter())
+        .map(|answer| match answer {
+            inbox::Processed::Unavailable(error) => {
+                assert!(!error.is_empty(), "the database's error is kept");
+                "unavailable"
+            }
+            inbox::Processed::Failed(_) => "failed",
+            inbox::Processed::Unhandled { .. } => "unhandled",
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        names,
+        ["unavailable", "failed", "unavailable", "unhandled", "unavailable"]
+    );
+    assert_eq!(orders(db).await, 0, "nothing committed");
+    assert_eq!(inbox_rows(db).await, 0);
+}
+
 async fn inbox_records_once_and_purges_by_age(db: &DatabaseConnection) {
     let id = uuid::Uuid::now_v7();
     let txn = db.begin().await.expect("begin");
@@ -1334,6 +1401,7 @@ async fn inbox_records_once_and_purges_by_age(db: &DatabaseConnection) {
 outbox_tests::on_each_backend!(
     inbox_records_once_and_purges_by_age,
     a_batch_commits_all_but_the_failing_handlers_effect,
+    a_batch_the_database_fails_answers_each_message,
 );
 
 outbox_tests::on_postgres_and_mysql!(

@@ -184,49 +184,53 @@ impl Handlers {
         consumer: &str,
         messages: Vec<Incoming<'_>>,
     ) -> Vec<Processed> {
-        let mut answers = Vec::with_capacity(messages.len());
-        let mut decoded = Vec::with_capacity(messages.len());
+        let tagged = messages.into_iter().map(|message| ((), message)).collect();
+        let answers = self.process_tagged(db, consumer, tagged).await;
+        answers.into_iter().map(|((), answer)| answer).collect()
+    }
+
+    /// [`process_batch`](Self::process_batch), each message carrying a tag
+    /// of the caller's (its place in a larger batch, say) that comes back
+    /// with its answer: one record per message, in order.
+    pub async fn process_tagged<T>(
+        &self,
+        db: &DatabaseConnection,
+        consumer: &str,
+        messages: Vec<(T, Incoming<'_>)>,
+    ) -> Vec<(T, Processed)> {
         let mut ids = HashSet::with_capacity(messages.len());
-        for Incoming { meta, payload } in messages {
-            // A second copy of one event (a redelivery that came while the
-            // first is held) waits: the inbox row of the first is not
-            // committed yet, and if its handler fails there is none.
-            if !ids.insert(meta.id) {
-                let error = format!("event {} is in this batch already", meta.id);
-                answers.push(Processed::Unavailable(error));
-                continue;
-            }
-            match self.decode(&meta, payload) {
-                Ok((run, event)) => {
-                    answers.push(Processed::Unavailable(String::new()));
-                    decoded.push(Decoded {
-                        index: answers.len() - 1,
-                        run,
-                        event,
-                        meta,
-                    });
-                }
-                Err(unhandled) => answers.push(unhandled),
-            }
-        }
-        let counts_before = signal::Counts::now();
+        let steps: Vec<Step<T>> = (messages.into_iter())
+            .map(|(tag, Incoming { meta, payload })| {
+                // A second copy of one event (a redelivery that came while the
+                // first is held) waits: the inbox row of the first is not
+                // committed yet, and if its handler fails there is none.
+                let stage = if ids.insert(meta.id) {
+                    match self.decode(&meta, payload) {
+                        Ok((run, event)) => Stage::Run(Decoded { run, event, meta }),
+                        Err(unhandled) => Stage::Answered(unhandled),
+                    }
+                } else {
+                    let error = format!("event {} is in this batch already", meta.id);
+                    Stage::Answered(Processed::Unavailable(error))
+                };
+                Step { tag, stage }
+            })
+            .collect();
         // One message needs no savepoint: its transaction is its own.
-        let mode = match decoded.len() {
-            0 => return answers,
+        let to_run = steps.iter().filter(|step| step.decoded().is_some());
+        let mode = match to_run.count() {
+            0 => Mode::Nothing,
             1 => Mode::Alone,
             _ => Mode::Savepoints,
         };
-        let ran = (self.in_transaction(db, consumer, decoded, &mut answers, mode)).await;
+        let counts_before = signal::Counts::now();
+        let mut answers = Vec::with_capacity(steps.len());
+        let mut steps = steps.into_iter();
+        let ran = self
+            .in_transaction(db, consumer, &mut steps, &mut answers, mode)
+            .await;
         if let Err(error) = ran {
-            let error = crate::ErrorReport(&error).to_string();
-            for answer in &mut answers {
-                if matches!(answer, Processed::Handled | Processed::Duplicate) {
-                    *answer = Processed::Unavailable(error.clone());
-                } else if let Processed::Unavailable(reason) = answer {
-                    reason.clone_from(&error);
-                }
-            }
-            return answers;
+            return unavailable(&error, answers, steps);
         }
         // A #[transactional] handler signals at its savepoint, before its
         // events are visible: signal again now that they are, scheduled ones
@@ -269,8 +273,9 @@ impl Handlers {
         Ok((Arc::clone(run), event))
     }
 
-    /// Runs `decoded` in one transaction, writing each one's answer; an
-    /// error means nothing committed.
+    /// Takes the `steps` in order, answering each in `answers`, and runs
+    /// those to run in one transaction; an error means nothing committed,
+    /// and leaves the steps not taken yet in `steps`.
     ///
     /// The inbox rows go in first, in one statement where the database
     /// allows. Each handler then runs in the savepoint `outbox_message`,
@@ -279,32 +284,46 @@ impl Handlers {
     /// the commit. (SeaORM's nested transactions would cost each message two
     /// more round trips; a `#[transactional]` handler still takes one of its
     /// own inside, which the rollback to `outbox_message` undoes as well.)
-    async fn in_transaction(
+    async fn in_transaction<T>(
         &self,
         db: &DatabaseConnection,
         consumer: &str,
-        decoded: Vec<Decoded>,
-        answers: &mut [Processed],
+        steps: &mut std::vec::IntoIter<Step<T>>,
+        answers: &mut Vec<(T, Processed)>,
         mode: Mode,
     ) -> Result<(), Error> {
+        if mode == Mode::Nothing {
+            answers.extend(steps.map(Step::into_answer));
+            return Ok(());
+        }
         let txn = db.begin().await?;
-        let ids: Vec<Uuid> = decoded.iter().map(|d| d.meta.id).collect();
+        let ids: Vec<Uuid> = (steps.as_slice().iter())
+            .filter_map(|step| Some(step.decoded()?.meta.id))
+            .collect();
         let fresh = store::record_all(&txn, consumer, &ids).await?;
         let mut savepoint = Savepoint::new(txn.get_database_backend());
         let mut failed = Vec::new();
-        for Decoded {
-            index,
-            run,
-            event,
-            meta,
-        } in decoded
-        {
-            if !fresh.contains(&meta.id) {
-                answers[index] = Processed::Duplicate;
-                continue;
-            }
-            if mode == Mode::Savepoints {
-                savepoint.set(&txn).await?;
+        let mut rolled_back = false;
+        for Step { tag, stage } in steps.by_ref() {
+            let Decoded { run, event, meta } = match stage {
+                Stage::Run(decoded) if fresh.contains(&decoded.meta.id) => decoded,
+                Stage::Run(_) => {
+                    answers.push((tag, Processed::Duplicate));
+                    continue;
+                }
+                Stage::Answered(answer) => {
+                    answers.push((tag, answer));
+                    continue;
+                }
+            };
+            // Every step taken is answered, even when the database fails now.
+            if mode == Mode::Savepoints
+                && let Err(error) = savepoint.set(&txn).await
+            {
+                let error = Error::from(error);
+                let answer = Processed::Unavailable(crate::ErrorReport(&error).to_string());
+                answers.push((tag, answer));
+                return Err(error);
             }
             let id = meta.id;
             let span = tracing::debug_span!("outbox.handler", event_type = %meta.event_type, event_id = %id);
@@ -319,19 +338,23 @@ impl Handlers {
                 Ok(result) => result.map_err(HandlerFailure::Returned),
                 Err(panic) => Err(HandlerFailure::Panicked(panic_message(&*panic))),
             };
-            answers[index] = match result {
-                Ok(()) => Processed::Handled,
-                Err(failure) if mode == Mode::Alone => {
-                    txn.rollback().await?;
-                    answers[index] = Processed::Failed(failure);
-                    return Ok(());
-                }
-                Err(failure) => {
+            let Err(failure) = result else {
+                answers.push((tag, Processed::Handled));
+                continue;
+            };
+            answers.push((tag, Processed::Failed(failure)));
+            match mode {
+                // Its transaction is the message's own: nothing else to keep.
+                Mode::Alone => rolled_back = true,
+                _ => {
                     savepoint.roll_back(&txn).await?;
                     failed.push(id);
-                    Processed::Failed(failure)
                 }
-            };
+            }
+        }
+        if rolled_back {
+            txn.rollback().await?;
+            return Ok(());
         }
         if !failed.is_empty() {
             store::forget(&txn, consumer, failed).await?;
@@ -341,9 +364,35 @@ impl Handlers {
     }
 }
 
+/// The answers of a batch whose transaction failed with `error`: what
+/// committed nothing is [`Processed::Unavailable`], except the answers that
+/// did not depend on the transaction (a failed handler, an unhandled
+/// message). `answers` are those given before the failure, `rest` the steps
+/// not taken.
+fn unavailable<T>(
+    error: &Error,
+    answers: Vec<(T, Processed)>,
+    rest: std::vec::IntoIter<Step<T>>,
+) -> Vec<(T, Processed)> {
+    let error = crate::ErrorReport(error).to_string();
+    let lost = |(tag, answer)| match answer {
+        Processed::Handled | Processed::Duplicate | Processed::Unavailable(_) => {
+            (tag, Processed::Unavailable(error.clone()))
+        }
+        answer => (tag, answer),
+    };
+    let rest = rest.map(|Step { tag, stage }| match stage {
+        Stage::Run(_) => (tag, Processed::Unavailable(error.clone())),
+        Stage::Answered(answer) => (tag, answer),
+    });
+    answers.into_iter().map(lost).chain(rest).collect()
+}
+
 /// How a batch's handlers share its transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
+    /// No handler to run: no transaction.
+    Nothing,
     /// One message: its failure rolls the transaction back.
     Alone,
     /// Each in a savepoint: a failure rolls back that handler's effect only.
@@ -399,10 +448,45 @@ pub struct Incoming<'a> {
     pub payload: &'a [u8],
 }
 
-/// A message whose handler was found and whose payload decoded, with where
-/// its answer goes.
+/// One message of a batch on its way through it, with its caller's tag.
+struct Step<T> {
+    tag: T,
+    stage: Stage,
+}
+
+/// How far a message of a batch has come.
+enum Stage {
+    /// Its handler found and its payload decoded: runs in the transaction.
+    Run(Decoded),
+    /// Answered before the transaction: no handler takes it, or it is a
+    /// second copy of an event in the batch.
+    Answered(Processed),
+}
+
+impl<T> Step<T> {
+    fn decoded(&self) -> Option<&Decoded> {
+        match &self.stage {
+            Stage::Run(decoded) => Some(decoded),
+            Stage::Answered(_) => None,
+        }
+    }
+
+    /// The answer of a step in a batch with no handler to run, whose
+    /// steps were all answered before any transaction.
+    fn into_answer(self) -> (T, Processed) {
+        let answer = match self.stage {
+            Stage::Answered(answer) => answer,
+            Stage::Run(decoded) => Processed::Unavailable(format!(
+                "event {} was not run: its batch opened no transaction",
+                decoded.meta.id
+            )),
+        };
+        (self.tag, answer)
+    }
+}
+
+/// A message whose handler was found and whose payload decoded.
 struct Decoded {
-    index: usize,
     run: Arc<Run>,
     event: Box<dyn Any + Send>,
     meta: Metadata,

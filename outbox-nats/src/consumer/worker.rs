@@ -333,51 +333,41 @@ impl Worker {
     /// later (with its key held), or dead letter and term. One outcome per
     /// message, in order.
     async fn handle(&self, batch: &[Held]) -> Vec<Outcome> {
-        // `None`: the message goes into the transaction, as `incoming`'s next.
-        let mut settled: Vec<Option<Outcome>> = Vec::with_capacity(batch.len());
+        // Each message with its place in the batch, as one record through
+        // the transaction and back.
+        let mut outcomes = Vec::with_capacity(batch.len());
         let mut incoming = Vec::with_capacity(batch.len());
-        for held in batch {
+        for (at, held) in batch.iter().enumerate() {
             match message::metadata(held, self.namespace.as_deref()) {
                 Ok(meta) => {
                     let payload = &held.message().payload;
-                    incoming.push(Incoming { meta, payload });
-                    settled.push(None);
+                    incoming.push((at, Incoming { meta, payload }));
                 }
                 // The durable's own copy is dead-lettered when it comes back.
                 Err(_) if matches!(held.origin, Origin::Recovered(_)) => {
-                    settled.push(Some(Outcome::Resolved));
+                    outcomes.push((at, Outcome::Resolved));
                 }
                 Err(malformed) => {
                     let error = outbox_core::ErrorReport(&malformed).to_string();
                     let outcome = self
                         .dead_letter(held, DeadLetterReason::Malformed, error)
                         .await;
-                    settled.push(Some(outcome));
+                    outcomes.push((at, outcome));
                 }
             }
         }
         let span =
             tracing::debug_span!("outbox.handle", consumer = %self.name, messages = incoming.len());
-        let mut processed = tracing::Instrument::instrument(
-            self.handlers.process_batch(&self.db, &self.name, incoming),
+        let processed = tracing::Instrument::instrument(
+            self.handlers.process_tagged(&self.db, &self.name, incoming),
             span,
         )
-        .await
-        .into_iter();
-        let mut outcomes = Vec::with_capacity(batch.len());
-        for (held, settled) in batch.iter().zip(settled) {
-            let outcome = match settled {
-                Some(outcome) => outcome,
-                None => {
-                    let processed = processed.next().unwrap_or_else(|| {
-                        Processed::Unavailable("no answer for the message".to_owned())
-                    });
-                    self.settle(held, processed).await
-                }
-            };
-            outcomes.push(outcome);
+        .await;
+        for (at, processed) in processed {
+            outcomes.push((at, self.settle(&batch[at], processed).await));
         }
-        outcomes
+        outcomes.sort_unstable_by_key(|&(at, _)| at);
+        outcomes.into_iter().map(|(_, outcome)| outcome).collect()
     }
 
     /// Ends one message by what its transaction did.
