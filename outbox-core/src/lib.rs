@@ -29,8 +29,9 @@
 //!   to deliver now or at a later time ([`cancel`] takes one of those back).
 //! - [`migrate`] creates the outbox tables; [`migrations`] hands them to your own migrator.
 //! - [`registry()`] lists every event type linked into the program.
-//! - [`inbox`] makes each consumed event take effect once per consumer
-//!   (`outbox-nats` feeds it from JetStream).
+//! - [`inbox`] makes each consumed event take effect once per consumer;
+//!   [`consumer`] runs a consumer's loop over a broker's
+//!   [`consumer::Transport`] (`outbox-nats` provides the JetStream one).
 //! - [`relay::Relay`] delivers committed events through a [`relay::Publisher`]
 //!   (`outbox-nats` provides the JetStream one). A `#[transactional]` commit wakes
 //!   the relays of its process; [`wake_relays`] does, after a commit of your own.
@@ -38,6 +39,7 @@
 
 mod backoff;
 mod cancel;
+pub mod consumer;
 pub mod dead_letters;
 mod emit;
 pub mod entity;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use chrono::Utc;
+use outbox_core::consumer::StartError;
 use outbox_core::entity::{inbox_dead_letter, inbox_message};
 use outbox_core::inbox::{self, Handler, Metadata};
 use outbox_core::{OutboxEvent, emit, transactional};
@@ -870,7 +871,9 @@ async fn a_second_process_of_a_running_consumer_refuses_to_start(setup: Setup) {
     // The lock belongs to a database session; the second consumer's is
     // another connection of the pool, as another process's would be.
     match start().await {
-        Err(outbox_nats::ConsumerError::AlreadyRunning(name)) => assert_eq!(name, "ledger"),
+        Err(outbox_nats::ConsumerError::Inbox(StartError::AlreadyRunning(name))) => {
+            assert_eq!(name, "ledger")
+        }
         other => panic!("a second `ledger` started: {other:?}"),
     }
     first.shutdown().await.expect("stop");
@@ -899,7 +902,9 @@ async fn a_consumer_refuses_a_pool_it_would_stall_on(setup: Setup) {
             .await
     };
     match with_pool(1).await {
-        Err(error @ outbox_nats::ConsumerError::PoolTooSmall { needs: 2, .. }) => {
+        Err(
+            error @ outbox_nats::ConsumerError::Inbox(StartError::PoolTooSmall { needs: 2, .. }),
+        ) => {
             let text = error.to_string();
             assert!(text.contains("needs at least 2 connections"), "{text}");
         }
@@ -1319,7 +1324,9 @@ async fn insert_fail_on_12_break_on_13(
 ) -> Result<(), AppError> {
     let order_id = event.order_id;
     if order_id == 13 {
-        db.execute_unprepared("ROLLBACK").await.map_err(outbox_core::Error::from)?;
+        db.execute_unprepared("ROLLBACK")
+            .await
+            .map_err(outbox_core::Error::from)?;
         return Ok(());
     }
     InsertOrder::default().handle(event, meta, db).await?;
@@ -1370,7 +1377,13 @@ async fn a_batch_the_database_fails_answers_each_message(db: &DatabaseConnection
         .collect();
     assert_eq!(
         names,
-        ["unavailable", "failed", "unavailable", "unhandled", "unavailable"]
+        [
+            "unavailable",
+            "failed",
+            "unavailable",
+            "unhandled",
+            "unavailable"
+        ]
     );
     assert_eq!(orders(db).await, 0, "nothing committed");
     assert_eq!(inbox_rows(db).await, 0);

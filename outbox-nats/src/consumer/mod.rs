@@ -1,11 +1,9 @@
-//! The inbox consumer: a JetStream durable pull consumer whose handlers take
-//! effect once per event.
+//! The inbox consumer on JetStream: a durable pull consumer, created and
+//! read here, whose loop (key order, retries, dead letters, the inbox) is
+//! `outbox_core::consumer`'s.
 
-mod keys;
-mod message;
-mod pending;
 mod recovery;
-mod worker;
+mod transport;
 
 use std::time::Duration;
 
@@ -13,41 +11,13 @@ use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
 use async_nats::jetstream::{self, Context};
 use outbox_core::Backoff;
 use outbox_core::OutboxEvent;
-use outbox_core::inbox::{self, ConsumerGuard, DuplicateHandler, Handler, Handlers, Taken};
+use outbox_core::consumer::{self as core, ConsumerConfig, Identity, StartError};
+use outbox_core::inbox::{DuplicateHandler, Handler, Handlers};
 use sea_orm::DatabaseConnection;
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
+
+pub use outbox_core::consumer::ConsumerHandle;
 
 use crate::streams::{namespaced, stream_name};
-
-/// How long `spawn` waits for a second connection of the pool: longer than
-/// opening one takes, short enough that a misconfigured pool fails fast.
-const POOL_CHECK_WAIT: Duration = Duration::from_secs(5);
-
-/// How a consumer runs; set through [`ConsumerBuilder`], whose methods give
-/// the defaults.
-#[derive(Debug, Clone)]
-pub(crate) struct ConsumerConfig {
-    /// Transactions at once, each a batch of messages (default 8).
-    pub(crate) max_in_flight: usize,
-    /// Messages handled in one transaction, at most (default 32).
-    pub(crate) batch_size: usize,
-    /// Deliveries of a failing message before it is dead-lettered (default 5).
-    pub(crate) max_deliveries: u64,
-    /// Delay before a failed message is redelivered (default 1 s doubling to 60 s).
-    pub(crate) retry_backoff: Backoff,
-    /// How long JetStream waits for an ack before redelivering (default 30 s).
-    pub(crate) ack_wait: Duration,
-    /// Messages delivered and not yet acknowledged, at most (default 1,000).
-    pub(crate) max_ack_pending: usize,
-    /// How long inbox rows are kept (default 7 days); must outlast any redelivery.
-    pub(crate) inbox_retention: Duration,
-    /// Acknowledge and count, rather than dead-letter, messages of an event
-    /// type or version no handler takes (default: dead-letter).
-    pub(crate) skip_unhandled: bool,
-    /// Where a new durable consumer starts (default: the stream's first event).
-    pub(crate) start_at: StartAt,
-}
 
 /// Where a consumer name starts reading the stream the first time it runs,
 /// when its durable JetStream consumer is created. Afterwards the durable
@@ -106,35 +76,15 @@ impl StartAt {
     }
 }
 
-impl Default for ConsumerConfig {
-    fn default() -> Self {
-        Self {
-            max_in_flight: 8,
-            batch_size: 32,
-            max_deliveries: 5,
-            retry_backoff: Backoff {
-                initial: Duration::from_secs(1),
-                max: Duration::from_secs(60),
-            },
-            ack_wait: Duration::from_secs(30),
-            max_ack_pending: 1_000,
-            inbox_retention: Duration::from_secs(7 * 24 * 3600),
-            skip_unhandled: false,
-            start_at: StartAt::All,
-        }
-    }
-}
-
 /// Why a consumer could not start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConsumerError {
-    /// No handler was registered.
-    #[error("consumer `{0}` has no handlers")]
-    NoHandlers(String),
-    /// Two handlers claim one event type and version.
+    /// The consumer's inbox side could not start, whatever the broker: no
+    /// handlers, two for one event type, its name running in another
+    /// process, a pool too small, its lock in the database.
     #[error(transparent)]
-    DuplicateHandler(#[from] DuplicateHandler),
+    Inbox(#[from] StartError),
     /// The handlers' event types live in several streams; name one with `stream`.
     #[error(
         "consumer `{consumer}` handles events of several streams ({}); one consumer reads one stream",
@@ -194,35 +144,6 @@ pub enum ConsumerError {
         #[source]
         source: async_nats::Error,
     },
-    /// Another process runs this consumer name: per-key order needs one.
-    #[error(
-        "consumer `{0}` is already running in another process; run one process per consumer name (per-key order depends on it)"
-    )]
-    AlreadyRunning(String),
-    /// The database pool cannot hold the consumer's lock and run a handler
-    /// at once: started, the consumer would handle nothing.
-    #[error(
-        "consumer `{consumer}` needs at least {needs} connections of its database pool at once \
-         (one holds its lock, the others run handlers: max_in_flight + 2 for full speed), but the \
-         pool gave no second connection within {waited:?}; raise the pool's max_connections"
-    )]
-    PoolTooSmall {
-        /// The consumer.
-        consumer: String,
-        /// The connections it needs at least.
-        needs: u32,
-        /// How long it waited for the second one.
-        waited: Duration,
-    },
-    /// The database could not be asked for the consumer's lock.
-    #[error("cannot take the lock of consumer `{consumer}` in the database")]
-    Guard {
-        /// The consumer.
-        consumer: String,
-        /// What the database said.
-        #[source]
-        source: sea_orm::DbErr,
-    },
 }
 
 /// Builds a [`Consumer`]: name it, add handlers, then [`spawn`](Self::spawn) it.
@@ -238,6 +159,7 @@ pub struct ConsumerBuilder {
     /// The first conflict `on` met, reported by `spawn`.
     conflict: Option<DuplicateHandler>,
     config: ConsumerConfig,
+    start_at: StartAt,
 }
 
 /// The inbox consumer: a JetStream durable pull consumer whose handlers take
@@ -291,6 +213,7 @@ impl Consumer {
             handlers: Handlers::new(),
             conflict: None,
             config: ConsumerConfig::default(),
+            start_at: StartAt::default(),
         }
     }
 }
@@ -382,7 +305,7 @@ impl ConsumerBuilder {
     /// Where this consumer name starts the first time it runs (default
     /// [`StartAt::All`]: every event the stream holds). See [`StartAt`].
     pub fn start_at(mut self, start: StartAt) -> Self {
-        self.config.start_at = start;
+        self.start_at = start;
         self
     }
 
@@ -395,12 +318,7 @@ impl ConsumerBuilder {
 
     /// Creates the durable consumer (or finds it) and starts handling messages.
     pub async fn spawn(self) -> Result<ConsumerHandle, ConsumerError> {
-        if let Some(error) = self.conflict {
-            return Err(error.into());
-        }
-        if self.handlers.is_empty() {
-            return Err(ConsumerError::NoHandlers(self.name));
-        }
+        core::check_handlers(&self.name, &self.handlers, self.conflict)?;
         let stream = match self.stream {
             Some(stream) => stream,
             None => single_stream(&self.name, &self.handlers)?,
@@ -420,43 +338,25 @@ impl ConsumerBuilder {
             });
         }
         let context = jetstream::new(self.client.clone());
-        let (stream_handle, consumer) =
-            durable(&context, &stream, &self.name, &filters, &self.config).await?;
-        let guard_error = |source| ConsumerError::Guard {
-            consumer: self.name.clone(),
-            source,
+        let durable = Durable {
+            stream: &stream,
+            name: &self.name,
+            filters: &filters,
+            config: &self.config,
+            start_at: self.start_at,
         };
-        let waited = POOL_CHECK_WAIT;
-        if !(inbox::pool_is_large_enough(&self.db, waited).await).map_err(guard_error)? {
-            return Err(ConsumerError::PoolTooSmall {
-                consumer: self.name,
-                needs: inbox::CONNECTIONS_NEEDED,
-                waited,
-            });
-        }
-        // Taken last: nothing after it can fail, so a held lock is never left
-        // behind by a failed `spawn` (MySQL's would stay on a pooled connection).
-        let (guard, taken) = ConsumerGuard::take(&self.db, &self.name)
-            .await
-            .map_err(guard_error)?;
-        if taken == Taken::Elsewhere {
-            return Err(ConsumerError::AlreadyRunning(self.name));
-        }
-        let (stop, stopped) = watch::channel(false);
-        let worker = worker::Worker {
+        let (stream_handle, consumer) = durable.create(&context).await?;
+        let transport = transport::JetStream {
             client: self.client,
             consumer,
             stream: stream_handle,
             filters,
-            db: self.db,
-            handlers: self.handlers,
-            name: self.name,
-            stream_name: stream,
-            namespace: self.namespace,
-            config: self.config,
+            name: self.name.clone(),
         };
-        let task = tokio::spawn(worker.run(guard, stopped));
-        Ok(ConsumerHandle { stop, task })
+        let mut identity = Identity::new(self.name, stream);
+        identity.namespace = self.namespace;
+        let handle = core::spawn(transport, self.db, self.handlers, identity, self.config).await?;
+        Ok(handle)
     }
 }
 
@@ -480,64 +380,80 @@ fn single_stream(consumer: &str, handlers: &Handlers) -> Result<String, Consumer
     }
 }
 
-async fn durable(
-    context: &Context,
-    stream: &str,
-    name: &str,
-    filters: &[String],
-    config: &ConsumerConfig,
-) -> Result<
-    (
-        jetstream::stream::Stream,
-        jetstream::consumer::Consumer<pull::Config>,
-    ),
-    ConsumerError,
-> {
-    let stream_handle = context.get_stream(stream).await.map_err(|source| {
-        if crate::streams::is_missing(&source) {
-            ConsumerError::StreamNotFound(stream.to_owned())
-        } else {
-            ConsumerError::Stream {
-                stream: stream.to_owned(),
-                source,
+/// The durable JetStream consumer of a consumer name, as `spawn` creates it.
+struct Durable<'a> {
+    stream: &'a str,
+    name: &'a str,
+    filters: &'a [String],
+    config: &'a ConsumerConfig,
+    start_at: StartAt,
+}
+
+impl Durable<'_> {
+    /// Looks the stream up and creates the durable on it, or finds it.
+    async fn create(
+        self,
+        context: &Context,
+    ) -> Result<
+        (
+            jetstream::stream::Stream,
+            jetstream::consumer::Consumer<pull::Config>,
+        ),
+        ConsumerError,
+    > {
+        let Self {
+            stream,
+            name,
+            filters,
+            config,
+            start_at,
+        } = self;
+        let stream_handle = context.get_stream(stream).await.map_err(|source| {
+            if crate::streams::is_missing(&source) {
+                ConsumerError::StreamNotFound(stream.to_owned())
+            } else {
+                ConsumerError::Stream {
+                    stream: stream.to_owned(),
+                    source,
+                }
             }
-        }
-    })?;
-    let (filter_subject, filter_subjects) = filter_fields(filters);
-    // An existing durable keeps its position: where a new one would start
-    // is looked up only for a name the stream does not know yet.
-    let deliver_policy = match stream_handle.consumer_info(name).await {
-        Ok(existing) => existing.config.deliver_policy,
-        Err(_) => (config.start_at.deliver_policy(&stream_handle).await).map_err(|source| {
-            ConsumerError::Start {
+        })?;
+        let (filter_subject, filter_subjects) = filter_fields(filters);
+        // An existing durable keeps its position: where a new one would start
+        // is looked up only for a name the stream does not know yet.
+        let deliver_policy = match stream_handle.consumer_info(name).await {
+            Ok(existing) => existing.config.deliver_policy,
+            Err(_) => (start_at.deliver_policy(&stream_handle).await).map_err(|source| {
+                ConsumerError::Start {
+                    consumer: name.to_owned(),
+                    stream: stream.to_owned(),
+                    source,
+                }
+            })?,
+        };
+        let consumer_config = pull::Config {
+            filter_subject,
+            filter_subjects,
+            durable_name: Some(name.to_owned()),
+            ack_policy: AckPolicy::Explicit,
+            deliver_policy,
+            ack_wait: config.ack_wait,
+            // The consumer counts deliveries itself and dead-letters past its
+            // bound; a server-side bound would stop redelivering silently.
+            max_deliver: -1,
+            max_ack_pending: i64::try_from(config.max_ack_pending).unwrap_or(i64::MAX),
+            ..Default::default()
+        };
+        let consumer = stream_handle
+            .get_or_create_consumer(name, consumer_config)
+            .await
+            .map_err(|source| ConsumerError::Consumer {
                 consumer: name.to_owned(),
                 stream: stream.to_owned(),
                 source,
-            }
-        })?,
-    };
-    let consumer_config = pull::Config {
-        filter_subject,
-        filter_subjects,
-        durable_name: Some(name.to_owned()),
-        ack_policy: AckPolicy::Explicit,
-        deliver_policy,
-        ack_wait: config.ack_wait,
-        // The consumer counts deliveries itself and dead-letters past its
-        // bound; a server-side bound would stop redelivering silently.
-        max_deliver: -1,
-        max_ack_pending: i64::try_from(config.max_ack_pending).unwrap_or(i64::MAX),
-        ..Default::default()
-    };
-    let consumer = stream_handle
-        .get_or_create_consumer(name, consumer_config)
-        .await
-        .map_err(|source| ConsumerError::Consumer {
-            consumer: name.to_owned(),
-            stream: stream.to_owned(),
-            source,
-        })?;
-    Ok((stream_handle, consumer))
+            })?;
+        Ok((stream_handle, consumer))
+    }
 }
 
 /// Subject filters as JetStream's consumer configurations take them: one
@@ -546,24 +462,5 @@ fn filter_fields(filters: &[String]) -> (String, Vec<String>) {
     match filters {
         [one] => (one.clone(), Vec::new()),
         many => (String::new(), many.to_vec()),
-    }
-}
-
-/// A running consumer. Dropping it leaves the consumer running; call
-/// [`shutdown`](Self::shutdown) to stop it cleanly.
-#[derive(Debug)]
-pub struct ConsumerHandle {
-    stop: watch::Sender<bool>,
-    task: JoinHandle<()>,
-}
-
-impl ConsumerHandle {
-    /// Stops taking messages, lets the handlers in flight finish (commit and
-    /// ack), returns the messages not started to JetStream for redelivery,
-    /// then stops. Fails only if the consumer's task panicked, like
-    /// `RelayHandle::shutdown`.
-    pub async fn shutdown(self) -> Result<(), tokio::task::JoinError> {
-        let _ = self.stop.send(true);
-        self.task.await
     }
 }

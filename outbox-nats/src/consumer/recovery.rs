@@ -18,19 +18,12 @@ use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use async_nats::jetstream::stream::Stream;
 use futures::StreamExt;
 
-use super::message::Held;
+use outbox_core::consumer::Span;
+
+use super::transport::Delivery;
 
 /// How long reading the span may take before the consumer gives up and tries again.
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// What recovery found.
-#[derive(Debug)]
-pub(super) struct Recovered {
-    /// The span's messages, in stream order.
-    pub(super) messages: Vec<Held>,
-    /// The durable's last delivery (consumer sequence) when the span was read.
-    pub(super) delivered_consumer_sequence: u64,
-}
 
 /// Why recovery failed; the consumer retries it, pulling nothing meanwhile.
 #[derive(Debug, thiserror::Error)]
@@ -64,7 +57,7 @@ pub(super) async fn recover(
     durable: &async_nats::jetstream::consumer::Consumer<pull::Config>,
     stream: &Stream,
     filters: &[String],
-) -> Result<Recovered, RecoveryError> {
+) -> Result<Span<Delivery>, RecoveryError> {
     let info = durable.get_info().await.map_err(RecoveryError::Info)?;
     // Nothing below where the durable started (see `StartAt`): a durable
     // that has acked nothing yet reports an ack floor of 0.
@@ -84,7 +77,7 @@ pub(super) async fn recover(
             Err(_) => return Err(RecoveryError::Timeout { from, to }),
         }
     }
-    Ok(Recovered {
+    Ok(Span {
         messages,
         delivered_consumer_sequence,
     })
@@ -97,7 +90,7 @@ async fn read_span(
     filters: &[String],
     from: u64,
     to: u64,
-    messages: &mut Vec<Held>,
+    messages: &mut Vec<(Delivery, u64)>,
 ) -> Result<(), async_nats::Error> {
     let (filter_subject, filter_subjects) = super::filter_fields(filters);
     let config = pull::OrderedConfig {
@@ -120,7 +113,7 @@ async fn read_span(
         if sequence > to {
             break;
         }
-        messages.push(Held::recovered(message.message, sequence));
+        messages.push((Delivery(message), sequence));
         if sequence == to || pending == 0 {
             break;
         }

@@ -5,22 +5,22 @@ use std::collections::{BTreeMap, VecDeque};
 
 use tokio::time::Instant;
 
+use super::held::Held;
 use super::keys::KeyQueues;
-use super::message::Held;
 
 /// Every message the consumer holds that is not running.
 #[derive(Debug)]
-pub(super) struct Pending {
-    keys: KeyQueues<Held>,
+pub(super) struct Pending<M> {
+    keys: KeyQueues<Held<M>>,
     /// May start as soon as there is room; their keys are busy with them.
-    ready: VecDeque<Held>,
+    ready: VecDeque<Held<M>>,
     /// Failed, to run again at the instant; their keys stay busy meanwhile.
     /// The second part of the map key only tells equal instants apart.
-    retries: BTreeMap<(Instant, u64), Held>,
+    retries: BTreeMap<(Instant, u64), Held<M>>,
     retry_ids: u64,
 }
 
-impl Pending {
+impl<M> Pending<M> {
     pub(super) fn new() -> Self {
         Self {
             keys: KeyQueues::new(),
@@ -47,7 +47,7 @@ impl Pending {
 
     /// Takes a message delivered by the durable consumer: it runs when its
     /// key's earlier messages are resolved (unkeyed ones at once).
-    pub(super) fn receive(&mut self, held: Held) {
+    pub(super) fn receive(&mut self, held: Held<M>) {
         let ready = match held.key.clone() {
             Some(key) => self.keys.push(&key, held.position.stream_sequence, held),
             None => Some(held),
@@ -57,7 +57,7 @@ impl Pending {
 
     /// Takes a message read back from the stream at recovery, unless this
     /// process holds it already (delivered copies are kept: they can be acked).
-    pub(super) fn recovered(&mut self, held: Held) {
+    pub(super) fn recovered(&mut self, held: Held<M>) {
         let sequence = held.position.stream_sequence;
         if !(held.key.as_deref()).is_some_and(|key| self.keys.holds(key, sequence)) {
             self.receive(held);
@@ -65,14 +65,14 @@ impl Pending {
     }
 
     /// `held` is resolved: its key's next message may run.
-    pub(super) fn resolve(&mut self, held: &Held) {
+    pub(super) fn resolve(&mut self, held: &Held<M>) {
         if let Some(key) = &held.key {
             self.ready.extend(self.keys.finish(key));
         }
     }
 
     /// `held` failed and runs again at `at`; its key stays busy until then.
-    pub(super) fn retry(&mut self, held: Held, at: Instant) {
+    pub(super) fn retry(&mut self, held: Held<M>, at: Instant) {
         self.retry_ids += 1;
         self.retries.insert((at, self.retry_ids), held);
     }
@@ -93,13 +93,13 @@ impl Pending {
     }
 
     /// The next message to start.
-    pub(super) fn pop_ready(&mut self) -> Option<Held> {
+    pub(super) fn pop_ready(&mut self) -> Option<Held<M>> {
         self.ready.pop_front()
     }
 
     /// Held messages whose ack deadline was last extended before `before`;
     /// each is stamped `now`, and the caller extends them.
-    pub(super) fn due_for_extension(&mut self, before: Instant, now: Instant) -> Vec<&Held> {
+    pub(super) fn due_for_extension(&mut self, before: Instant, now: Instant) -> Vec<&Held<M>> {
         let mut due = Vec::new();
         let held = (self.keys.queued_mut())
             .chain(self.ready.iter_mut())
@@ -114,7 +114,7 @@ impl Pending {
     }
 
     /// Gives up every held message (at shutdown).
-    pub(super) fn drain(&mut self) -> Vec<Held> {
+    pub(super) fn drain(&mut self) -> Vec<Held<M>> {
         let mut all = self.keys.drain();
         all.extend(self.ready.drain(..));
         all.extend(std::mem::take(&mut self.retries).into_values());

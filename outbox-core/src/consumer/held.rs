@@ -3,13 +3,13 @@
 
 use std::collections::BTreeMap;
 
-use async_nats::Message;
-use async_nats::jetstream::{self, message::AckKind};
 use chrono::{DateTime, Utc};
-use outbox_core::entity::inbox_dead_letter;
-use outbox_core::headers;
-use outbox_core::inbox::{DeadLetterReason, Metadata};
 use uuid::Uuid;
+
+use super::transport::{Message, Pulled};
+use crate::entity::inbox_dead_letter;
+use crate::headers;
+use crate::inbox::{DeadLetterReason, Metadata};
 
 /// Where a message sits in its stream and how often it was delivered.
 #[derive(Debug, Clone, Copy)]
@@ -21,12 +21,12 @@ pub(super) struct Position {
 /// One copy of a message, held from receipt until it is acknowledged,
 /// dead-lettered or handed back.
 #[derive(Debug)]
-pub(super) struct Held {
-    pub(super) origin: Origin,
+pub(super) struct Held<M> {
+    pub(super) origin: Origin<M>,
     pub(super) position: Position,
     /// The partition key (`Outbox-Partition-Key`), which orders the message among its key's.
     pub(super) key: Option<String>,
-    /// Failed attempts in this process; JetStream does not see local retries.
+    /// Failed attempts in this process; the broker does not see local retries.
     pub(super) failures: u64,
     /// When its ack deadline was last extended (or it was received).
     pub(super) extended_at: tokio::time::Instant,
@@ -34,35 +34,60 @@ pub(super) struct Held {
 
 /// Where a held copy came from.
 #[derive(Debug)]
-pub(super) enum Origin {
-    /// Delivered by the durable consumer: acknowledged through it.
-    Delivered(Box<jetstream::Message>),
+pub(super) enum Origin<M> {
+    /// Delivered by the broker: settled through the transport.
+    Delivered(M),
     /// Read from the stream at recovery, for a delivery this process never
-    /// saw: it cannot be acknowledged; the durable's own copy, redelivered
-    /// later, finds the inbox row and is acknowledged then.
-    Recovered(Message),
-    /// A dead letter an operator asked to replay (`outbox_core::dead_letters::inbox`):
-    /// nothing to acknowledge; its row is deleted once it is handled.
-    Replayed { message: Message, dead_letter: Uuid },
+    /// saw: it cannot be settled; the broker's own copy, redelivered later,
+    /// finds the inbox row and is acknowledged then.
+    Recovered(M),
+    /// A dead letter an operator asked to replay (`crate::dead_letters::inbox`):
+    /// nothing to settle; its row is deleted once it is handled.
+    Replayed { message: Stored, dead_letter: Uuid },
 }
 
-impl Held {
-    /// A copy the durable consumer delivered, and its consumer sequence.
-    pub(super) fn delivered(message: jetstream::Message) -> Option<(Self, u64)> {
-        let info = message.info().ok()?;
+/// A message as a dead letter kept it.
+#[derive(Debug)]
+pub(super) struct Stored {
+    subject: String,
+    headers: Vec<(String, String)>,
+    payload: Vec<u8>,
+}
+
+impl Message for Stored {
+    fn subject(&self) -> &str {
+        &self.subject
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        let found = self.headers.iter().find(|(n, _)| n == name);
+        found.map(|(_, value)| value.as_str())
+    }
+
+    fn for_each_header(&self, each: &mut dyn FnMut(&str, &str)) {
+        for (name, value) in &self.headers {
+            each(name, value);
+        }
+    }
+
+    fn payload(&self) -> &[u8] {
+        &self.payload
+    }
+}
+
+impl<M: Message> Held<M> {
+    /// A copy the broker delivered, and its consumer sequence.
+    pub(super) fn delivered(pulled: Pulled<M>) -> (Self, u64) {
         let position = Position {
-            stream_sequence: info.stream_sequence,
-            delivered: u64::try_from(info.delivered).unwrap_or(1).max(1),
+            stream_sequence: pulled.stream_sequence,
+            delivered: pulled.delivered.max(1),
         };
-        let consumer_sequence = info.consumer_sequence;
-        Some((
-            Self::new(Origin::Delivered(Box::new(message)), position),
-            consumer_sequence,
-        ))
+        let held = Self::new(Origin::Delivered(pulled.message), position);
+        (held, pulled.consumer_sequence)
     }
 
     /// A copy read from the stream at `stream_sequence`.
-    pub(super) fn recovered(message: Message, stream_sequence: u64) -> Self {
+    pub(super) fn recovered(message: M, stream_sequence: u64) -> Self {
         let position = Position {
             stream_sequence,
             delivered: 1,
@@ -74,20 +99,13 @@ impl Held {
     pub(super) fn replayed(letter: inbox_dead_letter::Model) -> Self {
         let headers: serde_json::Map<String, serde_json::Value> =
             serde_json::from_str(&letter.headers).unwrap_or_default();
-        let mut map = async_nats::HeaderMap::new();
-        for (name, value) in &headers {
-            if let Some(value) = value.as_str() {
-                map.insert(name.as_str(), value);
-            }
-        }
-        let message = Message {
-            subject: letter.subject.into(),
-            reply: None,
-            length: letter.payload.len(),
-            payload: letter.payload.into(),
-            headers: Some(map),
-            status: None,
-            description: None,
+        let headers = (headers.into_iter())
+            .filter_map(|(name, value)| Some((name, value.as_str()?.to_owned())))
+            .collect();
+        let message = Stored {
+            subject: letter.subject,
+            headers,
+            payload: letter.payload,
         };
         let position = Position {
             stream_sequence: u64::try_from(letter.stream_sequence).unwrap_or(0),
@@ -100,43 +118,44 @@ impl Held {
         Self::new(origin, position)
     }
 
-    fn new(origin: Origin, position: Position) -> Self {
-        let key = header(origin.message(), headers::PARTITION_KEY).map(str::to_owned);
+    fn new(origin: Origin<M>, position: Position) -> Self {
+        let key = origin.message().header(headers::PARTITION_KEY);
         Self {
+            key: key.map(str::to_owned),
             origin,
             position,
-            key,
             failures: 0,
             extended_at: tokio::time::Instant::now(),
         }
     }
 
-    pub(super) fn message(&self) -> &Message {
+    pub(super) fn message(&self) -> &dyn Message {
         self.origin.message()
     }
 
     /// The event type (`Outbox-Event-Type`), if the message names one.
     pub(super) fn event_type(&self) -> Option<&str> {
-        header(self.message(), headers::EVENT_TYPE)
+        self.message().header(headers::EVENT_TYPE)
     }
 
     /// The event id (`Nats-Msg-Id`), if the message has a valid one.
     pub(super) fn event_id(&self) -> Option<Uuid> {
-        Uuid::parse_str(header(self.message(), headers::MSG_ID)?).ok()
+        Uuid::parse_str(self.message().header(headers::MSG_ID)?).ok()
     }
+}
 
-    /// Deliveries so far, this one included: JetStream's count plus local retries.
+impl<M> Held<M> {
+    /// Deliveries so far, this one included: the broker's count plus local retries.
     pub(super) fn delivery_count(&self) -> u64 {
         self.position.delivered + self.failures
     }
 
-    /// Acknowledges (or naks, terms, extends) a delivered copy; a recovered
-    /// or replayed copy has nothing to acknowledge. An error means JetStream
-    /// redelivers.
-    pub(super) async fn ack(&self, kind: AckKind) -> Result<(), async_nats::Error> {
+    /// The broker's copy, if there is one to settle: a recovered or
+    /// replayed copy has nothing to settle.
+    pub(super) fn delivery(&self) -> Option<&M> {
         match &self.origin {
-            Origin::Delivered(message) => message.ack_with(kind).await,
-            Origin::Recovered(_) | Origin::Replayed { .. } => Ok(()),
+            Origin::Delivered(message) => Some(message),
+            Origin::Recovered(_) | Origin::Replayed { .. } => None,
         }
     }
 
@@ -149,17 +168,13 @@ impl Held {
     }
 }
 
-impl Origin {
-    fn message(&self) -> &Message {
+impl<M: Message> Origin<M> {
+    fn message(&self) -> &dyn Message {
         match self {
-            Self::Delivered(message) => message,
-            Self::Recovered(message) | Self::Replayed { message, .. } => message,
+            Self::Delivered(message) | Self::Recovered(message) => message,
+            Self::Replayed { message, .. } => message,
         }
     }
-}
-
-fn header<'a>(message: &'a Message, name: &str) -> Option<&'a str> {
-    Some(message.headers.as_ref()?.get(name)?.as_str())
 }
 
 /// Why a message is not an outbox event: its dead letter's reason is `malformed`.
@@ -182,9 +197,12 @@ pub(super) enum Malformed {
 }
 
 /// The event's metadata, or why the message is not an outbox event.
-pub(super) fn metadata(held: &Held, namespace: Option<&str>) -> Result<Metadata, Malformed> {
+pub(super) fn metadata<M: Message>(
+    held: &Held<M>,
+    namespace: Option<&str>,
+) -> Result<Metadata, Malformed> {
     let message = held.message();
-    let required = |name: &'static str| header(message, name).ok_or(Malformed::Missing(name));
+    let required = |name: &'static str| message.header(name).ok_or(Malformed::Missing(name));
     let id = required(headers::MSG_ID)?;
     let id = Uuid::parse_str(id).map_err(|source| Malformed::EventId {
         value: id.to_owned(),
@@ -197,14 +215,14 @@ pub(super) fn metadata(held: &Held, namespace: Option<&str>) -> Result<Metadata,
             value: version.to_owned(),
             source,
         })?;
-    let subject = message.subject.as_str();
+    let subject = message.subject();
     let subject = namespace
         .and_then(|ns| subject.strip_prefix(ns)?.strip_prefix('.'))
         .unwrap_or(subject);
     let mut meta = Metadata::new(id, required(headers::EVENT_TYPE)?, version, subject);
     meta.key = held.key.clone();
     meta.delivery_count = held.delivery_count();
-    meta.occurred_at = header(message, headers::OCCURRED_AT)
+    meta.occurred_at = (message.header(headers::OCCURRED_AT))
         .and_then(|at| DateTime::parse_from_rfc3339(at).ok())
         .map(|at| at.with_timezone(&Utc));
     meta.stream_sequence = held.position.stream_sequence;
@@ -213,41 +231,41 @@ pub(super) fn metadata(held: &Held, namespace: Option<&str>) -> Result<Metadata,
 }
 
 /// The event's own headers: all but the framework's, each with its first value.
-fn own_headers(message: &Message) -> BTreeMap<String, String> {
-    (message.headers.iter())
-        .flat_map(|map| map.iter())
-        .filter(|(name, _)| !outbox_core::headers::is_reserved(name.as_ref()))
-        .filter_map(|(name, values)| Some((name.to_string(), values.first()?.to_string())))
-        .collect()
+fn own_headers(message: &dyn Message) -> BTreeMap<String, String> {
+    let mut own = BTreeMap::new();
+    message.for_each_header(&mut |name, value| {
+        if !headers::is_reserved(name) {
+            own.entry(name.to_owned())
+                .or_insert_with(|| value.to_owned());
+        }
+    });
+    own
 }
 
-/// The dead-letter row of `message`, with every header kept as JSON.
-pub(super) fn dead_letter(
+/// The dead-letter row of `held`, with every header kept as JSON.
+pub(super) fn dead_letter<M: Message>(
     consumer: &str,
     stream: &str,
-    held: &Held,
+    held: &Held<M>,
     reason: DeadLetterReason,
     error: String,
 ) -> inbox_dead_letter::Model {
     let message = held.message();
-    let headers: serde_json::Map<String, serde_json::Value> = (message.headers.iter())
-        .flat_map(|map| map.iter())
-        .filter_map(|(name, values)| {
-            let value = values.first()?.as_str();
-            Some((name.to_string(), value.into()))
-        })
-        .collect();
+    let mut headers = serde_json::Map::new();
+    message.for_each_header(&mut |name, value| {
+        headers.entry(name).or_insert_with(|| value.into());
+    });
     inbox_dead_letter::Model {
         id: Uuid::now_v7(),
         consumer: consumer.to_owned(),
         stream: stream.to_owned(),
         stream_sequence: i64::try_from(held.position.stream_sequence).unwrap_or(i64::MAX),
-        subject: message.subject.to_string(),
+        subject: message.subject().to_owned(),
         event_id: held.event_id(),
-        event_type: header(message, headers::EVENT_TYPE).map(str::to_owned),
-        event_version: header(message, headers::EVENT_VERSION).and_then(|v| v.parse().ok()),
+        event_type: message.header(headers::EVENT_TYPE).map(str::to_owned),
+        event_version: (message.header(headers::EVENT_VERSION)).and_then(|v| v.parse().ok()),
         partition_key: held.key.clone(),
-        payload: message.payload.to_vec(),
+        payload: message.payload().to_vec(),
         headers: serde_json::Value::Object(headers).to_string(),
         reason: reason.as_str().to_owned(),
         error,

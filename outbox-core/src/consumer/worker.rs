@@ -1,0 +1,626 @@
+//! The consumer's task: recovers deliveries it never saw, pulls messages,
+//! starts handlers within the in-flight bound and per-key order, and
+//! acknowledges, retries or dead-letters each message once its transaction
+//! has ended.
+
+use std::collections::HashSet;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use futures::{FutureExt, StreamExt};
+use sea_orm::{DatabaseConnection, TransactionTrait};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use super::ConsumerConfig;
+use super::held::{self, Held, Origin};
+use super::pending::Pending;
+use super::transport::{Pull, PullError, Pulled, Settle, Span, Transport};
+use crate::inbox::{self, ConsumerGuard, DeadLetterReason, Handlers, Incoming, Processed, Taken};
+use crate::{Backoff, ErrorReport, dead_letters};
+
+/// Pauses between attempts to (re)open the pull or to recover.
+const RECONNECT: Backoff = Backoff {
+    initial: Duration::from_millis(100),
+    max: Duration::from_secs(5),
+};
+
+/// How often the task extends held messages' ack deadlines and purges the inbox.
+const TICK: Duration = Duration::from_millis(500);
+
+/// How often the task checks that it still holds the consumer's lock (and
+/// that the application has not closed the pool).
+const GUARD_RENEWAL: Duration = Duration::from_secs(2);
+
+/// How often the task looks for dead letters an operator asked to replay,
+/// and how many it takes at a time.
+const REPLAY_POLL: Duration = Duration::from_secs(1);
+const REPLAY_BATCH: u64 = 100;
+
+/// What a running consumer shares with its handler tasks.
+pub(super) struct Worker<T> {
+    pub(super) transport: T,
+    pub(super) db: DatabaseConnection,
+    pub(super) handlers: Handlers,
+    pub(super) name: String,
+    pub(super) stream_name: String,
+    pub(super) namespace: Option<String>,
+    pub(super) config: ConsumerConfig,
+}
+
+/// How one attempt at a message ended.
+enum Outcome {
+    /// Acknowledged, skipped or dead-lettered: the key's next message may run.
+    Resolved,
+    /// Failed: run it again after the delay, its key held meanwhile.
+    Retry(Duration),
+}
+
+/// Whether the unsure span must be read back before anything new is handled.
+enum Recovery<M> {
+    Done,
+    /// Owed; `trigger` is the delivery that revealed a skipped one, with its
+    /// consumer sequence, handled after the span.
+    Owed {
+        trigger: Option<Box<(Held<M>, u64)>>,
+    },
+}
+
+/// A batch's messages, each with how its attempt ended.
+type Settled<M> = Vec<(Held<M>, Outcome)>;
+
+/// The loop's state: what it holds, what runs, and when it next does each
+/// periodic chore. Each method is one step of [`Worker::run`].
+struct Loop<T: Transport> {
+    shared: Arc<Worker<T>>,
+    tasks: JoinSet<Settled<T::Message>>,
+    pending: Pending<T::Message>,
+    recovery: Recovery<T::Message>,
+    /// The consumer sequence of the last delivery seen: a delivery that
+    /// does not follow it means one went elsewhere.
+    last_delivery: Option<u64>,
+    pull: Option<Pull<T::Message>>,
+    /// Failures in a row of recovery, opening or pulling, and when to try again.
+    failures: u32,
+    resume: Instant,
+    purge_every: Duration,
+    next_purge: Instant,
+    next_renewal: Instant,
+    next_replay_poll: Instant,
+    /// The dead letters being replayed, not to be picked up twice.
+    replaying: HashSet<Uuid>,
+}
+
+impl<T: Transport> Worker<T> {
+    pub(super) async fn run(self, mut guard: ConsumerGuard, mut stopped: watch::Receiver<bool>) {
+        let mut state = Loop::new(self);
+        let config = state.shared.config.clone();
+        let mut tick = tokio::time::interval(TICK);
+        tracing::info!(consumer = %state.shared.name, stream = %state.shared.stream_name, "consumer started");
+        loop {
+            // While the broker fails, pulling pauses; handlers in flight are still settled.
+            state.recover_if_owed().await;
+            state.open_if_closed().await;
+            state.start_ready();
+            // Pull while the next batch is not full, so that one is ready
+            // when a transaction ends.
+            let room = state.has_room();
+            let next_retry = state.pending.next_retry();
+            tokio::select! {
+                // Err: the handle was dropped, which leaves the consumer running.
+                Ok(()) = stopped.changed() => break,
+                Some(joined) = state.tasks.join_next(), if !state.tasks.is_empty() => {
+                    // Tasks catch their own panics, so a join error is a cancellation.
+                    if let Ok(settled) = joined {
+                        state.settled(settled);
+                    }
+                }
+                () = sleep_until(next_retry), if next_retry.is_some() => {
+                    state.pending.due(Instant::now());
+                }
+                next = next_delivery(&mut state.pull), if room => state.pulled(next),
+                _ = tick.tick() => {
+                    if !state.chores(&mut guard, &config).await {
+                        break;
+                    }
+                }
+            }
+        }
+        state.shut_down().await;
+        guard.release().await;
+        tracing::info!(consumer = %state.shared.name, "consumer stopped");
+    }
+
+    /// Drops from what recovery read back the events the inbox holds
+    /// already, with one look-up per 1,000: most of a long span is handled
+    /// and only waits for its acknowledgement. If the look-up fails, each
+    /// message finds out in its own transaction.
+    async fn unhandled(&self, span: Span<T::Message>) -> (Vec<Held<T::Message>>, u64) {
+        let mut found: Vec<Held<T::Message>> = (span.messages.into_iter())
+            .map(|(message, sequence)| Held::recovered(message, sequence))
+            .collect();
+        let ids: Vec<_> = found.iter().filter_map(Held::event_id).collect();
+        match inbox::recorded(&self.db, &self.name, &ids).await {
+            Ok(handled) => {
+                found.retain(|held| !held.event_id().is_some_and(|id| handled.contains(&id)));
+                tracing::debug!(consumer = %self.name, read = ids.len(), handled = handled.len(), "unsure span read back");
+            }
+            Err(error) => {
+                tracing::warn!(consumer = %self.name, error = %ErrorReport(&error), "cannot look the unsure span up in the inbox; handling it message by message")
+            }
+        }
+        (found, span.delivered_consumer_sequence)
+    }
+
+    /// Looks for the dead letters an operator asked to replay, but those
+    /// being replayed now.
+    async fn replays(&self, replaying: &HashSet<Uuid>) -> Vec<Held<T::Message>> {
+        let busy: Vec<Uuid> = replaying.iter().copied().collect();
+        match dead_letters::inbox::requested(&self.db, &self.name, &busy, REPLAY_BATCH).await {
+            Ok(letters) => (letters.into_iter())
+                .map(|letter| {
+                    tracing::info!(consumer = %self.name, dead_letter = %letter.id, "replaying a dead letter");
+                    Held::replayed(letter)
+                })
+                .collect(),
+            Err(error) => {
+                let error = ErrorReport(&error);
+                tracing::warn!(consumer = %self.name, %error, "cannot look for dead letters to replay; will try again");
+                Vec::new()
+            }
+        }
+    }
+
+    fn start(
+        self: &Arc<Self>,
+        tasks: &mut JoinSet<Settled<T::Message>>,
+        batch: Vec<Held<T::Message>>,
+    ) {
+        let shared = Arc::clone(self);
+        tasks.spawn(async move {
+            match AssertUnwindSafe(shared.handle(&batch)).catch_unwind().await {
+                Ok(outcomes) => batch.into_iter().zip(outcomes).collect(),
+                Err(_) => {
+                    tracing::error!(consumer = %shared.name, messages = batch.len(), "the consumer panicked on a batch; its messages will be retried");
+                    (batch.into_iter())
+                        .map(|held| {
+                            let delay = shared.retry_delay(&held);
+                            (held, Outcome::Retry(delay))
+                        })
+                        .collect()
+                }
+            }
+        });
+    }
+
+    /// Handles a batch of messages, of distinct keys, in one transaction
+    /// (see [`Handlers::process_batch`]), then each to its end: ack, retry
+    /// later (with its key held), or dead letter and terminate. One outcome
+    /// per message, in order.
+    async fn handle(&self, batch: &[Held<T::Message>]) -> Vec<Outcome> {
+        // Each message with its place in the batch, as one record through
+        // the transaction and back.
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut incoming = Vec::with_capacity(batch.len());
+        for (at, held) in batch.iter().enumerate() {
+            match held::metadata(held, self.namespace.as_deref()) {
+                Ok(meta) => {
+                    let payload = held.message().payload();
+                    incoming.push((at, Incoming { meta, payload }));
+                }
+                // The broker's own copy is dead-lettered when it comes back.
+                Err(_) if matches!(held.origin, Origin::Recovered(_)) => {
+                    outcomes.push((at, Outcome::Resolved));
+                }
+                Err(malformed) => {
+                    let error = ErrorReport(&malformed).to_string();
+                    let outcome = self
+                        .dead_letter(held, DeadLetterReason::Malformed, error)
+                        .await;
+                    outcomes.push((at, outcome));
+                }
+            }
+        }
+        let span =
+            tracing::debug_span!("outbox.handle", consumer = %self.name, messages = incoming.len());
+        let processed = tracing::Instrument::instrument(
+            self.handlers.process_tagged(&self.db, &self.name, incoming),
+            span,
+        )
+        .await;
+        for (at, processed) in processed {
+            outcomes.push((at, self.settle(&batch[at], processed).await));
+        }
+        outcomes.sort_unstable_by_key(|&(at, _)| at);
+        outcomes.into_iter().map(|(_, outcome)| outcome).collect()
+    }
+
+    /// Ends one message by what its transaction did.
+    async fn settle(&self, held: &Held<T::Message>, processed: Processed) -> Outcome {
+        let config = &self.config;
+        match processed {
+            Processed::Handled | Processed::Duplicate => {
+                let outcome = if processed == Processed::Handled {
+                    "handled"
+                } else {
+                    "duplicate"
+                };
+                self.count(outcome);
+                self.ack(held, Settle::Ack).await;
+                Outcome::Resolved
+            }
+            Processed::Failed(error) if held.delivery_count() >= config.max_deliveries => {
+                let error = error.to_string();
+                self.dead_letter(held, DeadLetterReason::HandlerFailed, error)
+                    .await
+            }
+            Processed::Failed(error) => {
+                self.count("failed");
+                self.retry(held, "handler failed", &error.to_string())
+            }
+            // Not the message's fault: it does not move towards a dead letter,
+            // however often it is retried.
+            Processed::Unavailable(error) => {
+                self.count("unavailable");
+                self.retry(held, "database failed", &error)
+            }
+            Processed::Unhandled { reason, error }
+                if config.skip_unhandled && reason.is_unhandled_type() =>
+            {
+                tracing::debug!(consumer = %self.name, %reason, %error, "skipping a message no handler takes");
+                self.count("skipped");
+                self.ack(held, Settle::Ack).await;
+                Outcome::Resolved
+            }
+            Processed::Unhandled { reason, error } => self.dead_letter(held, reason, error).await,
+        }
+    }
+
+    /// Records the message as a dead letter (and, if it has an event id, in
+    /// the inbox, so that a redelivery is skipped), then terminates it. If the
+    /// database fails, the message is retried instead: nothing is dropped.
+    async fn dead_letter(
+        &self,
+        held: &Held<T::Message>,
+        reason: DeadLetterReason,
+        error: String,
+    ) -> Outcome {
+        let sequence = held.position.stream_sequence;
+        let (event_id, event_type) = (held.event_id(), held.event_type());
+        tracing::error!(consumer = %self.name, sequence, event_id = event_id.as_ref().map(tracing::field::display), event_type, %reason, %error, "dead-lettering a message");
+        let letter = held::dead_letter(&self.name, &self.stream_name, held, reason, error);
+        let event_id = letter.event_id;
+        let stored = async {
+            let txn = self.db.begin().await?;
+            if let Some(id) = event_id {
+                inbox::record(&txn, &self.name, id).await?;
+            }
+            // A replay that failed again replaces its dead letter.
+            if let Some(replayed) = held.replays() {
+                dead_letters::inbox::replayed(&txn, replayed).await?;
+            }
+            inbox::dead_letter(&txn, letter).await?;
+            txn.commit().await?;
+            Ok::<_, inbox::BoxError>(())
+        };
+        match stored.await {
+            Ok(()) => {
+                metrics::counter!("outbox_inbox_dead_lettered_total", "consumer" => self.name.clone(), "reason" => reason.as_str()).increment(1);
+                self.count("dead_lettered");
+                self.ack(held, Settle::Terminate).await;
+                Outcome::Resolved
+            }
+            Err(error) => {
+                let error = ErrorReport(&*error).to_string();
+                self.retry(held, "storing the dead letter failed", &error)
+            }
+        }
+    }
+
+    /// Schedules another attempt after the backoff delay of the delivery
+    /// count. The message is not handed back to the broker: this process
+    /// keeps it, and its key, until it is resolved.
+    fn retry(&self, held: &Held<T::Message>, what: &str, error: &str) -> Outcome {
+        let delay = self.retry_delay(held);
+        let (sequence, delivery) = (held.position.stream_sequence, held.delivery_count());
+        let (event_id, event_type) = (held.event_id(), held.event_type());
+        tracing::warn!(consumer = %self.name, sequence, event_id = event_id.as_ref().map(tracing::field::display), event_type, delivery, retry_in = ?delay, %error, "{what}; the message will be retried");
+        Outcome::Retry(delay)
+    }
+
+    fn retry_delay(&self, held: &Held<T::Message>) -> Duration {
+        let failures = u32::try_from(held.delivery_count()).unwrap_or(u32::MAX);
+        self.config.retry_backoff.delay(failures)
+    }
+
+    /// Ends a message: a replayed one's dead letter goes once it is
+    /// handled, a delivered one is settled with the broker.
+    async fn ack(&self, held: &Held<T::Message>, how: Settle) {
+        if let (Some(replayed), Settle::Ack) = (held.replays(), how) {
+            // If this fails, the next poll replays it again, and the inbox
+            // finds it handled.
+            if let Err(error) = dead_letters::inbox::replayed(&self.db, replayed).await {
+                let error = ErrorReport(&error);
+                tracing::warn!(consumer = %self.name, %error, "cannot delete a replayed dead letter");
+            }
+        }
+        if let Err(error) = self.settle_delivery(held, how).await {
+            // Not acknowledged: the broker redelivers it, and the inbox skips it.
+            let error = ErrorReport(&*error);
+            tracing::warn!(consumer = %self.name, %error, "acknowledgement failed");
+        }
+    }
+
+    /// Settles the broker's copy, if the message is one.
+    async fn settle_delivery(
+        &self,
+        held: &Held<T::Message>,
+        how: Settle,
+    ) -> Result<(), inbox::BoxError> {
+        match held.delivery() {
+            Some(message) => self.transport.settle(message, how).await,
+            None => Ok(()),
+        }
+    }
+
+    fn count(&self, outcome: &'static str) {
+        metrics::counter!("outbox_inbox_messages_total", "consumer" => self.name.clone(), "outcome" => outcome).increment(1);
+    }
+
+    /// Checks the consumer's lock, taking it again after a database restart;
+    /// `false` if the application closed the pool, which stops the consumer.
+    async fn renew(&self, guard: &mut ConsumerGuard) -> bool {
+        match guard.renew().await {
+            Ok(Taken::Held) => {}
+            Ok(Taken::PoolClosed) => {
+                tracing::warn!(consumer = %self.name, "the database pool was closed; the consumer stops");
+                return false;
+            }
+            Ok(Taken::Elsewhere) => {
+                tracing::error!(consumer = %self.name, "another process took this consumer's lock while the database restarted: two processes now run it, and per-key order does not hold while they do; stop one")
+            }
+            Err(error) => {
+                tracing::warn!(consumer = %self.name, error = %ErrorReport(&error), "cannot check the consumer's lock; will try again")
+            }
+        }
+        true
+    }
+
+    async fn purge(&self) {
+        let retention = chrono::Duration::from_std(self.config.inbox_retention)
+            .unwrap_or(chrono::Duration::MAX);
+        let before = Utc::now() - retention;
+        match inbox::purge(&self.db, &self.name, before).await {
+            Ok(0) => {}
+            Ok(deleted) => {
+                tracing::debug!(consumer = %self.name, deleted, "inbox rows past retention deleted")
+            }
+            Err(error) => {
+                tracing::warn!(consumer = %self.name, error = %ErrorReport(&error), "inbox retention cleanup failed")
+            }
+        }
+    }
+}
+
+impl<T: Transport> Loop<T> {
+    fn new(worker: Worker<T>) -> Self {
+        let retention = worker.config.inbox_retention;
+        let now = Instant::now();
+        Self {
+            shared: Arc::new(worker),
+            tasks: JoinSet::new(),
+            pending: Pending::new(),
+            recovery: Recovery::Owed { trigger: None },
+            last_delivery: None,
+            pull: None,
+            failures: 0,
+            resume: now,
+            purge_every: (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(600)),
+            next_purge: now,
+            next_renewal: now + GUARD_RENEWAL,
+            next_replay_poll: now,
+            replaying: HashSet::new(),
+        }
+    }
+
+    /// Notes a failure of the broker and pauses pulling for the backoff.
+    fn failed(&mut self) {
+        self.failures += 1;
+        self.resume = Instant::now() + RECONNECT.delay(self.failures);
+    }
+
+    /// Reads the unsure span back, if owed and not pausing: queues what
+    /// the inbox does not hold yet, then the delivery that revealed it.
+    async fn recover_if_owed(&mut self) {
+        let Recovery::Owed { trigger } = &mut self.recovery else {
+            return;
+        };
+        if Instant::now() < self.resume {
+            return;
+        }
+        let shared = &self.shared;
+        match shared.transport.unsure_span().await {
+            Ok(span) => {
+                self.failures = 0;
+                let (found, delivered) = shared.unhandled(span).await;
+                if !found.is_empty() {
+                    tracing::info!(consumer = %shared.name, messages = found.len(), "handling deliveries this process did not see, in stream order");
+                }
+                for held in found {
+                    self.pending.recovered(held);
+                }
+                self.last_delivery = Some(match trigger.take().map(|trigger| *trigger) {
+                    Some((held, delivery)) => {
+                        self.pending.receive(held);
+                        delivery
+                    }
+                    None => delivered,
+                });
+                self.recovery = Recovery::Done;
+            }
+            Err(error) => {
+                let error = ErrorReport(&*error);
+                tracing::warn!(consumer = %shared.name, %error, "recovery failed; retrying");
+                self.failed();
+            }
+        }
+    }
+
+    /// Opens a pull, once recovered, if there is none and not pausing.
+    async fn open_if_closed(&mut self) {
+        if !matches!(self.recovery, Recovery::Done)
+            || self.pull.is_some()
+            || Instant::now() < self.resume
+        {
+            return;
+        }
+        let config = &self.shared.config;
+        let batch = (config.max_in_flight * config.batch_size * 2)
+            .min(config.max_ack_pending)
+            .max(1);
+        match self.shared.transport.open(batch).await {
+            Ok(pull) => self.pull = Some(pull),
+            Err(error) => {
+                let error = ErrorReport(&*error);
+                tracing::warn!(consumer = %self.shared.name, %error, "cannot pull messages; retrying");
+                self.failed();
+            }
+        }
+    }
+
+    /// Starts batches of what is ready, within the in-flight bound. A batch
+    /// is what is ready now: it never waits to fill up.
+    fn start_ready(&mut self) {
+        let config = &self.shared.config;
+        while self.tasks.len() < config.max_in_flight && self.pending.has_ready() {
+            let batch = std::iter::from_fn(|| self.pending.pop_ready());
+            let batch = batch.take(config.batch_size).collect();
+            self.shared.start(&mut self.tasks, batch);
+        }
+    }
+
+    /// Whether to pull: recovered, not pausing, the next batch not full and
+    /// fewer held than the broker lets out unacknowledged.
+    fn has_room(&self) -> bool {
+        let config = &self.shared.config;
+        matches!(self.recovery, Recovery::Done)
+            && self.pending.ready() < config.batch_size
+            && self.pending.len() < config.max_ack_pending
+            && Instant::now() >= self.resume
+    }
+
+    /// Takes back a finished batch: resolved messages free their keys,
+    /// failed ones wait out their delay with their keys held.
+    fn settled(&mut self, settled: Settled<T::Message>) {
+        for (mut held, outcome) in settled {
+            match outcome {
+                Outcome::Resolved => {
+                    if let Some(id) = held.replays() {
+                        self.replaying.remove(&id);
+                    }
+                    self.pending.resolve(&held);
+                }
+                Outcome::Retry(delay) => {
+                    held.failures += 1;
+                    self.pending.retry(held, Instant::now() + delay);
+                }
+            }
+        }
+    }
+
+    /// Takes what the pull yielded: a delivery in sequence is queued; one
+    /// after a gap owes a recovery first.
+    fn pulled(&mut self, next: Option<Result<Pulled<T::Message>, PullError>>) {
+        let name = &self.shared.name;
+        match next {
+            Some(Ok(pulled)) => {
+                self.failures = 0;
+                let (held, delivery) = Held::delivered(pulled);
+                if self.last_delivery.is_some_and(|last| delivery != last + 1) {
+                    tracing::info!(consumer = %name, delivery, last = ?self.last_delivery, "a delivery went elsewhere; reading the unsure span back from the stream");
+                    let trigger = Some(Box::new((held, delivery)));
+                    self.recovery = Recovery::Owed { trigger };
+                } else {
+                    self.last_delivery = Some(delivery);
+                    self.pending.receive(held);
+                }
+            }
+            Some(Err(error)) => {
+                tracing::warn!(consumer = %name, error = %ErrorReport(&error), "pulling messages failed");
+                if matches!(error, PullError::Closed(_)) {
+                    self.pull = None;
+                }
+                self.failed();
+            }
+            None => self.pull = None,
+        }
+    }
+
+    /// The periodic chores: extend ack deadlines, check the lock, purge the
+    /// inbox, look for replays. `false` when the consumer must stop.
+    async fn chores(&mut self, guard: &mut ConsumerGuard, config: &ConsumerConfig) -> bool {
+        let shared = Arc::clone(&self.shared);
+        let now = Instant::now();
+        if let Some(before) = now.checked_sub(config.ack_wait / 2) {
+            for held in self.pending.due_for_extension(before, now) {
+                let _ = shared.settle_delivery(held, Settle::Extend).await;
+            }
+        }
+        if now >= self.next_renewal {
+            if !shared.renew(guard).await {
+                return false;
+            }
+            self.next_renewal = now + GUARD_RENEWAL;
+        }
+        if now >= self.next_purge {
+            shared.purge().await;
+            self.next_purge = now + self.purge_every;
+        }
+        if now >= self.next_replay_poll && matches!(self.recovery, Recovery::Done) {
+            for held in shared.replays(&self.replaying).await {
+                self.replaying.extend(held.replays());
+                self.pending.recovered(held);
+            }
+            self.next_replay_poll = now + REPLAY_POLL;
+        }
+        true
+    }
+
+    /// Messages not started go back at once; handlers in flight finish,
+    /// and those that failed go back too.
+    async fn shut_down(&mut self) {
+        let shared = &self.shared;
+        for held in self.pending.drain() {
+            let _ = shared.settle_delivery(&held, Settle::Redeliver).await;
+        }
+        while let Some(joined) = self.tasks.join_next().await {
+            for (held, outcome) in joined.unwrap_or_default() {
+                if let Outcome::Retry(_) = outcome {
+                    let _ = shared.settle_delivery(&held, Settle::Redeliver).await;
+                }
+            }
+        }
+        if let Err(error) = shared.transport.flush().await {
+            let error = ErrorReport(&*error);
+            tracing::warn!(consumer = %shared.name, %error, "flushing acks at shutdown failed");
+        }
+    }
+}
+
+async fn next_delivery<M>(pull: &mut Option<Pull<M>>) -> Option<Result<Pulled<M>, PullError>> {
+    match pull {
+        Some(stream) => stream.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
