@@ -41,6 +41,7 @@ mod backoff;
 mod cancel;
 pub mod consumer;
 pub mod dead_letters;
+mod dialect;
 mod emit;
 pub mod entity;
 mod error;

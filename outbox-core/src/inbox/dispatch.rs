@@ -8,13 +8,12 @@ use std::sync::Arc;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use sea_orm::{
-    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, TransactionTrait,
-};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, TransactionTrait};
 use tracing::Instrument;
 use uuid::Uuid;
 
 use super::{DeadLetterReason, Handler, Metadata, store};
+use crate::dialect::Dialect;
 use crate::{Error, OutboxEvent, signal};
 
 /// How one message ended.
@@ -301,7 +300,7 @@ impl Handlers {
             .filter_map(|step| Some(step.decoded()?.meta.id))
             .collect();
         let fresh = store::record_all(&txn, consumer, &ids).await?;
-        let mut savepoint = Savepoint::new(txn.get_database_backend());
+        let mut savepoint = Savepoint::new(Dialect::of(&txn));
         let mut failed = Vec::new();
         let mut rolled_back = false;
         for Step { tag, stage } in steps.by_ref() {
@@ -401,16 +400,15 @@ enum Mode {
 
 /// The one savepoint of a batch, set before each handler.
 struct Savepoint {
-    /// Whether RELEASE and SAVEPOINT may go as one query (not on MySQL,
-    /// whose driver sends one statement at a time).
+    /// Whether RELEASE and SAVEPOINT may go as one query.
     together: bool,
     set: bool,
 }
 
 impl Savepoint {
-    fn new(backend: DbBackend) -> Self {
+    fn new(dialect: Dialect) -> Self {
         Self {
-            together: backend != DbBackend::MySql,
+            together: dialect.sends_several_statements(),
             set: false,
         }
     }

@@ -23,9 +23,11 @@
 use std::time::Duration;
 
 use sea_orm::{
-    ConnAcquireErr, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr,
-    Statement, TransactionTrait,
+    ConnAcquireErr, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbErr, Statement,
+    TransactionTrait,
 };
+
+use crate::dialect::Dialect;
 
 /// Connections a consumer needs from its pool at once on PostgreSQL and
 /// MySQL: the guard's lock keeps one for the consumer's life, handlers need
@@ -38,7 +40,7 @@ pub const CONNECTIONS_NEEDED: u32 = 2;
 /// lock holds the pool's only connection would start and then handle
 /// nothing. Always `true` on SQLite, where the guard holds no connection.
 pub async fn pool_is_large_enough(db: &DatabaseConnection, wait: Duration) -> Result<bool, DbErr> {
-    if db.get_database_backend() == DbBackend::Sqlite {
+    if !Dialect::of(db).has_consumer_lock() {
         return Ok(true);
     }
     let held = db.begin().await?;
@@ -111,35 +113,20 @@ impl ConsumerGuard {
     /// Lets the lock go (at shutdown).
     pub async fn release(mut self) {
         if let Some(txn) = self.held.take() {
-            if txn.get_database_backend() == DbBackend::MySql {
-                let _ = txn
-                    .execute_raw(lock_statement(
-                        DbBackend::MySql,
-                        "RELEASE_LOCK",
-                        &self.consumer,
-                    ))
-                    .await;
+            if let Some(release) = Dialect::of(&txn).release_consumer_lock(&self.consumer) {
+                let _ = txn.execute_raw(release).await;
             }
             let _ = txn.rollback().await;
         }
     }
 
     async fn acquire(&mut self) -> Result<Taken, DbErr> {
-        let backend = self.db.get_database_backend();
-        let function = match backend {
-            DbBackend::Postgres => "pg_try_advisory_xact_lock",
-            DbBackend::MySql => "GET_LOCK",
-            _ => return Ok(Taken::Held),
+        let dialect = Dialect::of(&self.db);
+        let Some(take) = dialect.take_consumer_lock(&self.consumer) else {
+            return Ok(Taken::Held);
         };
         let txn = self.db.begin().await?;
-        let row = txn
-            .query_one_raw(lock_statement(backend, function, &self.consumer))
-            .await?;
-        let got = match (backend, row) {
-            (DbBackend::Postgres, Some(row)) => row.try_get_by_index::<bool>(0)?,
-            (_, Some(row)) => row.try_get_by_index::<Option<i64>>(0)? == Some(1),
-            (_, None) => false,
-        };
+        let got = dialect.took_consumer_lock(txn.query_one_raw(take).await?)?;
         if got {
             self.held = Some(txn);
             Ok(Taken::Held)
@@ -148,23 +135,4 @@ impl ConsumerGuard {
             Ok(Taken::Elsewhere)
         }
     }
-}
-
-/// `function` applied to the lock's name for `consumer` in the current
-/// schema (PostgreSQL) or database (MySQL), whose inbox the consumer uses:
-/// PostgreSQL's advisory locks take a number (a hash of the name), MySQL's
-/// names are server-wide and at most 64 characters (`outbox:` and a hash).
-fn lock_statement(backend: DbBackend, function: &str, consumer: &str) -> Statement {
-    let name = format!("outbox-consumer:{consumer}");
-    let sql = match backend {
-        DbBackend::Postgres => {
-            format!("SELECT {function}(hashtextextended(current_schema() || ':' || $1, 0))")
-        }
-        _ => {
-            let lock = "CONCAT('outbox:', LEFT(SHA2(CONCAT(DATABASE(), ':', ?), 256), 56))";
-            let wait = if function == "GET_LOCK" { ", 0" } else { "" };
-            format!("SELECT {function}({lock}{wait})")
-        }
-    };
-    Statement::from_sql_and_values(backend, sql, [name.into()])
 }

@@ -5,12 +5,13 @@ use std::collections::HashSet;
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{OnConflict, Query};
 use sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, DbBackend, EntityTrait,
-    Insert, QueryFilter, QuerySelect, QueryTrait,
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, Insert,
+    QueryFilter, QuerySelect,
 };
 use uuid::Uuid;
 
 use crate::Error;
+use crate::dialect::Dialect;
 use crate::entity::{inbox_dead_letter, inbox_message};
 
 /// Records that `consumer` handles event `event_id`, in the caller's
@@ -44,8 +45,7 @@ pub(super) async fn record_all(
     consumer: &str,
     event_ids: &[Uuid],
 ) -> Result<HashSet<Uuid>, Error> {
-    let backend = conn.get_database_backend();
-    if backend == DbBackend::MySql || event_ids.len() == 1 {
+    if !Dialect::of(conn).returns_inserted() || event_ids.len() == 1 {
         let mut fresh = HashSet::with_capacity(event_ids.len());
         for &id in event_ids {
             if record(conn, consumer, id).await? {
@@ -155,24 +155,14 @@ pub async fn dead_letter(
 }
 
 /// Inserts one row unless one with the same `key` exists; returns whether it did.
-///
-/// MySQL has no `ON CONFLICT DO NOTHING`, and its no-op `ON DUPLICATE KEY
-/// UPDATE` reports a found row as affected, so it gets `INSERT IGNORE`.
 async fn insert_once<A, const N: usize>(
     conn: &impl ConnectionTrait,
-    mut insert: Insert<A>,
+    insert: Insert<A>,
     key: [<A::Entity as EntityTrait>::Column; N],
 ) -> Result<bool, Error>
 where
     A: ActiveModelTrait,
 {
-    let backend = conn.get_database_backend();
-    if backend != DbBackend::MySql {
-        insert = insert.on_conflict(OnConflict::columns(key).do_nothing().to_owned());
-    }
-    let mut statement = insert.build(backend);
-    if backend == DbBackend::MySql {
-        statement.sql = statement.sql.replacen("INSERT ", "INSERT IGNORE ", 1);
-    }
+    let statement = Dialect::of(conn).insert_once(insert, key);
     Ok(conn.execute_raw(statement).await?.rows_affected() == 1)
 }

@@ -34,7 +34,7 @@ use sea_orm::{ConnectionTrait, DbErr, Iterable};
 use uuid::Uuid;
 
 use super::decode::{self, Claimed};
-use super::dialect::Dialect;
+use crate::dialect::Dialect;
 use crate::entity::outbox_message::{Column, Entity};
 
 /// Another round of this relay, being published now and settled before the

@@ -1,21 +1,20 @@
 //! The database's side of the relay: the claim, the decoding of claimed
 //! rows, the settle, scheduled events coming due, vacuuming during a long
-//! drain, and the [`Dialect`] that holds every difference between
-//! PostgreSQL, MySQL and SQLite. Imports of the relay only the leaf types
+//! drain. The differences between PostgreSQL, MySQL and SQLite are the
+//! crate's [`Dialect`]'s. Imports of the relay only the leaf types
 //! (`Delivery`, `RelayConfig`, `BatchReport`).
 
 mod claim;
 mod decode;
-mod dialect;
 mod schedule;
 mod settle;
 mod vacuum;
 
 use sea_orm::{DatabaseConnection, DatabaseTransaction, DbErr};
 
+pub(super) use crate::dialect::Dialect;
 pub(super) use claim::{InFlight, claim};
 pub(super) use decode::Claimed;
-pub(super) use dialect::Dialect;
 pub(super) use schedule::promote_due;
 pub(super) use settle::{Settled, settle};
 

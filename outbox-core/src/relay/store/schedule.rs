@@ -17,7 +17,7 @@ use sea_orm::{ColumnTrait, ConnectionTrait, DbErr, EntityTrait, Iterable, QueryS
 use uuid::Uuid;
 
 use super::Store;
-use super::dialect::Dialect;
+use crate::dialect::Dialect;
 use crate::entity::{outbox_message, outbox_scheduled};
 
 /// Moves every event due at `now` into the outbox, `limit` to a

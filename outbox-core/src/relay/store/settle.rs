@@ -11,7 +11,7 @@ use sea_orm::{ConnectionTrait, DbErr, EntityTrait, QueryFilter};
 use uuid::Uuid;
 
 use super::decode::{Claimed, RowLocation};
-use super::dialect::Dialect;
+use crate::dialect::Dialect;
 use crate::entity::{dead_letter, outbox_message};
 use crate::insert::insert_all;
 use crate::relay::config::RelayConfig;

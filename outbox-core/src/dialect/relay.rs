@@ -1,4 +1,4 @@
-//! Every way PostgreSQL, MySQL and SQLite differ for the relay, in one place.
+//! How the relay's statements differ between PostgreSQL, MySQL and SQLite.
 
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{
@@ -10,19 +10,13 @@ use sea_orm::{
 };
 use uuid::Uuid;
 
-/// The outbox's database backend, as the relay's statements need it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(in crate::relay) struct Dialect(DbBackend);
+use super::Dialect;
 
 impl Dialect {
-    pub(super) fn of(db: &impl ConnectionTrait) -> Self {
-        Self(db.get_database_backend())
-    }
-
     /// Whether claimed rows stay locked until settled (`FOR UPDATE SKIP
     /// LOCKED`): everywhere but on SQLite, which runs one relay and keeps no
     /// write lock while publishing.
-    pub(in crate::relay) fn locks_rows(self) -> bool {
+    pub(crate) fn locks_rows(self) -> bool {
         self.0 != DbBackend::Sqlite
     }
 
@@ -30,20 +24,20 @@ impl Dialect {
     /// a round's rows stay locked until its settle, and InnoDB's claim can
     /// lock more due rows than it takes (see `store::claim`), so the next
     /// round would claim little while the one in flight holds the rest.
-    pub(in crate::relay) fn overlaps_rounds(self) -> bool {
+    pub(crate) fn overlaps_rounds(self) -> bool {
         self.0 == DbBackend::Postgres
     }
 
     /// Whether the relay vacuums the outbox during a long drain: PostgreSQL,
     /// whose deleted rows' index entries the claim otherwise steps over
     /// until autovacuum comes (`store::vacuum`).
-    pub(super) fn vacuums(self) -> bool {
+    pub(crate) fn vacuums(self) -> bool {
         self.0 == DbBackend::Postgres
     }
 
     /// Whether the claim reads each row's locator (PostgreSQL's `ctid`),
     /// which the settle then deletes by (see [`settle_located`](Self::settle_located)).
-    pub(super) fn locates_rows(self) -> bool {
+    pub(crate) fn locates_rows(self) -> bool {
         self.0 == DbBackend::Postgres
     }
 
@@ -51,7 +45,7 @@ impl Dialect {
     /// the `ctid`, then the table the row lives in if it is not
     /// `outbox_messages` itself (see [`settle_located`](Self::settle_located)),
     /// so that the common case reads a NULL instead of a name per row.
-    pub(super) fn finish_claim(self, claim: &mut SelectStatement) {
+    pub(crate) fn finish_claim(self, claim: &mut SelectStatement) {
         if self.locates_rows() {
             claim.expr(Expr::cust("ctid::text"));
             claim.expr(Expr::cust(
@@ -64,7 +58,7 @@ impl Dialect {
 
     /// Locks the selected rows until the transaction ends, passing over rows
     /// another transaction holds (`FOR UPDATE SKIP LOCKED`), where rows lock.
-    pub(super) fn lock_skipping(self, select: &mut SelectStatement) {
+    pub(crate) fn lock_skipping(self, select: &mut SelectStatement) {
         if self.locks_rows() {
             select.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
         }
@@ -76,7 +70,7 @@ impl Dialect {
     /// claim's locking read also locks the gaps of the index ranges it scans,
     /// and handlers inserting events into those gaps deadlock with it. With
     /// `async_commit`, on PostgreSQL, without waiting for the WAL flush.
-    pub(super) async fn begin(
+    pub(crate) async fn begin(
         self,
         db: &DatabaseConnection,
         async_commit: bool,
@@ -114,7 +108,7 @@ impl Dialect {
     ///
     /// The ctids go as one array literal, `{"(0,1)","(0,2)"}`: a single text
     /// value to bind, where SeaORM copied a `text[]` of 2,000 string by string.
-    pub(super) fn settle_located(
+    pub(crate) fn settle_located(
         self,
         table: Option<&str>,
         ctids: &[&str],
@@ -159,7 +153,7 @@ impl Dialect {
     /// read): two relays' settles waited on each other's claimed rows and
     /// InnoDB failed one with 1213. By primary key a delete reads only its
     /// own rows, which the claim locked. Elsewhere [`ids_in`](Self::ids_in).
-    pub(super) async fn delete_ids<E: EntityTrait>(
+    pub(crate) async fn delete_ids<E: EntityTrait>(
         self,
         conn: &impl ConnectionTrait,
         column: E::Column,
@@ -185,7 +179,7 @@ impl Dialect {
     /// id: the statement's text is the same whatever the count, so it is
     /// parsed once per connection, and the relay binds one value instead of
     /// thousands.
-    pub(super) fn ids_in(self, column: impl ColumnTrait, ids: Vec<Uuid>) -> SimpleExpr {
+    pub(crate) fn ids_in(self, column: impl ColumnTrait, ids: Vec<Uuid>) -> SimpleExpr {
         if self.0 == DbBackend::Postgres {
             Expr::col(column).eq(PgFunc::any(Expr::val(ids)))
         } else {
