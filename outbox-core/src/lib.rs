@@ -38,6 +38,7 @@
 #![deny(missing_docs)]
 
 mod backoff;
+mod background;
 mod cancel;
 pub mod consumer;
 pub mod dead_letters;

@@ -21,12 +21,11 @@ mod worker;
 use std::time::Duration;
 
 use sea_orm::DatabaseConnection;
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 pub use transport::{Message, Pull, PullError, Pulled, Settle, Span, Transport};
 
 use crate::Backoff;
+use crate::background::Background;
 use crate::inbox::{self, ConsumerGuard, DuplicateHandler, Handlers, Taken};
 
 /// How long [`spawn`] waits for a second connection of the pool: longer
@@ -192,7 +191,6 @@ pub async fn spawn<T: Transport>(
     if taken == Taken::Elsewhere {
         return Err(StartError::AlreadyRunning(name));
     }
-    let (stop, stopped) = watch::channel(false);
     let worker = worker::Worker {
         transport,
         db,
@@ -202,17 +200,14 @@ pub async fn spawn<T: Transport>(
         namespace,
         config,
     };
-    let task = tokio::spawn(worker.run(guard, stopped));
-    Ok(ConsumerHandle { stop, task })
+    let task = Background::spawn(|stopped| worker.run(guard, stopped));
+    Ok(ConsumerHandle(task))
 }
 
 /// A running consumer. Dropping it leaves the consumer running; call
 /// [`shutdown`](Self::shutdown) to stop it cleanly.
 #[derive(Debug)]
-pub struct ConsumerHandle {
-    stop: watch::Sender<bool>,
-    task: JoinHandle<()>,
-}
+pub struct ConsumerHandle(Background);
 
 impl ConsumerHandle {
     /// Stops taking messages, lets the handlers in flight finish (commit and
@@ -220,7 +215,6 @@ impl ConsumerHandle {
     /// then stops. Fails only if the consumer's task panicked, like
     /// `RelayHandle::shutdown`.
     pub async fn shutdown(self) -> Result<(), tokio::task::JoinError> {
-        let _ = self.stop.send(true);
-        self.task.await
+        self.0.shutdown().await
     }
 }

@@ -12,23 +12,20 @@ use tokio::time::Instant;
 use super::publish::Publisher;
 use super::{Relay, pipeline, stats};
 use crate::entity::outbox_message;
+use crate::background::Background;
 use crate::{CommitSignal, signal};
 
 /// A running relay. Dropping it leaves the relay running; call
 /// [`shutdown`](Self::shutdown) to stop it cleanly.
 #[derive(Debug)]
-pub struct RelayHandle {
-    stop: watch::Sender<bool>,
-    task: JoinHandle<()>,
-}
+pub struct RelayHandle(Background);
 
 impl RelayHandle {
     /// Lets the batch in flight finish and settle, then stops the relay.
     ///
     /// Fails only if the relay task panicked.
     pub async fn shutdown(self) -> Result<(), tokio::task::JoinError> {
-        let _ = self.stop.send(true);
-        self.task.await
+        self.0.shutdown().await
     }
 }
 
@@ -40,9 +37,7 @@ const IMMEDIATE_CONFLICT_RETRIES: u32 = 5;
 const LOCK_CONFLICTS: &str = "outbox_relay_lock_conflicts_total";
 
 pub(super) fn spawn<P: Publisher>(relay: Relay<P>) -> RelayHandle {
-    let (stop, stopped) = watch::channel(false);
-    let task = tokio::spawn(run(relay, stopped));
-    RelayHandle { stop, task }
+    RelayHandle(Background::spawn(|stopped| run(relay, stopped)))
 }
 
 async fn run<P: Publisher>(relay: Relay<P>, mut stopped: watch::Receiver<bool>) {
