@@ -37,8 +37,8 @@
 //!   the relays of its process; [`wake_relays`] does, after a commit of your own.
 #![deny(missing_docs)]
 
-mod backoff;
 mod background;
+mod backoff;
 mod cancel;
 pub mod consumer;
 pub mod dead_letters;

@@ -1097,16 +1097,26 @@ async fn a_consumer_without_handlers_or_with_two_for_one_type_does_not_start() {
     let builder = || Consumer::builder(nats.client.clone(), test.db.clone(), "c");
     let error = builder().spawn().await.expect_err("no handlers");
     assert_eq!(error.to_string(), "consumer `c` has no handlers");
-    let error = builder()
-        .on::<OrderCreated, _>(InsertOrder::default())
-        .on::<OrderCreated, _>(reserve_stock)
-        .spawn()
-        .await
-        .expect_err("two handlers");
+    let twice = || {
+        builder()
+            .on::<OrderCreated, _>(InsertOrder::default())
+            .on::<OrderCreated, _>(reserve_stock)
+    };
+    let error = twice().spawn().await.expect_err("two handlers");
     assert_eq!(
         error.to_string(),
         "two handlers for event `OrderCreated` version 1 on one consumer"
     );
+    // `build` reports both without asking NATS or the database anything.
+    let built = twice().build().expect_err("two handlers, at build");
+    assert_eq!(built.to_string(), error.to_string());
+    assert!(builder().build().is_err(), "no handlers, at build");
+    let consumer = builder()
+        .namespace("ns")
+        .on::<OrderCreated, _>(InsertOrder::default())
+        .build()
+        .expect("one handler");
+    assert_eq!((consumer.name(), consumer.stream()), ("c", "NS_ORDERS"));
     let error = builder()
         .namespace(nats.namespace.clone())
         .on::<OrderCreated, _>(InsertOrder::default())

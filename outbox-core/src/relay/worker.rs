@@ -11,8 +11,8 @@ use tokio::time::Instant;
 
 use super::publish::Publisher;
 use super::{Relay, pipeline, stats};
-use crate::entity::outbox_message;
 use crate::background::Background;
+use crate::entity::outbox_message;
 use crate::{CommitSignal, signal};
 
 /// A running relay. Dropping it leaves the relay running; call

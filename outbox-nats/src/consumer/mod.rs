@@ -146,7 +146,8 @@ pub enum ConsumerError {
     },
 }
 
-/// Builds a [`Consumer`]: name it, add handlers, then [`spawn`](Self::spawn) it.
+/// Builds a [`Consumer`]: name it, add handlers, then [`build`](Self::build)
+/// it, which checks the handlers, or [`spawn`](Self::spawn) it at once.
 #[derive(Debug)]
 pub struct ConsumerBuilder {
     client: async_nats::Client,
@@ -156,7 +157,7 @@ pub struct ConsumerBuilder {
     namespace: Option<String>,
     filter_subjects: Vec<String>,
     handlers: Handlers,
-    /// The first conflict `on` met, reported by `spawn`.
+    /// The first conflict `on` met, reported by `build`.
     conflict: Option<DuplicateHandler>,
     config: ConsumerConfig,
     start_at: StartAt,
@@ -186,14 +187,26 @@ pub struct ConsumerBuilder {
 /// let client = async_nats::connect("127.0.0.1:4222").await?;
 /// let consumer = outbox_nats::Consumer::builder(client, db, "inventory")
 ///     .on::<OrderCreated, _>(reserve_stock)
-///     .spawn()
-///     .await?;
+///     .build()?; // a conflict between handlers, or none, is reported here
+/// let running = consumer.spawn().await?;
 /// // ...
-/// consumer.shutdown().await?;
+/// running.shutdown().await?;
 /// # Ok(()) }
 /// ```
 #[derive(Debug)]
-pub struct Consumer;
+pub struct Consumer {
+    client: async_nats::Client,
+    db: DatabaseConnection,
+    name: String,
+    /// The stream, namespaced.
+    stream: String,
+    namespace: Option<String>,
+    /// The subject filters, namespaced.
+    filters: Vec<String>,
+    handlers: Handlers,
+    config: ConsumerConfig,
+    start_at: StartAt,
+}
 
 impl Consumer {
     /// A consumer named `name`: its JetStream durable name and its key in the
@@ -316,8 +329,9 @@ impl ConsumerBuilder {
         self
     }
 
-    /// Creates the durable consumer (or finds it) and starts handling messages.
-    pub async fn spawn(self) -> Result<ConsumerHandle, ConsumerError> {
+    /// Checks the handlers (a conflict between two, or none at all) and
+    /// which stream they read; nothing is asked of NATS or the database yet.
+    pub fn build(self) -> Result<Consumer, ConsumerError> {
         core::check_handlers(&self.name, &self.handlers, self.conflict)?;
         let stream = match self.stream {
             Some(stream) => stream,
@@ -328,8 +342,45 @@ impl ConsumerBuilder {
         let filters: Vec<String> = (self.filter_subjects.iter())
             .map(|subject| namespaced(subject, ns))
             .collect();
+        Ok(Consumer {
+            client: self.client,
+            db: self.db,
+            name: self.name,
+            stream,
+            namespace: self.namespace,
+            filters,
+            handlers: self.handlers,
+            config: self.config,
+            start_at: self.start_at,
+        })
+    }
+
+    /// [`build`](Self::build)s the consumer and [`spawn`](Consumer::spawn)s it.
+    pub async fn spawn(self) -> Result<ConsumerHandle, ConsumerError> {
+        self.build()?.spawn().await
+    }
+}
+
+impl Consumer {
+    /// The consumer's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The stream it reads, namespaced.
+    pub fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    /// How it runs.
+    pub fn config(&self) -> &ConsumerConfig {
+        &self.config
+    }
+
+    /// Creates the durable consumer (or finds it) and starts handling messages.
+    pub async fn spawn(self) -> Result<ConsumerHandle, ConsumerError> {
         let server = self.client.server_info().version;
-        if filters.len() > 1 && !at_least(&server, (2, 10)) {
+        if self.filters.len() > 1 && !at_least(&server, (2, 10)) {
             return Err(ConsumerError::ServerTooOld {
                 consumer: self.name,
                 feature: "more than one filter subject",
@@ -339,9 +390,9 @@ impl ConsumerBuilder {
         }
         let context = jetstream::new(self.client.clone());
         let durable = Durable {
-            stream: &stream,
+            stream: &self.stream,
             name: &self.name,
-            filters: &filters,
+            filters: &self.filters,
             config: &self.config,
             start_at: self.start_at,
         };
@@ -350,10 +401,10 @@ impl ConsumerBuilder {
             client: self.client,
             consumer,
             stream: stream_handle,
-            filters,
+            filters: self.filters,
             name: self.name.clone(),
         };
-        let mut identity = Identity::new(self.name, stream);
+        let mut identity = Identity::new(self.name, self.stream);
         identity.namespace = self.namespace;
         let handle = core::spawn(transport, self.db, self.handlers, identity, self.config).await?;
         Ok(handle)
