@@ -103,8 +103,8 @@ pub enum Error {
     },
 
     /// No event of a batch reached the broker: it is down or not answering.
-    #[error("broker unavailable: {0}")]
-    BrokerUnavailable(String),
+    #[error("broker unavailable")]
+    BrokerUnavailable(#[source] crate::relay::DeliveryError),
 
     /// The event registry holds conflicting registrations.
     #[error(transparent)]
@@ -148,6 +148,10 @@ impl Error {
             || text.contains("database is locked")
     }
 }
+
+/// Any error, with its chain of causes: what a handler or a transport may
+/// fail with.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// `Result` with the framework's [`Error`] as the default error type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

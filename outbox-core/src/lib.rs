@@ -64,7 +64,7 @@ pub mod trace;
 
 pub use backoff::Backoff;
 pub use cancel::cancel;
-pub use error::{Error, ErrorReport, Result};
+pub use error::{BoxError, Error, ErrorReport, Result};
 pub use event::OutboxEvent;
 pub use migration::{check_schema, migrate, migrations};
 pub use registry::{EventDescriptor, registry};

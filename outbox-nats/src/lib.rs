@@ -47,6 +47,7 @@ mod streams;
 /// (0.52), or the compiler will see two different `Client` types.
 pub use async_nats;
 
+pub use acks::{Refusal, Unanswered};
 pub use connect::{ConnectError, NatsAuth, NatsConfig, NatsTls, Secret};
 pub use consumer::{Consumer, ConsumerBuilder, ConsumerError, ConsumerHandle, StartAt};
 pub use publisher::{InvalidHeader, JetStreamPublisher, headers};

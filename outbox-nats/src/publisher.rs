@@ -11,10 +11,10 @@ use async_nats::{HeaderMap, HeaderName, HeaderValue, Subscriber};
 use futures::{FutureExt, StreamExt};
 use outbox_core::entity::outbox_message;
 use outbox_core::headers;
-use outbox_core::relay::{Batch, Delivery, Publisher};
+use outbox_core::relay::{Batch, Delivery, DeliveryError, Publisher};
 use tokio::sync::Mutex;
 
-use crate::acks;
+use crate::acks::{self, Unanswered};
 
 /// Publishes outbox events to JetStream.
 ///
@@ -214,7 +214,7 @@ impl Publisher for JetStreamPublisher {
         let deliveries = self.publish_in_key_order(&Batch::unordered(events)).await;
         // With no event waiting on another, every one is sent or abandoned.
         (deliveries.into_iter())
-            .map(|d| d.unwrap_or_else(|| Delivery::Unavailable("not sent".to_owned())))
+            .map(|d| d.unwrap_or_else(|| Unanswered::NotSent.into()))
             .collect()
     }
 
@@ -227,7 +227,7 @@ impl Publisher for JetStreamPublisher {
     async fn publish_in_key_order(&self, batch: &Batch<'_>) -> Vec<Option<Delivery>> {
         let mut order = batch.key_order();
         if self.client.connection_state() != State::Connected {
-            order.abandon(&Delivery::Unavailable("not connected to NATS".to_owned()));
+            order.abandon(&Unanswered::NotConnected.into());
             return order.into_outcome();
         }
         let mut open = self.replies.lock().await;
@@ -242,8 +242,7 @@ impl Publisher for JetStreamPublisher {
                         batch: 0,
                     }),
                     Err(error) => {
-                        let error = format!("cannot subscribe to JetStream acks: {error}");
-                        order.abandon(&Delivery::Unavailable(error));
+                        order.abandon(&Unanswered::Subscribe(error).into());
                         return order.into_outcome();
                     }
                 }
@@ -266,7 +265,7 @@ impl Publisher for JetStreamPublisher {
                 let headers = match headers(event) {
                     Ok(headers) => headers,
                     Err(error) => {
-                        order.settle(index, Delivery::Undeliverable(error.to_string()));
+                        order.settle(index, Delivery::Undeliverable(DeliveryError::new(error)));
                         continue;
                     }
                 };
@@ -281,7 +280,7 @@ impl Publisher for JetStreamPublisher {
                     )
                     .await;
                 if let Err(error) = sent {
-                    order.settle(index, acks::failed(&error));
+                    order.settle(index, acks::failed(error));
                 }
                 // Take the acks already in, so that they never fill the subscription's buffer.
                 while let Some(Some(reply)) = replies.subscriber.next().now_or_never() {
@@ -306,8 +305,7 @@ impl Publisher for JetStreamPublisher {
                     None => {
                         // The client is closed; a later publish subscribes anew.
                         *open = None;
-                        let error = "the NATS client closed".to_owned();
-                        order.abandon(&Delivery::Unavailable(error));
+                        order.abandon(&Unanswered::ClientClosed.into());
                         break;
                     }
                 },
@@ -317,8 +315,7 @@ impl Publisher for JetStreamPublisher {
                         deadline.as_mut().reset(silent_until.into());
                         continue;
                     }
-                    let error = format!("no JetStream acknowledgement within {:?}", self.ack_timeout);
-                    order.abandon(&Delivery::Unavailable(error));
+                    order.abandon(&Unanswered::Timeout(self.ack_timeout).into());
                     break;
                 }
             }

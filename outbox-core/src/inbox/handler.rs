@@ -4,8 +4,7 @@ use sea_orm::DatabaseTransaction;
 
 use super::Metadata;
 
-/// A handler's error as the consumer keeps it, with its chain of causes.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use crate::BoxError;
 
 /// Handles events of type `E` inside the inbox's transaction.
 ///

@@ -45,7 +45,7 @@ use chrono::{DateTime, Utc};
 use sea_orm::DatabaseConnection;
 
 pub use config::{MAX_BATCH_SIZE, MIN_POLL_INTERVAL, RelayConfig};
-pub use publish::{Batch, Delivery, KeyOrder, Publisher};
+pub use publish::{Batch, Delivery, DeliveryError, KeyOrder, Publisher};
 pub use report::BatchReport;
 pub use stats::{OutboxStats, stats};
 pub use worker::RelayHandle;

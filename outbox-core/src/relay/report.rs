@@ -1,7 +1,7 @@
 //! What a round did, as [`Relay::process_batch`](super::Relay::process_batch) reports it.
 
 /// What one round did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 #[non_exhaustive]
 pub struct BatchReport {
     /// Events claimed.
@@ -19,7 +19,7 @@ pub struct BatchReport {
     /// Events not published because an earlier event of their key failed in this round.
     pub held_back: usize,
     /// The broker's error when it was unreachable.
-    pub last_error: Option<String>,
+    pub last_error: Option<super::DeliveryError>,
 }
 
 impl BatchReport {

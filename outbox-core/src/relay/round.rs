@@ -165,10 +165,11 @@ impl Published {
         if config.keep_delivered.is_none() {
             store.deleted(report.published + report.dead_lettered, config.vacuum_after);
         }
-        if report.published == 0 && report.unavailable > 0 {
-            return Err(Error::BrokerUnavailable(
-                report.last_error.unwrap_or_default(),
-            ));
+        if report.published == 0
+            && report.unavailable > 0
+            && let Some(error) = &report.last_error
+        {
+            return Err(Error::BrokerUnavailable(error.clone()));
         }
         Ok(report)
     }

@@ -10,7 +10,7 @@ mod key_order;
 use std::future::Future;
 
 pub use batch::Batch;
-pub use delivery::Delivery;
+pub use delivery::{Delivery, DeliveryError};
 pub use key_order::KeyOrder;
 
 use crate::entity::outbox_message;

@@ -53,9 +53,10 @@ pub(in crate::relay) async fn settle<C: ConnectionTrait>(
                 located.extend(claimed.row);
             }
             Some(Delivery::Oversized(error) | Delivery::Undeliverable(error)) => {
-                dead.push(dead_letter(event, error, now));
+                dead.push(dead_letter(event, stored_text(&error), now));
             }
             Some(Delivery::Rejected(error)) => {
+                let error = stored_text(&error);
                 // The first rejection is worth a line: a dead letter would
                 // say so only after every retry, minutes later.
                 if event.attempts == 0 {
@@ -161,6 +162,12 @@ async fn mark_delivered<C: ConnectionTrait>(
         .exec(conn)
         .await?;
     Ok(marked.rows_affected)
+}
+
+/// A delivery error as the outbox's `last_error` column keeps it: its text
+/// and every cause under it.
+fn stored_text(error: &crate::relay::DeliveryError) -> String {
+    crate::ErrorReport(error).to_string()
 }
 
 /// What a rejected event's row gets, shared by the events of a round
