@@ -254,29 +254,33 @@ impl<T: Transport> Worker<T> {
                 Outcome::Resolved
             }
             Processed::Failed(error) if held.delivery_count() >= config.max_deliveries => {
-                let error = error.to_string();
+                let error = ErrorReport(&error).to_string();
                 self.dead_letter(held, DeadLetterReason::HandlerFailed, error)
                     .await
             }
             Processed::Failed(error) => {
                 self.count("failed");
-                self.retry(held, "handler failed", &error.to_string())
+                self.retry(held, "handler failed", &ErrorReport(&error).to_string())
             }
             // Not the message's fault: it does not move towards a dead letter,
             // however often it is retried.
             Processed::Unavailable(error) => {
                 self.count("unavailable");
-                self.retry(held, "database failed", &error)
+                self.retry(held, "database failed", &ErrorReport(&error).to_string())
             }
-            Processed::Unhandled { reason, error }
-                if config.skip_unhandled && reason.is_unhandled_type() =>
+            Processed::Unhandled(unhandled)
+                if config.skip_unhandled && unhandled.reason().is_unhandled_type() =>
             {
-                tracing::debug!(consumer = %self.name, %reason, %error, "skipping a message no handler takes");
+                let error = ErrorReport(&unhandled).to_string();
+                tracing::debug!(consumer = %self.name, reason = %unhandled.reason(), %error, "skipping a message no handler takes");
                 self.count("skipped");
                 self.ack(held, Settle::Ack).await;
                 Outcome::Resolved
             }
-            Processed::Unhandled { reason, error } => self.dead_letter(held, reason, error).await,
+            Processed::Unhandled(unhandled) => {
+                let error = ErrorReport(&unhandled).to_string();
+                self.dead_letter(held, unhandled.reason(), error).await
+            }
         }
     }
 

@@ -12,12 +12,12 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, Transact
 use tracing::Instrument;
 use uuid::Uuid;
 
-use super::{DeadLetterReason, Handler, Metadata, store};
+use super::{BoxError, DeadLetterReason, Handler, Metadata, store};
 use crate::dialect::Dialect;
 use crate::{Error, OutboxEvent, signal};
 
 /// How one message ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Processed {
     /// The handler's effect and the inbox row committed: acknowledge.
     Handled,
@@ -25,30 +25,105 @@ pub enum Processed {
     Duplicate,
     /// The handler failed or panicked: nothing committed; deliver again later.
     Failed(HandlerFailure),
-    /// The database failed around the handler (begin, inbox row, commit):
-    /// nothing committed; deliver again later, without blaming the message.
-    Unavailable(String),
+    /// Not handled now, through no fault of the message's: nothing
+    /// committed; deliver again later, without blaming the message.
+    Unavailable(Unavailable),
     /// No handler can take the message; nothing ran. Redelivery would not
     /// help: dead-letter it (or skip it, if so configured).
-    Unhandled {
-        /// Which of the unhandled cases.
-        reason: DeadLetterReason,
-        /// The detail, naming the event type and version.
-        error: String,
-    },
+    Unhandled(Unhandled),
 }
 
-/// Why a handler did not take effect. Its text goes to logs and dead letters.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Two answers are equal when they are the same case and their errors read
+/// alike, causes included: what a test compares.
+impl PartialEq for Processed {
+    fn eq(&self, other: &Self) -> bool {
+        let text =
+            |error: &(dyn std::error::Error + 'static)| crate::ErrorReport(error).to_string();
+        match (self, other) {
+            (Self::Handled, Self::Handled) | (Self::Duplicate, Self::Duplicate) => true,
+            (Self::Failed(a), Self::Failed(b)) => text(a) == text(b),
+            (Self::Unavailable(a), Self::Unavailable(b)) => text(a) == text(b),
+            (Self::Unhandled(a), Self::Unhandled(b)) => text(a) == text(b),
+            _ => false,
+        }
+    }
+}
+
+impl Eq for Processed {}
+
+/// Why a handler did not take effect. Its text, with its causes
+/// ([`ErrorReport`](crate::ErrorReport)), goes to logs and dead letters.
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum HandlerFailure {
-    /// The handler returned an error, kept as its text with its causes
-    /// (`error: cause: cause`).
-    #[error("{0}")]
-    Returned(String),
+    /// The handler returned this error.
+    #[error(transparent)]
+    Returned(Arc<dyn std::error::Error + Send + Sync>),
     /// The handler panicked; the panic's message, if it was a string.
     #[error("handler panicked: {0}")]
     Panicked(String),
+}
+
+/// Why a message was not handled now, through no fault of its own.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Unavailable {
+    /// The database failed around the handlers (begin, an inbox row, a
+    /// savepoint, the commit): nothing of the batch committed.
+    #[error("the database failed around the handler")]
+    Database(#[source] Arc<Error>),
+    /// A second copy of an event in the batch (a redelivery that came while
+    /// the first is held): it waits until the first has ended.
+    #[error("event {0} is in this batch already")]
+    InBatch(Uuid),
+}
+
+/// Why no handler can take a message: its [`reason`](Self::reason) is the
+/// dead letter's.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Unhandled {
+    /// No handler takes the event type.
+    #[error("no handler for event type `{event_type}`")]
+    UnknownType {
+        /// The event type the message names.
+        event_type: String,
+    },
+    /// Handlers take the event type, but not at this version.
+    #[error(
+        "event `{event_type}` version {version} is not handled (handled versions: {handled:?})"
+    )]
+    UnsupportedVersion {
+        /// The event type.
+        event_type: String,
+        /// The version the message names.
+        version: u16,
+        /// The versions handled.
+        handled: Vec<u16>,
+    },
+    /// A handler takes it, but the registry does not know the type and
+    /// version, so the payload cannot be decoded.
+    #[error("event `{event_type}` version {version} is not in the registry")]
+    NotRegistered {
+        /// The event type.
+        event_type: String,
+        /// Its version.
+        version: u16,
+    },
+    /// The payload does not decode into the event type.
+    #[error("the payload does not decode")]
+    Undecodable(#[source] Arc<Error>),
+}
+
+impl Unhandled {
+    /// The dead letter's reason for it.
+    pub fn reason(&self) -> DeadLetterReason {
+        match self {
+            Self::UnknownType { .. } | Self::NotRegistered { .. } => DeadLetterReason::UnknownType,
+            Self::UnsupportedVersion { .. } => DeadLetterReason::UnsupportedVersion,
+            Self::Undecodable(_) => DeadLetterReason::Undecodable,
+        }
+    }
 }
 
 /// Two handlers registered for one event type and version on one consumer.
@@ -65,7 +140,7 @@ type Run = dyn for<'a> Fn(
         Box<dyn Any + Send>,
         Metadata,
         &'a DatabaseTransaction,
-    ) -> BoxFuture<'a, Result<(), String>>
+    ) -> BoxFuture<'a, Result<(), BoxError>>
     + Send
     + Sync;
 
@@ -112,18 +187,12 @@ impl Handlers {
         let run: Arc<Run> = Arc::new(move |event, meta, db| {
             let handler = Arc::clone(&handler);
             Box::pin(async move {
-                let event = event.downcast::<E>().map_err(|_| {
-                    format!(
-                        "the registry decodes `{}` v{} into another type than `{}`",
-                        meta.event_type,
-                        meta.version,
-                        std::any::type_name::<E>()
-                    )
-                })?;
-                handler.handle(*event, meta, db).await.map_err(|error| {
-                    let error: super::BoxError = error.into();
-                    crate::ErrorReport(&*error).to_string()
-                })
+                // The registry decoded another type for this name and
+                // version: `E`'s `OutboxEvent` was not derived.
+                let not_derived =
+                    |_| -> BoxError { Error::NotRegistered(std::any::type_name::<E>()).into() };
+                let event = event.downcast::<E>().map_err(not_derived)?;
+                handler.handle(*event, meta, db).await.map_err(Into::into)
             })
         });
         for name in E::EVENT_TYPES {
@@ -158,9 +227,8 @@ impl Handlers {
         let mut processed = self
             .process_batch(db, consumer, vec![Incoming { meta, payload }])
             .await;
-        processed
-            .pop()
-            .unwrap_or(Processed::Unavailable(String::new()))
+        // `process_batch` answers every message it is given, in order.
+        processed.pop().expect("one message in, one answer out")
     }
 
     /// Handles several messages for `consumer` in one transaction of `db`,
@@ -203,14 +271,13 @@ impl Handlers {
                 // A second copy of one event (a redelivery that came while the
                 // first is held) waits: the inbox row of the first is not
                 // committed yet, and if its handler fails there is none.
-                let stage = if ids.insert(meta.id) {
+                let stage = if !ids.insert(meta.id) {
+                    Stage::Answered(Processed::Unavailable(Unavailable::InBatch(meta.id)))
+                } else {
                     match self.decode(&meta, payload) {
                         Ok((run, event)) => Stage::Run(Decoded { run, event, meta }),
-                        Err(unhandled) => Stage::Answered(unhandled),
+                        Err(unhandled) => Stage::Answered(Processed::Unhandled(unhandled)),
                     }
-                } else {
-                    let error = format!("event {} is in this batch already", meta.id);
-                    Stage::Answered(Processed::Unavailable(error))
                 };
                 Step { tag, stage }
             })
@@ -218,8 +285,7 @@ impl Handlers {
         // One message needs no savepoint: its transaction is its own.
         let to_run = steps.iter().filter(|step| step.decoded().is_some());
         let mode = match to_run.count() {
-            0 => Mode::Nothing,
-            1 => Mode::Alone,
+            0 | 1 => Mode::Alone,
             _ => Mode::Savepoints,
         };
         let counts_before = signal::Counts::now();
@@ -229,7 +295,7 @@ impl Handlers {
             .in_transaction(db, consumer, &mut steps, &mut answers, mode)
             .await;
         if let Err(error) = ran {
-            return unavailable(&error, answers, steps);
+            return unavailable(error, answers, steps);
         }
         // A #[transactional] handler signals at its savepoint, before its
         // events are visible: signal again now that they are, scheduled ones
@@ -243,38 +309,40 @@ impl Handlers {
         &self,
         meta: &Metadata,
         payload: &[u8],
-    ) -> Result<(Arc<Run>, Box<dyn Any + Send>), Processed> {
-        let unhandled = |reason, error| Processed::Unhandled { reason, error };
+    ) -> Result<(Arc<Run>, Box<dyn Any + Send>), Unhandled> {
         let (name, version) = (meta.event_type.as_str(), meta.version);
         let Some(run) = self.by_type.get(&(name, version)) else {
-            let versions: Vec<u16> = (self.by_type.keys())
+            let handled: Vec<u16> = (self.by_type.keys())
                 .filter(|(n, _)| *n == name)
                 .map(|(_, v)| *v)
                 .collect();
-            return Err(if versions.is_empty() {
-                let error = format!("no handler for event type `{name}`");
-                unhandled(DeadLetterReason::UnknownType, error)
+            let event_type = name.to_owned();
+            return Err(if handled.is_empty() {
+                Unhandled::UnknownType { event_type }
             } else {
-                let error = format!(
-                    "event `{name}` version {version} is not handled (handled versions: {versions:?})"
-                );
-                unhandled(DeadLetterReason::UnsupportedVersion, error)
+                Unhandled::UnsupportedVersion {
+                    event_type,
+                    version,
+                    handled,
+                }
             });
         };
         let Some(descriptor) = crate::registry().get(name, version) else {
-            let error = format!("event `{name}` version {version} is not in the registry");
-            return Err(unhandled(DeadLetterReason::UnknownType, error));
+            let event_type = name.to_owned();
+            return Err(Unhandled::NotRegistered {
+                event_type,
+                version,
+            });
         };
-        let event = (descriptor.decode)(payload).map_err(|error| {
-            let error = crate::ErrorReport(&error).to_string();
-            unhandled(DeadLetterReason::Undecodable, error)
-        })?;
+        let event = (descriptor.decode)(payload)
+            .map_err(|error| Unhandled::Undecodable(Arc::new(error)))?;
         Ok((Arc::clone(run), event))
     }
 
     /// Takes the `steps` in order, answering each in `answers`, and runs
-    /// those to run in one transaction; an error means nothing committed,
-    /// and leaves the steps not taken yet in `steps`.
+    /// those to run in one transaction, begun at the first of them; an
+    /// error means nothing committed, and leaves the steps not taken yet in
+    /// `steps`.
     ///
     /// The inbox rows go in first, in one statement where the database
     /// allows. Each handler then runs in the savepoint `outbox_message`,
@@ -291,50 +359,58 @@ impl Handlers {
         answers: &mut Vec<(T, Processed)>,
         mode: Mode,
     ) -> Result<(), Error> {
-        if mode == Mode::Nothing {
-            answers.extend(steps.map(Step::into_answer));
-            return Ok(());
-        }
-        let txn = db.begin().await?;
-        let ids: Vec<Uuid> = (steps.as_slice().iter())
-            .filter_map(|step| Some(step.decoded()?.meta.id))
-            .collect();
-        let fresh = store::record_all(&txn, consumer, &ids).await?;
-        let mut savepoint = Savepoint::new(Dialect::of(&txn));
+        let mut open: Option<(DatabaseTransaction, HashSet<Uuid>)> = None;
+        let mut savepoint = Savepoint::new(Dialect::of(db));
         let mut failed = Vec::new();
         let mut rolled_back = false;
-        for Step { tag, stage } in steps.by_ref() {
-            let Decoded { run, event, meta } = match stage {
-                Stage::Run(decoded) if fresh.contains(&decoded.meta.id) => decoded,
-                Stage::Run(_) => {
+        // Each step is taken only once what it needs of the database is
+        // done: on an error the steps not taken are answered by the caller.
+        while let Some(next) = steps.as_slice().first() {
+            if let Some(id) = next.decoded().map(|decoded| decoded.meta.id) {
+                if open.is_none() {
+                    let txn = db.begin().await?;
+                    let ids: Vec<Uuid> = (steps.as_slice().iter())
+                        .filter_map(|step| Some(step.decoded()?.meta.id))
+                        .collect();
+                    let fresh = store::record_all(&txn, consumer, &ids).await?;
+                    open = Some((txn, fresh));
+                }
+                let fresh = open.as_ref().is_some_and(|(_, fresh)| fresh.contains(&id));
+                if fresh
+                    && mode == Mode::Savepoints
+                    && let Some((txn, _)) = &open
+                {
+                    savepoint.set(txn).await?;
+                }
+            }
+            let Some(Step { tag, stage }) = steps.next() else {
+                break;
+            };
+            let (decoded, txn) = match (stage, &open) {
+                (Stage::Run(decoded), Some((txn, fresh))) if fresh.contains(&decoded.meta.id) => {
+                    (decoded, txn)
+                }
+                (Stage::Run(_), _) => {
                     answers.push((tag, Processed::Duplicate));
                     continue;
                 }
-                Stage::Answered(answer) => {
+                (Stage::Answered(answer), _) => {
                     answers.push((tag, answer));
                     continue;
                 }
             };
-            // Every step taken is answered, even when the database fails now.
-            if mode == Mode::Savepoints
-                && let Err(error) = savepoint.set(&txn).await
-            {
-                let error = Error::from(error);
-                let answer = Processed::Unavailable(crate::ErrorReport(&error).to_string());
-                answers.push((tag, answer));
-                return Err(error);
-            }
+            let Decoded { run, event, meta } = decoded;
             let id = meta.id;
             let span = tracing::debug_span!("outbox.handler", event_type = %meta.event_type, event_id = %id);
             #[cfg(feature = "opentelemetry")]
             crate::trace::set_parent(&span, &meta.headers);
             // A panicking handler is a failed delivery, not a dead consumer.
-            let outcome = AssertUnwindSafe(run(event, meta, &txn))
+            let outcome = AssertUnwindSafe(run(event, meta, txn))
                 .catch_unwind()
                 .instrument(span)
                 .await;
             let result = match outcome {
-                Ok(result) => result.map_err(HandlerFailure::Returned),
+                Ok(result) => result.map_err(|error| HandlerFailure::Returned(Arc::from(error))),
                 Err(panic) => Err(HandlerFailure::Panicked(panic_message(&*panic))),
             };
             let Err(failure) = result else {
@@ -345,12 +421,15 @@ impl Handlers {
             match mode {
                 // Its transaction is the message's own: nothing else to keep.
                 Mode::Alone => rolled_back = true,
-                _ => {
-                    savepoint.roll_back(&txn).await?;
+                Mode::Savepoints => {
+                    savepoint.roll_back(txn).await?;
                     failed.push(id);
                 }
             }
         }
+        let Some((txn, _)) = open else {
+            return Ok(());
+        };
         if rolled_back {
             txn.rollback().await?;
             return Ok(());
@@ -366,33 +445,30 @@ impl Handlers {
 /// The answers of a batch whose transaction failed with `error`: what
 /// committed nothing is [`Processed::Unavailable`], except the answers that
 /// did not depend on the transaction (a failed handler, an unhandled
-/// message). `answers` are those given before the failure, `rest` the steps
-/// not taken.
+/// message, a second copy). `answers` are those given before the failure,
+/// `rest` the steps not taken.
 fn unavailable<T>(
-    error: &Error,
+    error: Error,
     answers: Vec<(T, Processed)>,
     rest: std::vec::IntoIter<Step<T>>,
 ) -> Vec<(T, Processed)> {
-    let error = crate::ErrorReport(error).to_string();
-    let lost = |(tag, answer)| match answer {
-        Processed::Handled | Processed::Duplicate | Processed::Unavailable(_) => {
-            (tag, Processed::Unavailable(error.clone()))
-        }
+    let error = Arc::new(error);
+    let lost = || Processed::Unavailable(Unavailable::Database(Arc::clone(&error)));
+    let answers = answers.into_iter().map(|(tag, answer)| match answer {
+        Processed::Handled | Processed::Duplicate => (tag, lost()),
         answer => (tag, answer),
-    };
+    });
     let rest = rest.map(|Step { tag, stage }| match stage {
-        Stage::Run(_) => (tag, Processed::Unavailable(error.clone())),
+        Stage::Run(_) => (tag, lost()),
         Stage::Answered(answer) => (tag, answer),
     });
-    answers.into_iter().map(lost).chain(rest).collect()
+    answers.chain(rest).collect()
 }
 
 /// How a batch's handlers share its transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
-    /// No handler to run: no transaction.
-    Nothing,
-    /// One message: its failure rolls the transaction back.
+    /// One message (or none) to run: its failure rolls the transaction back.
     Alone,
     /// Each in a savepoint: a failure rolls back that handler's effect only.
     Savepoints,
@@ -467,19 +543,6 @@ impl<T> Step<T> {
             Stage::Run(decoded) => Some(decoded),
             Stage::Answered(_) => None,
         }
-    }
-
-    /// The answer of a step in a batch with no handler to run, whose
-    /// steps were all answered before any transaction.
-    fn into_answer(self) -> (T, Processed) {
-        let answer = match self.stage {
-            Stage::Answered(answer) => answer,
-            Stage::Run(decoded) => Processed::Unavailable(format!(
-                "event {} was not run: its batch opened no transaction",
-                decoded.meta.id
-            )),
-        };
-        (self.tag, answer)
     }
 }
 

@@ -24,7 +24,9 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-pub use dispatch::{DuplicateHandler, HandlerFailure, Handlers, Incoming, Processed};
+pub use dispatch::{
+    DuplicateHandler, HandlerFailure, Handlers, Incoming, Processed, Unavailable, Unhandled,
+};
 pub use guard::{CONNECTIONS_NEEDED, ConsumerGuard, Taken, pool_is_large_enough};
 pub use handler::{BoxError, Handler, HandlerFn};
 pub use store::{dead_letter, purge, record, recorded};

@@ -31,7 +31,7 @@ use super::delivery::Delivery;
 /// order.settle(0, Delivery::Rejected("full".into()));
 /// order.settle(1, Delivery::Stored { duplicate: false });
 /// assert_eq!(order.next_ready(), None); // and is held back
-/// assert_eq!(order.into_outcome()[2], None);
+/// assert!(order.into_outcome()[2].is_none());
 /// ```
 #[derive(Debug)]
 pub struct KeyOrder {
