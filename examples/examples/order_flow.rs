@@ -19,8 +19,7 @@ use std::time::{Duration, Instant};
 use outbox_core::inbox::Metadata;
 use outbox_core::relay::Relay;
 use outbox_core::{OutboxEvent, emit, transactional};
-use outbox_nats::async_nats::jetstream;
-use outbox_nats::{Consumer, JetStreamPublisher, provision, streams_from_registry};
+use outbox_nats::Namespace;
 use sea_orm::{
     ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, DbErr,
     Statement,
@@ -158,12 +157,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .await
         .map_err(|e| format!("NATS at {nats_url} is required: {e}"))?;
 
-    let outcome = flow(&db, &client, &run).await;
+    // The namespace, said once: the publisher, the streams and the consumers follow it.
+    let nats = Namespace::new(client, run.clone());
+    let outcome = flow(&db, &nats).await;
 
-    for stream in streams_from_registry(Some(&run))? {
-        let _ = jetstream::new(client.clone())
-            .delete_stream(&stream.name)
-            .await;
+    for stream in nats.streams_from_registry()? {
+        let _ = nats.context().delete_stream(&stream.name).await;
     }
     db.close().await?;
     admin
@@ -172,11 +171,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     outcome
 }
 
-async fn flow(
-    db: &DatabaseConnection,
-    client: &async_nats::Client,
-    namespace: &str,
-) -> Result<(), Box<dyn std::error::Error>> {
+async fn flow(db: &DatabaseConnection, nats: &Namespace) -> Result<(), Box<dyn std::error::Error>> {
     outbox_core::migrate(db).await?;
     db.execute_unprepared(
         "CREATE TABLE orders (id BIGINT PRIMARY KEY, sku TEXT NOT NULL, quantity INT NOT NULL, status TEXT NOT NULL);
@@ -185,23 +180,15 @@ async fn flow(
     )
     .await?;
 
-    let publisher = JetStreamPublisher::new(client.clone()).namespace(namespace);
-    let relay = Relay::builder(db.clone(), publisher.clone()).build();
+    let relay = Relay::builder(db.clone(), nats.publisher()).build();
     let window = relay.config().retry_horizon().max(Duration::from_secs(120));
-    provision(
-        publisher.context(),
-        &streams_from_registry(Some(namespace))?,
-        window,
-    )
-    .await?;
+    nats.provision_registry(window).await?;
     let relay = relay.spawn();
-    let inventory = Consumer::builder(client.clone(), db.clone(), "inventory")
-        .namespace(namespace)
+    let inventory = (nats.consumer(db.clone(), "inventory"))
         .on::<OrderCreated, _>(reserve_stock)
         .spawn()
         .await?;
-    let order_status = Consumer::builder(client.clone(), db.clone(), "order-status")
-        .namespace(namespace)
+    let order_status = (nats.consumer(db.clone(), "order-status"))
         .on::<StockReserved, _>(mark_reserved)
         .spawn()
         .await?;

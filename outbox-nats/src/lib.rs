@@ -4,6 +4,8 @@
 //!   `outbox_core::relay`, with pipelined acknowledgements and the event id as
 //!   `Nats-Msg-Id`, so that JetStream drops re-published copies.
 //! - [`provision`] creates or checks the stream of each exchange.
+//! - [`Namespace`] makes the publisher, the streams and the consumers of
+//!   one namespace, said once.
 //! - [`Consumer`] feeds JetStream messages to typed handlers through the
 //!   inbox (`outbox_core::inbox`), so that each handler's effect happens once per event.
 //! - [`NatsConfig`] connects to a server list with credentials and TLS,
@@ -38,6 +40,7 @@
 mod acks;
 mod connect;
 mod consumer;
+mod namespace;
 mod publisher;
 mod streams;
 
@@ -50,6 +53,7 @@ pub use async_nats;
 pub use acks::{Refusal, Unanswered};
 pub use connect::{ConnectError, NatsAuth, NatsConfig, NatsTls, Secret};
 pub use consumer::{Consumer, ConsumerBuilder, ConsumerError, ConsumerHandle, StartAt};
+pub use namespace::{Namespace, NamespaceProvisionError};
 pub use publisher::{InvalidHeader, JetStreamPublisher, headers};
 pub use streams::{
     ProvisionError, RegistryStreamsError, StreamSettings, StreamSpec, provision,

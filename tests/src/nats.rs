@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, message::StreamMessage};
-use outbox_nats::{JetStreamPublisher, StreamSpec};
+use outbox_nats::{JetStreamPublisher, Namespace, StreamSpec};
 use tokio::process::{Child, Command};
 
 /// The NATS server tests use.
@@ -40,9 +40,14 @@ impl TestNats {
         Self::connect(&nats_url()).await
     }
 
+    /// This namespace, as a service says it once.
+    pub fn handle(&self) -> Namespace {
+        Namespace::new(self.client.clone(), self.namespace.clone())
+    }
+
     /// A publisher into this namespace.
     pub fn publisher(&self) -> JetStreamPublisher {
-        JetStreamPublisher::new(self.client.clone()).namespace(self.namespace.clone())
+        self.handle().publisher()
     }
 
     /// The stream of `exchange` in this namespace.

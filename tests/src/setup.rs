@@ -8,7 +8,7 @@ use async_nats::jetstream;
 use outbox_core::Backoff;
 use outbox_core::relay::{Publisher, Relay, RelayBuilder};
 use outbox_core::{OutboxEvent, emit, transactional};
-use outbox_nats::{Consumer, ConsumerBuilder};
+use outbox_nats::ConsumerBuilder;
 use sea_orm::DatabaseConnection;
 
 use crate::TestDb;
@@ -95,9 +95,7 @@ impl Setup {
 
     /// A consumer of the stream in this namespace, with quick retries.
     pub fn consumer(&self, name: &str) -> ConsumerBuilder {
-        Consumer::builder(self.nats.client.clone(), self.db().clone(), name)
-            .namespace(self.nats.namespace.clone())
-            .retry_backoff(FAST_RETRY)
+        (self.nats.handle().consumer(self.db().clone(), name)).retry_backoff(FAST_RETRY)
     }
 
     /// Runs consumer `name`, configured by `configure`, until it has settled

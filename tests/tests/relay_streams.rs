@@ -135,3 +135,78 @@ async fn streams_are_created_with_their_settings_and_a_replica_mismatch_is_refus
         .await
         .expect("no settings asked for");
 }
+
+/// A namespace said once: its streams, its publisher and its consumer meet
+/// under its prefix, and nothing is created outside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_namespace_serves_the_streams_the_publisher_and_the_consumer() {
+    use outbox_core::inbox::Metadata;
+    use outbox_core::relay::Relay;
+    use outbox_tests::fixtures::{OrderCreated, order};
+    use outbox_tests::{TestDb, emit_one, eventually};
+    use sea_orm::{ActiveModelTrait, ActiveValue::Set, DatabaseTransaction, DbErr, EntityTrait};
+
+    async fn insert(
+        event: OrderCreated,
+        _: Metadata,
+        db: &DatabaseTransaction,
+    ) -> Result<(), DbErr> {
+        let row = order::ActiveModel {
+            id: Set(event.order_id),
+            total_cents: Set(event.total_cents),
+        };
+        row.insert(db).await.map(drop)
+    }
+
+    let nats = TestNats::shared().await;
+    let test = TestDb::postgres().await;
+    let namespace = nats.handle();
+    assert_eq!(namespace.name(), Some(nats.namespace.as_str()));
+    namespace
+        .provision_registry(Duration::from_secs(120))
+        .await
+        .expect("provision the registry's streams");
+    let stream = format!("{}_ORDERS", nats.namespace.to_uppercase());
+    let context = namespace.context();
+    context
+        .get_stream(&stream)
+        .await
+        .expect("the namespaced stream");
+    let prefix = format!("{}_", nats.namespace.to_uppercase());
+    let streams = namespace.streams_from_registry().expect("streams");
+    assert!(
+        streams.iter().all(|spec| spec.name.starts_with(&prefix)),
+        "every stream under the namespace: {streams:?}"
+    );
+
+    emit_one(
+        &test.db,
+        OrderCreated {
+            order_id: 7,
+            total_cents: 70,
+        },
+    )
+    .await
+    .expect("commit");
+    let relay = Relay::builder(test.db.clone(), namespace.publisher()).build();
+    let report = relay.process_batch().await.expect("relay");
+    assert_eq!(report.published, 1);
+
+    let consumer = (namespace.consumer(test.db.clone(), "ns-billing"))
+        .on::<OrderCreated, _>(insert)
+        .build()
+        .expect("one handler");
+    assert_eq!(consumer.stream(), stream);
+    let running = consumer.spawn().await.expect("spawn");
+    eventually("the namespaced consumer applies the event", async || {
+        order::Entity::find_by_id(7)
+            .one(&test.db)
+            .await
+            .expect("read")
+            .is_some()
+    })
+    .await;
+    running.shutdown().await.expect("shutdown");
+    nats.finish().await;
+    test.finish().await;
+}
