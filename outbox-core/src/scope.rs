@@ -5,7 +5,7 @@
 //! ```ignore
 //! let outcome: Result<Result<T, E>, outbox_core::Error> = match Scope::begin(db.begin()).await {
 //!     Ok(scope) => {
-//!         let result = { let db = scope.transaction(); async move { /* body */ }.await };
+//!         let result = { let db = scope.transaction(); scope.run(async move { /* body */ }).await };
 //!         scope.finish(result).await
 //!     }
 //!     Err(error) => Err(error),
@@ -13,12 +13,14 @@
 //! match outcome { Ok(result) => result, Err(error) => Err(E::from(error)) }
 //! ```
 
+use std::sync::Arc;
+
 use sea_orm::{ConnectionTrait, DbErr, TransactionSession};
 
 use crate::Error;
 use crate::emit::{Emitter, Rows};
 use crate::insert::insert_all;
-use crate::signal::Counts;
+use crate::signal::Written;
 
 /// What a `#[transactional]` body returns: a `Result`, whose `Ok` commits.
 #[doc(hidden)]
@@ -39,8 +41,9 @@ impl<T, E> Outcome for Result<T, E> {
 pub struct Scope<T> {
     transaction: T,
     emitter: Emitter,
-    /// The process's commit counts when the transaction began.
-    counts_before: Counts,
+    /// What this transaction and the calls nested in it wrote, shared with
+    /// the transaction this one is nested in, if any.
+    written: Arc<Written>,
 }
 
 impl<T> Scope<T>
@@ -53,7 +56,7 @@ where
         Ok(Self {
             transaction: begin.await?,
             emitter: Emitter::default(),
-            counts_before: Counts::now(),
+            written: Written::current(),
         })
     }
 
@@ -65,6 +68,12 @@ where
     /// Where `emit!` records events.
     pub fn emitter(&self) -> &Emitter {
         &self.emitter
+    }
+
+    /// Runs the function body, with this transaction as its task's, so that
+    /// `#[transactional]` calls nested in it report to it what they wrote.
+    pub async fn run<F: Future>(&self, body: F) -> F::Output {
+        Written::scope(Arc::clone(&self.written), body).await
     }
 
     /// Commits the body's writes and its events if it returned `Ok`; rolls
@@ -80,13 +89,14 @@ where
     }
 
     /// Inserts the events and commits, then wakes this process's relays if
-    /// the transaction wrote events, its own or a nested call's (see
-    /// [`Counts`]).
+    /// the transaction wrote events, its own or a nested call's. Nested, it
+    /// wakes them too (its connection may be another than the outer one's,
+    /// and its commit its own), and the outer commit wakes them again.
     async fn commit(self) -> Result<(), Error> {
         let Self {
             transaction,
             emitter,
-            counts_before,
+            written,
         } = self;
         // On an error the transaction is dropped here, which rolls it back.
         let Rows { events, scheduled } = emitter.into_rows()?;
@@ -94,7 +104,8 @@ where
         insert_all(&transaction, events).await?;
         insert_all(&transaction, scheduled).await?;
         transaction.commit().await?;
-        counts_before.signal_since(wrote_events, wrote_scheduled);
+        written.note(wrote_events, wrote_scheduled);
+        written.signal();
         Ok(())
     }
 }

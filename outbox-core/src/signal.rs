@@ -1,7 +1,7 @@
 //! Wakes relays in this process when a transaction with events commits.
 
-use std::sync::LazyLock;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 
 use tokio::sync::watch;
 
@@ -25,43 +25,46 @@ pub(crate) fn scheduled_count() -> u64 {
     SCHEDULES.load(Ordering::Acquire)
 }
 
-/// How many commits with events this process has counted so far.
-fn count() -> u64 {
-    *COMMITS.borrow()
+/// What the commits of one task's transaction, and of the calls nested in
+/// it, wrote: carried by the task (`task_local`), so that the outermost
+/// commit knows, without guessing from the process's counters, whether a
+/// nested `#[transactional]` call emitted anything. A nested call's events
+/// become visible only when the transaction around it commits.
+#[derive(Debug, Default)]
+pub(crate) struct Written {
+    events: AtomicBool,
+    scheduled: AtomicBool,
 }
 
-/// The process's counts of commits with events and with scheduled events,
-/// taken when a transaction begins.
-///
-/// A nested `#[transactional]` call signals when its savepoint is released,
-/// before its events are visible; the transaction around it signals again
-/// after its own commit if the counts moved meanwhile ([`Counts::signal_since`]).
-/// A commit elsewhere in the process moves them too, and then costs a relay
-/// a spare wake-up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Counts {
-    events: u64,
-    scheduled: u64,
+tokio::task_local! {
+    static WRITTEN: Arc<Written>;
 }
 
-impl Counts {
-    pub(crate) fn now() -> Self {
-        Self {
-            events: count(),
-            scheduled: scheduled_count(),
-        }
+impl Written {
+    /// The record of the transaction this task is in, if a `#[transactional]`
+    /// call or the inbox opened one, or a new one.
+    pub(crate) fn current() -> Arc<Self> {
+        WRITTEN.try_with(Arc::clone).unwrap_or_default()
     }
 
-    /// Wakes relays after a commit, for what the transaction wrote itself
-    /// (`events`, `scheduled`) and for what nested calls signalled since `self`.
-    pub(crate) fn signal_since(self, events: bool, scheduled: bool) {
-        let now = Self::now();
-        let scheduled = scheduled || now.scheduled != self.scheduled;
-        if scheduled {
+    /// Runs `body` with `record` as its task's record.
+    pub(crate) async fn scope<F: Future>(record: Arc<Self>, body: F) -> F::Output {
+        WRITTEN.scope(record, body).await
+    }
+
+    /// Notes a commit (or a savepoint's release) that wrote events.
+    pub(crate) fn note(&self, events: bool, scheduled: bool) {
+        self.events.fetch_or(events || scheduled, Ordering::Relaxed);
+        self.scheduled.fetch_or(scheduled, Ordering::Relaxed);
+    }
+
+    /// Wakes relays if anything was written, by this transaction or in it.
+    pub(crate) fn signal(&self) {
+        if self.scheduled.load(Ordering::Relaxed) {
             // A relay then looks again when the next scheduled event is due.
-            self::scheduled();
+            scheduled();
         }
-        if events || scheduled || now != self {
+        if self.events.load(Ordering::Relaxed) {
             committed();
         }
     }

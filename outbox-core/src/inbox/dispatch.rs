@@ -14,7 +14,8 @@ use uuid::Uuid;
 
 use super::{BoxError, DeadLetterReason, Handler, Metadata, store};
 use crate::dialect::Dialect;
-use crate::{Error, OutboxEvent, signal};
+use crate::signal::Written;
+use crate::{Error, OutboxEvent};
 
 /// How one message ended.
 #[derive(Debug, Clone)]
@@ -288,20 +289,18 @@ impl Handlers {
             0 | 1 => Mode::Alone,
             _ => Mode::Savepoints,
         };
-        let counts_before = signal::Counts::now();
         let mut answers = Vec::with_capacity(steps.len());
         let mut steps = steps.into_iter();
-        let ran = self
-            .in_transaction(db, consumer, &mut steps, &mut answers, mode)
-            .await;
-        if let Err(error) = ran {
+        // What #[transactional] handlers emit in the batch's transaction.
+        let written = Arc::new(Written::default());
+        let ran = self.in_transaction(db, consumer, &mut steps, &mut answers, mode);
+        if let Err(error) = Written::scope(Arc::clone(&written), ran).await {
             return unavailable(error, answers, steps);
         }
         // A #[transactional] handler signals at its savepoint, before its
         // events are visible: signal again now that they are, scheduled ones
-        // included. A batch that emitted nothing wakes no relay (a concurrent
-        // one's events may cause a spare wake-up, which is harmless).
-        counts_before.signal_since(false, false);
+        // included. A batch that emitted nothing wakes no relay.
+        written.signal();
         answers
     }
 

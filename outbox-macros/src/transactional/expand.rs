@@ -57,7 +57,7 @@ pub(crate) fn expand(model: Transactional) -> TokenStream {
                         let #transaction = #scope.transaction();
                         let #emitter = #scope.emitter();
                         #rebind
-                        async move #body.await
+                        #scope.run(async move #body).await
                     };
                     #krate::__private::Scope::finish(#scope, #result).await
                 }
