@@ -5,7 +5,7 @@
 use std::process::{Command, Output};
 
 use chrono::Utc;
-use outbox_core::entity::{dead_letter, inbox_dead_letter, inbox_message, outbox_message};
+use outbox_core::entity::{inbox_dead_letter, inbox_message, outbox_dead_letter, outbox_message};
 use sea_orm::{ActiveValue::Set, Database, DatabaseConnection, EntityTrait};
 use uuid::Uuid;
 
@@ -27,8 +27,8 @@ fn failure(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
-fn relay_letter(event_type: &str) -> dead_letter::Model {
-    dead_letter::Model {
+fn relay_letter(event_type: &str) -> outbox_dead_letter::Model {
+    outbox_dead_letter::Model {
         id: Uuid::now_v7(),
         event_type: event_type.to_owned(),
         event_version: 1,
@@ -58,7 +58,7 @@ async fn relay_dead_letters_are_listed_shown_replayed_and_discarded() {
     let (url, db) = setup(dir.path()).await;
     let (created, cancelled) = (relay_letter("OrderCreated"), relay_letter("OrderCancelled"));
     for letter in [&created, &cancelled] {
-        dead_letter::Entity::insert(dead_letter::ActiveModel::from(letter.clone()))
+        outbox_dead_letter::Entity::insert(outbox_dead_letter::ActiveModel::from(letter.clone()))
             .exec(&db)
             .await
             .expect("insert a dead letter");
@@ -114,7 +114,10 @@ async fn relay_dead_letters_are_listed_shown_replayed_and_discarded() {
         discarded.contains("1 dead letter(s) discarded"),
         "{discarded}"
     );
-    let left = dead_letter::Entity::find().all(&db).await.expect("read");
+    let left = outbox_dead_letter::Entity::find()
+        .all(&db)
+        .await
+        .expect("read");
     assert!(left.is_empty(), "{left:?}");
 }
 

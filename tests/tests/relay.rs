@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::message::StreamMessage;
-use outbox_core::entity::{dead_letter, outbox_message};
+use outbox_core::entity::{outbox_dead_letter, outbox_message};
 use outbox_core::relay::{Batch, Delivery, Publisher};
 use outbox_core::testing::MemoryPublisher;
 use outbox_core::{OutboxEvent, emit, transactional};
@@ -301,8 +301,8 @@ async fn poison_events_are_dead_lettered_and_the_rest_delivered(setup: Setup) {
     drained(db, Duration::from_secs(30)).await;
     relay.shutdown().await.expect("relay stops");
 
-    let letters = dead_letter::Entity::find()
-        .order_by_asc(dead_letter::Column::Id)
+    let letters = outbox_dead_letter::Entity::find()
+        .order_by_asc(outbox_dead_letter::Column::Id)
         .all(db)
         .await
         .expect("dead letters");
@@ -372,7 +372,10 @@ async fn a_round_of_dead_letters_larger_than_one_statement_is_written(db: &Datab
         .await
         .expect("the round settles");
     assert_eq!((report.claimed, report.dead_lettered), (EVENTS, EVENTS));
-    let letters = dead_letter::Entity::find().count(db).await.expect("count");
+    let letters = outbox_dead_letter::Entity::find()
+        .count(db)
+        .await
+        .expect("count");
     assert_eq!(letters, EVENTS as u64);
     let left = outbox_message::Entity::find()
         .count(db)
@@ -413,7 +416,7 @@ async fn an_event_that_cannot_travel_as_nats_headers_is_dead_lettered_at_once() 
     drained(db, Duration::from_secs(30)).await;
     relay.shutdown().await.expect("the relay did not die");
 
-    let letters = dead_letter::Entity::find()
+    let letters = outbox_dead_letter::Entity::find()
         .all(db)
         .await
         .expect("dead letters");
@@ -990,7 +993,7 @@ async fn the_jetstream_publisher_sends_a_keys_next_event_once_the_previous_is_st
 /// one is gone.
 async fn replayed_dead_letters_keep_their_id_and_order_and_are_stored_once(setup: Setup) {
     use outbox_core::dead_letters::{self, DeadLetterError, Selection, relay};
-    type Letters = dead_letter::Entity;
+    type Letters = outbox_dead_letter::Entity;
     let (db, nats, stream) = (&setup.test.db, &setup.nats, &setup.stream);
     let deliver = async || {
         let relay = fast(db, nats.publisher()).max_attempts(1).build();
@@ -1028,21 +1031,23 @@ async fn replayed_dead_letters_keep_their_id_and_order_and_are_stored_once(setup
 
     // k1's first event was stored, but as if its acknowledgement had been
     // lost, it is a dead letter too.
-    dead_letter::Entity::insert(dead_letter::ActiveModel::from(dead_letter::Model {
-        id: first.id,
-        event_type: first.event_type,
-        event_version: first.event_version,
-        exchange: first.exchange,
-        subject: first.subject,
-        partition_key: first.partition_key,
-        payload: first.payload,
-        headers: first.headers,
-        content_type: first.content_type,
-        created_at: first.created_at,
-        attempts: 10,
-        last_error: "the acknowledgement timed out".into(),
-        failed_at: chrono::Utc::now(),
-    }))
+    outbox_dead_letter::Entity::insert(outbox_dead_letter::ActiveModel::from(
+        outbox_dead_letter::Model {
+            id: first.id,
+            event_type: first.event_type,
+            event_version: first.event_version,
+            exchange: first.exchange,
+            subject: first.subject,
+            partition_key: first.partition_key,
+            payload: first.payload,
+            headers: first.headers,
+            content_type: first.content_type,
+            created_at: first.created_at,
+            attempts: 10,
+            last_error: "the acknowledgement timed out".into(),
+            failed_at: chrono::Utc::now(),
+        },
+    ))
     .exec(db)
     .await
     .expect("insert a dead letter");

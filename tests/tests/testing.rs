@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use outbox_core::entity::dead_letter;
+use outbox_core::entity::outbox_dead_letter;
 use outbox_core::inbox::{DeadLetterReason, Metadata, Processed};
 use outbox_core::relay::{Delivery, Relay};
 use outbox_core::testing::{
@@ -143,7 +143,10 @@ async fn the_memory_publisher_records_and_rejects_what_it_is_told_to(db: &Databa
         .map(|event| event.partition_key)
         .collect();
     assert_eq!(keys, [Some("1".to_owned()), Some("3".to_owned())]);
-    let letters = dead_letter::Entity::find().all(db).await.expect("letters");
+    let letters = outbox_dead_letter::Entity::find()
+        .all(db)
+        .await
+        .expect("letters");
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].partition_key.as_deref(), Some("2"));
     assert_eq!(letters[0].last_error, "no room");

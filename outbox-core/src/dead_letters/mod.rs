@@ -1,5 +1,5 @@
 //! Dead letters, for an operator: [`show`] one, [`list`], [`discard`] or
-//! replay a selection, in the relay's table (`entity::dead_letter`, replayed
+//! replay a selection, in the relay's table (`entity::outbox_dead_letter`, replayed
 //! by [`relay::replay`]) and the consumers' (`entity::inbox_dead_letter`,
 //! replayed by [`inbox::replay`]).
 //!

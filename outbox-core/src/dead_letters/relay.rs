@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use super::table::{self, CHUNK};
 use super::{DeadLetterError, Selection};
-use crate::entity::{dead_letter, outbox_message};
+use crate::entity::{outbox_dead_letter, outbox_message};
 
 /// Moves the selected dead letters back to the outbox, attempts reset, in
 /// one transaction; returns their ids in id order.
@@ -23,7 +23,7 @@ pub async fn replay(
     selection: &Selection,
 ) -> Result<Vec<Uuid>, DeadLetterError> {
     let txn = db.begin().await?;
-    let letters = table::selected::<dead_letter::Entity>(&txn, selection).await?;
+    let letters = table::selected::<outbox_dead_letter::Entity>(&txn, selection).await?;
     let now = Utc::now();
     for chunk in letters.chunks(CHUNK) {
         let rows = chunk.iter().map(|letter| outbox_message::ActiveModel {
@@ -45,7 +45,7 @@ pub async fn replay(
         outbox_message::Entity::insert_many(rows).exec(&txn).await?;
     }
     let ids: Vec<Uuid> = letters.iter().map(|letter| letter.id).collect();
-    table::delete::<dead_letter::Entity>(&txn, &ids).await?;
+    table::delete::<outbox_dead_letter::Entity>(&txn, &ids).await?;
     txn.commit().await?;
     Ok(ids)
 }

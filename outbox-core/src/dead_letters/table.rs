@@ -8,18 +8,18 @@ use sea_orm::{
 use uuid::Uuid;
 
 use super::{DeadLetterError, Selection};
-use crate::entity::{dead_letter, inbox_dead_letter};
+use crate::entity::{inbox_dead_letter, outbox_dead_letter};
 
 /// Rows per statement, well under every backend's bound on parameters.
 pub(super) const CHUNK: usize = 500;
 
 mod sealed {
     pub trait Sealed {}
-    impl Sealed for crate::entity::dead_letter::Entity {}
+    impl Sealed for crate::entity::outbox_dead_letter::Entity {}
     impl Sealed for crate::entity::inbox_dead_letter::Entity {}
 }
 
-/// A dead-letter table: the relay's (`entity::dead_letter::Entity`) or the
+/// A dead-letter table: the relay's (`entity::outbox_dead_letter::Entity`) or the
 /// consumers' (`entity::inbox_dead_letter::Entity`).
 pub trait Table: EntityTrait + sealed::Sealed {
     #[doc(hidden)]
@@ -34,16 +34,16 @@ pub trait Table: EntityTrait + sealed::Sealed {
     fn id(model: &Self::Model) -> Uuid;
 }
 
-impl Table for dead_letter::Entity {
-    const ID: Self::Column = dead_letter::Column::Id;
-    const FAILED_AT: Self::Column = dead_letter::Column::FailedAt;
+impl Table for outbox_dead_letter::Entity {
+    const ID: Self::Column = outbox_dead_letter::Column::Id;
+    const FAILED_AT: Self::Column = outbox_dead_letter::Column::FailedAt;
 
     fn condition(selection: &Selection) -> Condition {
-        let event_type = dead_letter::Column::EventType;
+        let event_type = outbox_dead_letter::Column::EventType;
         selection.condition(Self::ID, None, event_type, Self::FAILED_AT, None)
     }
 
-    fn id(model: &dead_letter::Model) -> Uuid {
+    fn id(model: &outbox_dead_letter::Model) -> Uuid {
         model.id
     }
 }

@@ -9,7 +9,7 @@ use sea_orm::{
 };
 
 use super::BatchReport;
-use crate::entity::{dead_letter, outbox_message};
+use crate::entity::{outbox_dead_letter, outbox_message};
 
 /// Counters: events stored by the broker, duplicates among them, rejections, dead letters.
 const PUBLISHED: &str = "outbox_published_total";
@@ -69,7 +69,7 @@ pub async fn stats<C: ConnectionTrait>(db: &C) -> Result<OutboxStats, DbErr> {
     Ok(OutboxStats {
         pending: pending.count(db).await?,
         oldest_pending: oldest.flatten(),
-        dead_letters: dead_letter::Entity::find().count(db).await?,
+        dead_letters: outbox_dead_letter::Entity::find().count(db).await?,
     })
 }
 

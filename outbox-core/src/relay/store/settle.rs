@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::decode::{Claimed, RowLocation};
 use crate::dialect::Dialect;
-use crate::entity::{dead_letter, outbox_message};
+use crate::entity::{outbox_dead_letter, outbox_message};
 use crate::insert::insert_all;
 use crate::relay::config::RelayConfig;
 use crate::relay::publish::Delivery;
@@ -206,8 +206,8 @@ fn dead_letter(
     event: outbox_message::Model,
     error: String,
     now: DateTime<Utc>,
-) -> dead_letter::ActiveModel {
-    dead_letter::ActiveModel {
+) -> outbox_dead_letter::ActiveModel {
+    outbox_dead_letter::ActiveModel {
         id: Set(event.id),
         event_type: Set(event.event_type),
         event_version: Set(event.event_version),

@@ -5,7 +5,7 @@
 use chrono::{DateTime, Utc};
 use clap::Subcommand;
 use outbox_core::dead_letters::{self, Selection};
-use outbox_core::entity::{dead_letter, inbox_dead_letter};
+use outbox_core::entity::{inbox_dead_letter, outbox_dead_letter};
 use sea_orm::DatabaseConnection;
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -103,7 +103,7 @@ pub(crate) async fn run(
     command: DeadLetterCommand,
 ) -> Result<(), dead_letters::DeadLetterError> {
     use dead_letters::{discard, inbox, list, relay, show};
-    type Relay = dead_letter::Entity;
+    type Relay = outbox_dead_letter::Entity;
     type Inbox = inbox_dead_letter::Entity;
     match command {
         DeadLetterCommand::List { table, limit } => {
@@ -166,7 +166,7 @@ fn print_done(ids: &[Uuid], what: &str) {
     println!("{} dead letter(s) {what}", ids.len());
 }
 
-fn relay_line(l: &dead_letter::Model) -> String {
+fn relay_line(l: &outbox_dead_letter::Model) -> String {
     format!(
         "{} {} v{} {} attempts={} failed_at={} error: {}",
         l.id, l.event_type, l.event_version, l.subject, l.attempts, l.failed_at, l.last_error
@@ -194,7 +194,7 @@ fn inbox_line(l: &inbox_dead_letter::Model) -> String {
     )
 }
 
-fn relay_record(l: &dead_letter::Model) -> Value {
+fn relay_record(l: &outbox_dead_letter::Model) -> Value {
     json!({
         "id": l.id,
         "event_type": l.event_type,
