@@ -2,6 +2,7 @@
 //! the real services (`DATABASE_URL`, default `postgres://root@127.0.0.1/test`;
 //! `MYSQL_URL`, default `mysql://root@127.0.0.1:3306`), or a fresh SQLite file.
 
+pub mod consumers;
 pub mod fixtures;
 pub mod nats;
 mod setup;
