@@ -6,6 +6,7 @@ pub mod consumers;
 pub mod fixtures;
 pub mod nats;
 mod setup;
+pub mod streamed;
 
 pub use setup::{FAST_RETRY, Setup, drained, emit_one, eventually, fast, settled};
 
