@@ -138,45 +138,6 @@ async fn two_relays_settling_at_once_on_mariadb_do_not_deadlock() {
     test.finish().await;
 }
 
-/// Two relays on one MariaDB backlog share it: while the first relay's
-/// round of 20 is being published, the second claims the next 20. A claim
-/// planned as a range of the due index and a sort locks every due row it
-/// reads, not only the 20 it takes, and left the second relay nothing (its
-/// round claimed no event, and the first waited for it in vain).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_relay_on_mariadb_claims_what_the_first_did_not_take() {
-    let test = TestDb::mysql().await;
-    let publisher = AllAtOnce {
-        publishing: Arc::new(tokio::sync::Notify::new()),
-        barrier: Arc::new(tokio::sync::Barrier::new(2)),
-    };
-    let round = |publisher: AllAtOnce| {
-        let relay = Relay::builder(test.db.clone(), publisher)
-            .batch_size(20)
-            .build();
-        tokio::spawn(async move { relay.process_batch().await })
-    };
-    for n in 0..50 {
-        emit_one(&test.db, Stray { n }).await.expect("commit");
-    }
-    let first = round(publisher.clone());
-    publisher.publishing.notified().await;
-    let second = round(publisher.clone());
-    let claimed = second
-        .await
-        .expect("relay task")
-        .map(|report| report.claimed);
-    let claimed = claimed.map_err(|error| outbox_core::ErrorReport(&error).to_string());
-    assert_eq!(claimed, Ok(20), "the second relay's round");
-    let first = first
-        .await
-        .expect("relay task")
-        .map(|report| report.published);
-    let first = first.map_err(|error| outbox_core::ErrorReport(&error).to_string());
-    assert_eq!(first, Ok(20));
-    test.finish().await;
-}
-
 /// An unkeyed event: rounds take it without looking at keys.
 #[derive(serde::Serialize, serde::Deserialize, outbox_core::OutboxEvent)]
 #[outbox(exchange = "strays", routing_key = "stray")]

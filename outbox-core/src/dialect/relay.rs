@@ -1,9 +1,8 @@
 //! How the relay's statements differ between PostgreSQL, MySQL and SQLite.
 
 use chrono::{DateTime, Utc};
-use sea_orm::sea_query::extension::mysql::{IndexHintScope, MySqlSelectStatementExt};
 use sea_orm::sea_query::{
-    Alias, Expr, ExprTrait, LockBehavior, LockType, PgFunc, SelectStatement, SimpleExpr,
+    Expr, ExprTrait, LockBehavior, LockType, PgFunc, SelectStatement, SimpleExpr,
 };
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr,
@@ -21,10 +20,10 @@ impl Dialect {
         self.0 != DbBackend::Sqlite
     }
 
-    /// Whether consecutive rounds may overlap: PostgreSQL only, where it was
-    /// measured. On MySQL it was ruled out while the claim locked every due
-    /// row (the next round found nothing to claim), and has not been tried
-    /// since the claim walks the primary key (see [`finish_claim`](Self::finish_claim)).
+    /// Whether consecutive rounds may overlap: PostgreSQL only. Not on MySQL:
+    /// a round's rows stay locked until its settle, and InnoDB's claim can
+    /// lock more due rows than it takes (see `store::claim`), so the next
+    /// round would claim little while the one in flight holds the rest.
     pub(crate) fn overlaps_rounds(self) -> bool {
         self.0 == DbBackend::Postgres
     }
@@ -46,18 +45,7 @@ impl Dialect {
     /// the `ctid`, then the table the row lives in if it is not
     /// `outbox_messages` itself (see [`settle_located`](Self::settle_located)),
     /// so that the common case reads a NULL instead of a name per row.
-    ///
-    /// On MySQL the claim walks the primary key (`FORCE INDEX (PRIMARY)`),
-    /// which is its order: planned as a range of the due index and a sort,
-    /// it locked every due row it read until the round settled, not only
-    /// the `limit` it took, and a second relay found the rest locked and
-    /// claimed nothing. Walking the primary key it stops at `limit`, and at
-    /// READ COMMITTED the rows it reads but does not take (not due yet) are
-    /// let go at once.
     pub(crate) fn finish_claim(self, claim: &mut SelectStatement) {
-        if self.0 == DbBackend::MySql {
-            claim.force_index(Alias::new("PRIMARY"), IndexHintScope::All);
-        }
         if self.locates_rows() {
             claim.expr(Expr::cust("ctid::text"));
             claim.expr(Expr::cust(

@@ -12,10 +12,11 @@
 //! the keyed events up to the newest claimed one comes first, and the search
 //! runs only when there are more of them than this relay holds.
 //!
-//! On MySQL the claim walks the primary key (`Dialect::finish_claim`): planned
-//! as a range of the due index and a sort by id, it locked every due row it
-//! read, not only the `limit` it kept, until the round settled, and a second
-//! relay found nothing to claim while the first published.
+//! On MariaDB the claim is planned as a range of the due index and a sort
+//! by id, which locks every due row it reads, not only the `limit` it
+//! keeps, until the round settles: a second relay finds the rest locked and
+//! claims what came due since. Nothing is lost or reordered by it, but
+//! relays there share the work less than the number suggests.
 //!
 //! While a round of this relay is in flight, the claim filters out its id
 //! span before locking: every locked row that reaches the lock step costs
