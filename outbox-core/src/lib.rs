@@ -34,7 +34,8 @@
 //!   [`consumer::Transport`] (`outbox-nats` provides the JetStream one).
 //! - [`relay::Relay`] delivers committed events through a [`relay::Publisher`]
 //!   (`outbox-nats` provides the JetStream one). A `#[transactional]` commit wakes
-//!   the relays of its process; [`wake_relays`] does, after a commit of your own.
+//!   the relays of its database in its process; [`wake_relays`] wakes them all,
+//!   after a commit of your own.
 #![deny(missing_docs)]
 
 mod background;
@@ -150,6 +151,7 @@ pub mod __private {
     pub use crate::emit::{EmitOptions, Emitter};
     pub use crate::registry::DescriptorParts;
     pub use crate::scope::{Outcome, Scope};
+    pub use crate::signal::{AnyConnection, Database, KnownConnection, Probe};
     pub use crate::subject::SubjectBuilder;
     pub use inventory;
     pub use sea_orm::TransactionTrait;

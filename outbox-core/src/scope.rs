@@ -3,7 +3,9 @@
 //! The macro expands to, roughly:
 //!
 //! ```ignore
-//! let outcome: Result<Result<T, E>, outbox_core::Error> = match Scope::begin(db.begin()).await {
+//! let conn = &db;
+//! let outcome: Result<Result<T, E>, outbox_core::Error> =
+//!     match Scope::begin(conn.begin(), (&Probe(conn)).database()).await {
 //!     Ok(scope) => {
 //!         let result = { let db = scope.transaction(); scope.run(async move { /* body */ }).await };
 //!         scope.finish(result).await
@@ -20,7 +22,7 @@ use sea_orm::{ConnectionTrait, DbErr, TransactionSession};
 use crate::Error;
 use crate::emit::{Emitter, Rows};
 use crate::insert::insert_all;
-use crate::signal::Written;
+use crate::signal::{Database, Written};
 
 /// What a `#[transactional]` body returns: a `Result`, whose `Ok` commits.
 #[doc(hidden)]
@@ -44,6 +46,10 @@ pub struct Scope<T> {
     /// What this transaction and the calls nested in it wrote, shared with
     /// the transaction this one is nested in, if any.
     written: Arc<Written>,
+    /// The database whose relays its commit wakes: its connection's, or, on a
+    /// connection that cannot tell (a transaction passed in), the outermost
+    /// transaction's.
+    database: Option<Database>,
 }
 
 impl<T> Scope<T>
@@ -51,12 +57,20 @@ where
     T: ConnectionTrait + TransactionSession + Send,
 {
     /// Waits for `begin` (a `TransactionTrait::begin` call: a transaction, or
-    /// a savepoint when the connection is itself a transaction).
-    pub async fn begin(begin: impl Future<Output = Result<T, DbErr>>) -> Result<Self, Error> {
+    /// a savepoint when the connection is itself a transaction) on a
+    /// connection to `database`, if known.
+    pub async fn begin(
+        begin: impl Future<Output = Result<T, DbErr>>,
+        database: Option<Database>,
+    ) -> Result<Self, Error> {
+        let transaction = begin.await?;
+        let written = Written::current_or(database.clone());
+        let database = database.or_else(|| written.database().cloned());
         Ok(Self {
-            transaction: begin.await?,
+            transaction,
             emitter: Emitter::default(),
-            written: Written::current(),
+            written,
+            database,
         })
     }
 
@@ -88,8 +102,8 @@ where
         Ok(result)
     }
 
-    /// Inserts the events and commits, then wakes this process's relays if
-    /// the transaction wrote events, its own or a nested call's. Nested, it
+    /// Inserts the events and commits, then wakes the relays of its database
+    /// if the transaction wrote events, its own or a nested call's. Nested, it
     /// wakes them too (its connection may be another than the outer one's,
     /// and its commit its own), and the outer commit wakes them again.
     async fn commit(self) -> Result<(), Error> {
@@ -97,6 +111,7 @@ where
             transaction,
             emitter,
             written,
+            database,
         } = self;
         // On an error the transaction is dropped here, which rolls it back.
         let Rows { events, scheduled } = emitter.into_rows()?;
@@ -105,7 +120,7 @@ where
         insert_all(&transaction, scheduled).await?;
         transaction.commit().await?;
         written.note(wrote_events, wrote_scheduled);
-        written.signal();
+        written.signal(database.as_ref());
         Ok(())
     }
 }

@@ -1,5 +1,5 @@
-//! Waking relays: a commit in this process, and PostgreSQL's `NOTIFY` from
-//! another. In a test binary of their own, where no other test commits
+//! Waking relays: a commit in this process, only the relays of its database,
+//! and PostgreSQL's `NOTIFY` from another. In a test binary of their own, where no other test commits
 //! events, so that a wake-up can only come from what the test itself does;
 //! and one test at a time, since a commit in one would wake the other's relay.
 
@@ -10,7 +10,7 @@ use outbox_core::relay::Relay;
 use outbox_core::testing::{MemoryPublisher, TestConsumer};
 use outbox_core::{CommitSignal, emit, transactional};
 use outbox_tests::fixtures::{AppError, OrderCreated};
-use outbox_tests::{Setup, drained, emit_one, fast};
+use outbox_tests::{Setup, TestDb, drained, emit_one, fast};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, TransactionTrait};
 use tokio::sync::Mutex;
 
@@ -63,22 +63,34 @@ async fn outer_emitting_through_a_nested_call(
     Ok(())
 }
 
+/// Waits up to 10 s for `publisher` to hold an event; returns how many it holds.
+async fn published_within(publisher: &MemoryPublisher) -> usize {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while publisher.published().is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    publisher.published().len()
+}
+
+/// A relay over `db` that polls once an hour: only a wake-up makes it
+/// deliver an event committed after its first round.
+fn hourly(db: &DatabaseConnection, publisher: &MemoryPublisher) -> outbox_core::relay::RelayHandle {
+    Relay::builder(db.clone(), publisher.clone())
+        .poll_interval(Duration::from_secs(3600))
+        .spawn()
+}
+
 /// Starts a relay that polls once an hour and lets its first round find the
 /// outbox empty, runs `commit`, and waits up to 10 s for the relay to publish
 /// an event: returns how many it published.
 async fn published_after(db: &DatabaseConnection, commit: impl AsyncFnOnce()) -> usize {
     let publisher = MemoryPublisher::new();
-    let relay = Relay::builder(db.clone(), publisher.clone())
-        .poll_interval(Duration::from_secs(3600))
-        .spawn();
+    let relay = hourly(db, &publisher);
     tokio::time::sleep(Duration::from_millis(300)).await;
     commit().await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while publisher.published().is_empty() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let published = published_within(&publisher).await;
     relay.shutdown().await.expect("relay stops");
-    publisher.published().len()
+    published
 }
 
 /// Only a wake-up after the outer commit delivers the nested call's event
@@ -171,6 +183,50 @@ outbox_tests::on_each_backend!(
     wake_relays_after_committing_a_transaction_yourself,
     a_handlers_scheduled_event_is_delivered_at_its_time
 );
+
+/// Two relays on two databases in one process: a commit on one wakes its
+/// own relay, not the other's. The other's outbox holds an event that only a
+/// wake-up delivers, which `wake_relays` finally gives, to show the relay
+/// was able to. (With one signal for the whole process, the test fails.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_wakes_only_the_relays_of_its_database() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let (a, b) = (TestDb::sqlite().await, TestDb::mysql().await);
+    let (to_a, to_b) = (MemoryPublisher::new(), MemoryPublisher::new());
+    let (relay_a, relay_b) = (hourly(&a.db, &to_a), hourly(&b.db, &to_b));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Committed without a wake-up after the commit: the savepoint's release
+    // wakes relays before the event is visible, and the pause lets that
+    // round end empty.
+    let txn = b.db.begin().await.expect("begin");
+    emit_inside(&txn, 1, None).await.expect("emit");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    txn.commit().await.expect("commit");
+
+    let order = OrderCreated {
+        order_id: 2,
+        total_cents: 10,
+    };
+    emit_one(&a.db, order).await.expect("commit");
+    assert_eq!(
+        published_within(&to_a).await,
+        1,
+        "a's commit wakes a's relay"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(to_b.published().is_empty(), "a's commit woke b's relay");
+
+    outbox_core::wake_relays();
+    assert_eq!(
+        published_within(&to_b).await,
+        1,
+        "b's relay delivers once woken"
+    );
+    relay_a.shutdown().await.expect("relay stops");
+    relay_b.shutdown().await.expect("relay stops");
+    a.finish().await;
+    b.finish().await;
+}
 
 /// The relay polls once an hour, nothing in this process commits events,
 /// and the event is inserted after the relay's last round: only a

@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use super::{BoxError, DeadLetterReason, Handler, Metadata, store};
 use crate::dialect::Dialect;
-use crate::signal::Written;
+use crate::signal::{Database, Written};
 use crate::{Error, OutboxEvent};
 
 /// How one message ended.
@@ -292,7 +292,7 @@ impl Handlers {
         let mut answers = Vec::with_capacity(steps.len());
         let mut steps = steps.into_iter();
         // What #[transactional] handlers emit in the batch's transaction.
-        let written = Arc::new(Written::default());
+        let written = Written::on(Database::of(db));
         let ran = self.in_transaction(db, consumer, &mut steps, &mut answers, mode);
         if let Err(error) = Written::scope(Arc::clone(&written), ran).await {
             return unavailable(error, answers, steps);
@@ -300,7 +300,7 @@ impl Handlers {
         // A #[transactional] handler signals at its savepoint, before its
         // events are visible: signal again now that they are, scheduled ones
         // included. A batch that emitted nothing wakes no relay.
-        written.signal();
+        written.signal(written.database());
         answers
     }
 

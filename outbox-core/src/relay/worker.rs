@@ -11,9 +11,9 @@ use tokio::time::Instant;
 
 use super::publish::Publisher;
 use super::{Relay, pipeline, stats};
+use crate::CommitSignal;
 use crate::background::Background;
 use crate::entity::outbox_message;
-use crate::{CommitSignal, signal};
 
 /// A running relay. Dropping it leaves the relay running; call
 /// [`shutdown`](Self::shutdown) to stop it cleanly.
@@ -42,7 +42,7 @@ pub(super) fn spawn<P: Publisher>(relay: Relay<P>) -> RelayHandle {
 
 async fn run<P: Publisher>(relay: Relay<P>, mut stopped: watch::Receiver<bool>) {
     let config = relay.config.clone();
-    let mut commits = CommitSignal::subscribe();
+    let mut commits = CommitSignal::to(relay.store.db());
     let notified = std::sync::Arc::new(tokio::sync::Notify::new());
     let listener = listener(&relay, &notified);
     let mut failures = 0_u32;
@@ -59,8 +59,8 @@ async fn run<P: Publisher>(relay: Relay<P>, mut stopped: watch::Receiver<bool>) 
         // A long drain pauses for housekeeping, the gauges mattering most
         // during a backlog, and when a scheduled event comes due.
         let drained = async {
-            if due.stale(config.poll_interval) {
-                let seen = signal::scheduled_count();
+            if due.stale(config.poll_interval, commits.scheduled()) {
+                let seen = commits.scheduled();
                 due.looked(seen, relay.promote_due().await?);
             }
             let next_due = due.next_due.map(instant_of);
@@ -121,15 +121,18 @@ struct DueTimes {
     /// When the earliest scheduled event is due, as of the last look.
     next_due: Option<DateTime<Utc>>,
     looked_at: Option<Instant>,
-    /// `signal::scheduled_count()` as of the last look.
+    /// The commit signal's count of commits with scheduled events as of the
+    /// last look.
     seen: u64,
 }
 
 impl DueTimes {
-    fn stale(&self, poll_interval: std::time::Duration) -> bool {
+    /// Whether to look again, given the commit signal's count of commits
+    /// with scheduled events.
+    fn stale(&self, poll_interval: std::time::Duration, scheduled: u64) -> bool {
         self.looked_at
             .is_none_or(|at| at.elapsed() >= poll_interval)
-            || signal::scheduled_count() != self.seen
+            || scheduled != self.seen
             || self.next_due.is_some_and(|due| due <= Utc::now())
     }
 

@@ -18,6 +18,7 @@ pub(crate) fn expand(model: Transactional) -> TokenStream {
     let emitter = syn::Ident::new("__outbox_emitter", Span::mixed_site());
     let transaction = syn::Ident::new("__outbox_transaction", Span::mixed_site());
     let result = syn::Ident::new("__outbox_result", Span::mixed_site());
+    let connection = syn::Ident::new("__outbox_connection", Span::mixed_site());
 
     let emit_errors = rewrite::body(&mut function.block, &conn, &emitter, &transaction)
         .err()
@@ -46,10 +47,15 @@ pub(crate) fn expand(model: Transactional) -> TokenStream {
     };
     let block = quote! {{
         let #outcome: ::core::result::Result<#output, #krate::Error> =
-            match #krate::__private::Scope::begin({
-                use #krate::__private::TransactionTrait as _;
-                (#begin_on).begin()
-            })
+            match {
+                use #krate::__private::{AnyConnection as _, KnownConnection as _, TransactionTrait as _};
+                let #connection = &(#begin_on);
+                // With the connection's database, whose relays the commit wakes.
+                #krate::__private::Scope::begin(
+                    #connection.begin(),
+                    (&#krate::__private::Probe(#connection)).database(),
+                )
+            }
             .await
             {
                 ::core::result::Result::Ok(#scope) => {
