@@ -10,8 +10,11 @@
 //! - `held`: a message the consumer holds, its metadata and its dead letter;
 //! - `keys` and `pending`: per-key order, ready batches and retry delays,
 //!   state machines without I/O;
-//! - `worker`: the loop, its state in a struct with a method per step.
+//! - `worker`: the loop, its state in a struct with a method per step;
+//! - [`group`]: one consumer name in several processes, the partitions'
+//!   ownership, leases and fence.
 
+pub mod group;
 mod held;
 mod keys;
 mod pending;

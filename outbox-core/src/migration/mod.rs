@@ -18,6 +18,7 @@ mod m20261123_000002_create_inbox_tables;
 mod m20261201_000003_inbox_dead_letter_replay;
 mod m20261201_000004_create_outbox_scheduled;
 mod m20261201_000005_mysql_timestamp_precision;
+mod m20261204_000006_create_consumer_groups;
 
 use sea_orm::{ConnectionTrait, DatabaseConnection, TransactionTrait};
 use sea_orm_migration::prelude::*;
@@ -44,6 +45,7 @@ pub fn migrations() -> Vec<Box<dyn MigrationTrait>> {
         Box::new(m20261201_000003_inbox_dead_letter_replay::Migration),
         Box::new(m20261201_000004_create_outbox_scheduled::Migration),
         Box::new(m20261201_000005_mysql_timestamp_precision::Migration),
+        Box::new(m20261204_000006_create_consumer_groups::Migration),
     ]
 }
 
@@ -70,12 +72,14 @@ pub async fn migrate(db: &DatabaseConnection) -> Result<(), crate::Error> {
 }
 
 /// The tables [`migrations()`] create.
-const TABLES: [&str; 5] = [
+const TABLES: [&str; 7] = [
     "outbox_messages",
     "outbox_dead_letters",
     "outbox_inbox",
     "outbox_inbox_dead_letters",
     "outbox_scheduled",
+    "outbox_consumer_partitions",
+    "outbox_consumer_members",
 ];
 
 /// Checks that the outbox's tables exist, for a program that does not

@@ -1,0 +1,199 @@
+//! The consumer group's tables on every backend: partitions created once
+//! with their count, taken only when free or expired, and the fence that
+//! keeps a member that lost a partition from committing for it.
+
+use std::time::Duration;
+
+use outbox_core::consumer::group::{self, Claim, GroupError};
+use outbox_core::entity::inbox_message;
+use sea_orm::{ActiveValue, DatabaseConnection, EntityTrait, PaginatorTrait, TransactionTrait};
+
+const LEASE_MS: i64 = 10_000;
+
+/// Takes partition 0 for `member` at `now_ms`.
+async fn take(db: &DatabaseConnection, member: &str, now_ms: i64) -> Option<Claim> {
+    group::take(db, "billing", 0, member, now_ms, now_ms + LEASE_MS)
+        .await
+        .expect("take")
+}
+
+/// Writes an effect (an inbox row), then checks the fence, in one
+/// transaction that commits only if the fence holds: what a batch does.
+async fn commit_fenced(db: &DatabaseConnection, member: &str, claim: &Claim) -> bool {
+    let txn = db.begin().await.expect("begin");
+    effect(&txn).await;
+    let holds = group::fence(&txn, "billing", member, claim)
+        .await
+        .expect("fence");
+    match holds {
+        true => txn.commit().await.expect("commit"),
+        false => txn.rollback().await.expect("rollback"),
+    }
+    holds
+}
+
+async fn effect(db: &impl sea_orm::ConnectionTrait) {
+    let row = inbox_message::ActiveModel {
+        consumer: ActiveValue::Set("billing".to_owned()),
+        event_id: ActiveValue::Set(uuid::Uuid::now_v7()),
+        processed_at: ActiveValue::Set(chrono::Utc::now()),
+    };
+    inbox_message::Entity::insert(row)
+        .exec_without_returning(db)
+        .await
+        .expect("the effect");
+}
+
+async fn effects(db: &DatabaseConnection) -> u64 {
+    inbox_message::Entity::find()
+        .count(db)
+        .await
+        .expect("count")
+}
+
+async fn partitions_are_created_once_with_their_count(db: &DatabaseConnection) {
+    group::ensure_partitions(db, "billing", 4)
+        .await
+        .expect("create");
+    group::ensure_partitions(db, "billing", 4)
+        .await
+        .expect("again: nothing to do");
+    let rows = group::partitions(db, "billing").await.expect("read");
+    let indexes: Vec<_> = rows.iter().map(|row| row.partition_index).collect();
+    assert_eq!(indexes, [0, 1, 2, 3]);
+    assert!(rows.iter().all(|row| row.owner.is_none() && row.epoch == 0));
+    match group::ensure_partitions(db, "billing", 8).await {
+        Err(GroupError::PartitionCount {
+            stored: 4,
+            configured: 8,
+            ..
+        }) => {}
+        other => panic!("another count must be refused, got {other:?}"),
+    }
+    group::ensure_partitions(db, "shipping", 2)
+        .await
+        .expect("another name, its own count");
+}
+
+async fn a_partition_is_taken_only_when_free_or_its_lease_ended(db: &DatabaseConnection) {
+    group::ensure_partitions(db, "billing", 2)
+        .await
+        .expect("create");
+    let now = 1_000_000;
+    let a = take(db, "a", now).await.expect("free: a takes it");
+    assert_eq!((a.partition, a.epoch, a.position), (0, 1, 0));
+    assert_eq!(take(db, "b", now + 1).await, None, "a's lease holds");
+    assert!(
+        group::advance(db, "billing", "a", &a, 41)
+            .await
+            .expect("advance")
+    );
+
+    let later = now + LEASE_MS + 1;
+    let b = take(db, "b", later)
+        .await
+        .expect("a's lease ended: b takes it");
+    assert_eq!(
+        (b.epoch, b.position),
+        (2, 41),
+        "a new epoch, from where a left it"
+    );
+    assert!(
+        !group::advance(db, "billing", "a", &a, 99)
+            .await
+            .expect("advance"),
+        "a lost it"
+    );
+    assert!(
+        !group::release(db, "billing", "a", &a, 99)
+            .await
+            .expect("release"),
+        "a lost it"
+    );
+
+    assert!(
+        group::release(db, "billing", "b", &b, 50)
+            .await
+            .expect("release")
+    );
+    let c = take(db, "c", later).await.expect("released: free at once");
+    assert_eq!((c.epoch, c.position), (3, 50));
+}
+
+async fn renewing_keeps_a_members_partitions_and_shows_it_alive(db: &DatabaseConnection) {
+    group::ensure_partitions(db, "billing", 2)
+        .await
+        .expect("create");
+    let now = 1_000_000;
+    group::renew(db, "billing", "a", now, now + LEASE_MS)
+        .await
+        .expect("join");
+    group::renew(db, "billing", "b", now, now + 10)
+        .await
+        .expect("join");
+    take(db, "a", now).await.expect("a takes partition 0");
+    let later = now + LEASE_MS / 2;
+    let owned = group::renew(db, "billing", "a", later, later + LEASE_MS)
+        .await
+        .expect("renew");
+    assert_eq!(owned, 1, "a still owns its partition");
+    assert_eq!(
+        group::members(db, "billing", later).await.expect("members"),
+        ["a"],
+        "b's lease ended"
+    );
+    assert_eq!(
+        take(db, "b", now + LEASE_MS + 1).await,
+        None,
+        "renewed: still a's"
+    );
+}
+
+/// A member whose partition was taken after its lease ended (a paused
+/// process) commits nothing more for it, while its earlier batch stands.
+async fn a_member_that_lost_its_partition_commits_nothing(db: &DatabaseConnection) {
+    group::ensure_partitions(db, "billing", 1)
+        .await
+        .expect("create");
+    let now = 1_000_000;
+    let a = take(db, "a", now).await.expect("a takes it");
+    assert!(
+        commit_fenced(db, "a", &a).await,
+        "a holds it: its batch commits"
+    );
+    take(db, "b", now + LEASE_MS + 1).await.expect("b takes it");
+    assert!(!commit_fenced(db, "a", &a).await, "a is fenced");
+    assert_eq!(effects(db).await, 1, "a's second batch rolled back");
+}
+
+/// A take waits for the batch in flight: the batch, fenced in time,
+/// commits, and the take sees its end. (Without the fence's lock, the take
+/// goes through at once and the test fails.)
+async fn a_take_waits_for_the_batch_in_flight(db: &DatabaseConnection) {
+    group::ensure_partitions(db, "billing", 1)
+        .await
+        .expect("create");
+    let now = 1_000_000;
+    let a = take(db, "a", now).await.expect("a takes it");
+    let txn = db.begin().await.expect("begin");
+    effect(&txn).await;
+    assert!(group::fence(&txn, "billing", "a", &a).await.expect("fence"));
+    let taking = tokio::spawn({
+        let db = db.clone();
+        async move { take(&db, "b", now + LEASE_MS + 1).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!taking.is_finished(), "the take waits for a's batch");
+    txn.commit().await.expect("a's batch commits");
+    let b = taking.await.expect("join").expect("then b takes it");
+    assert_eq!(b.epoch, a.epoch + 1);
+    assert_eq!(effects(db).await, 1);
+}
+
+outbox_tests::on_each_backend!(
+    partitions_are_created_once_with_their_count,
+    a_partition_is_taken_only_when_free_or_its_lease_ended,
+    renewing_keeps_a_members_partitions_and_shows_it_alive,
+    a_member_that_lost_its_partition_commits_nothing,
+    a_take_waits_for_the_batch_in_flight,
+);
