@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 
-use sea_orm::{DatabaseConnection, DatabaseConnectionType};
+use sea_orm::DatabaseConnection;
 use tokio::sync::watch;
 
 /// Which database a connection pool writes to: the backend plus the host,
@@ -27,7 +27,7 @@ impl Database {
     pub fn of(db: &DatabaseConnection) -> Option<Self> {
         match &db.inner {
             #[cfg(feature = "postgres")]
-            DatabaseConnectionType::SqlxPostgresPoolConnection(_) => {
+            sea_orm::DatabaseConnectionType::SqlxPostgresPoolConnection(_) => {
                 let options = db.get_postgres_connection_pool().connect_options();
                 let at = options.get_socket().map_or_else(
                     || format!("{}:{}", options.get_host(), options.get_port()),
@@ -39,7 +39,7 @@ impl Database {
                 )))
             }
             #[cfg(feature = "mysql")]
-            DatabaseConnectionType::SqlxMySqlPoolConnection(_) => {
+            sea_orm::DatabaseConnectionType::SqlxMySqlPoolConnection(_) => {
                 let options = db.get_mysql_connection_pool().connect_options();
                 let at = options.get_socket().map_or_else(
                     || format!("{}:{}", options.get_host(), options.get_port()),
@@ -51,7 +51,7 @@ impl Database {
                 )))
             }
             #[cfg(feature = "sqlite")]
-            DatabaseConnectionType::SqlxSqlitePoolConnection(_) => {
+            sea_orm::DatabaseConnectionType::SqlxSqlitePoolConnection(_) => {
                 let options = db.get_sqlite_connection_pool().connect_options();
                 Some(Self(format!(
                     "sqlite://{}",

@@ -22,7 +22,7 @@ async fn take(db: &DatabaseConnection, member: &str, now_ms: i64) -> Option<Clai
 async fn commit_fenced(db: &DatabaseConnection, member: &str, claim: &Claim) -> bool {
     let txn = db.begin().await.expect("begin");
     effect(&txn).await;
-    let holds = group::fence(&txn, "billing", member, claim)
+    let holds = group::fence(&txn, "billing", member, std::slice::from_ref(claim))
         .await
         .expect("fence");
     match holds {
@@ -177,7 +177,11 @@ async fn a_take_waits_for_the_batch_in_flight(db: &DatabaseConnection) {
     let a = take(db, "a", now).await.expect("a takes it");
     let txn = db.begin().await.expect("begin");
     effect(&txn).await;
-    assert!(group::fence(&txn, "billing", "a", &a).await.expect("fence"));
+    assert!(
+        group::fence(&txn, "billing", "a", &[a])
+            .await
+            .expect("fence")
+    );
     let taking = tokio::spawn({
         let db = db.clone();
         async move { take(&db, "b", now + LEASE_MS + 1).await }

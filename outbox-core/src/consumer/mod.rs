@@ -30,6 +30,8 @@ pub use transport::{Message, Pull, PullError, Pulled, Settle, Span, Transport};
 use crate::Backoff;
 use crate::background::Background;
 use crate::inbox::{self, ConsumerGuard, DuplicateHandler, Handlers, Taken};
+use group::{GroupConfig, GroupError, Member};
+use worker::Ownership;
 
 /// How long [`spawn`] waits for a second connection of the pool: longer
 /// than opening one takes, short enough that a misconfigured pool fails fast.
@@ -58,6 +60,10 @@ pub struct ConsumerConfig {
     /// Acknowledge and count, rather than dead-letter, messages of an event
     /// type or version no handler takes (default: dead-letter).
     pub skip_unhandled: bool,
+    /// Run as a member of the consumer name's group, sharing its partitions
+    /// with the other processes running it (default: `None`, the one process
+    /// running the name). See [`group`].
+    pub group: Option<GroupConfig>,
 }
 
 impl Default for ConsumerConfig {
@@ -74,6 +80,7 @@ impl Default for ConsumerConfig {
             max_ack_pending: 1_000,
             inbox_retention: Duration::from_secs(7 * 24 * 3600),
             skip_unhandled: false,
+            group: None,
         }
     }
 }
@@ -133,6 +140,15 @@ pub enum StartError {
         /// How long it waited for the second one.
         waited: Duration,
     },
+    /// The consumer's group could not be joined.
+    #[error("cannot join the group of consumer `{consumer}`")]
+    Group {
+        /// The consumer.
+        consumer: String,
+        /// Why.
+        #[source]
+        source: GroupError,
+    },
     /// The database could not be asked for the consumer's lock.
     #[error("cannot take the lock of consumer `{consumer}` in the database")]
     Guard {
@@ -162,7 +178,9 @@ pub fn check_handlers(
 
 /// Starts consumer `identity` over `transport`: checks that the pool can
 /// hold its lock and run a handler at once, takes its lock (one process per
-/// name), then runs its loop on a task of its own.
+/// name), then runs its loop on a task of its own. With
+/// [`ConsumerConfig::group`], it joins the name's group instead, and takes
+/// its partitions at its first look at the group.
 pub async fn spawn<T: Transport>(
     transport: T,
     db: DatabaseConnection,
@@ -176,24 +194,16 @@ pub async fn spawn<T: Transport>(
         namespace,
     } = identity;
     check_handlers(&name, &handlers, None)?;
-    let guard_error = |source| StartError::Guard {
-        consumer: name.clone(),
-        source,
+    let ownership = match config.group {
+        Some(group) => Member::join(&db, &name, group)
+            .await
+            .map(Ownership::Group)
+            .map_err(|source| StartError::Group {
+                consumer: name.clone(),
+                source,
+            })?,
+        None => Ownership::Sole(sole(&db, &name).await?),
     };
-    let waited = POOL_CHECK_WAIT;
-    if !(inbox::pool_is_large_enough(&db, waited).await).map_err(guard_error)? {
-        return Err(StartError::PoolTooSmall {
-            consumer: name,
-            needs: inbox::CONNECTIONS_NEEDED,
-            waited,
-        });
-    }
-    // Taken last: nothing after it can fail, so a held lock is never left
-    // behind by a failed `spawn` (MySQL's would stay on a pooled connection).
-    let (guard, taken) = ConsumerGuard::take(&db, &name).await.map_err(guard_error)?;
-    if taken == Taken::Elsewhere {
-        return Err(StartError::AlreadyRunning(name));
-    }
     let worker = worker::Worker {
         transport,
         db,
@@ -201,10 +211,35 @@ pub async fn spawn<T: Transport>(
         name,
         stream_name: stream,
         namespace,
+        settles: config.group.is_none(),
         config,
     };
-    let task = Background::spawn(|stopped| worker.run(guard, stopped));
+    let task = Background::spawn(|stopped| worker.run(ownership, stopped));
     Ok(ConsumerHandle(task))
+}
+
+/// Makes this process the one running consumer `name`: checks that the pool
+/// can hold its lock and run a handler at once, then takes the lock.
+async fn sole(db: &DatabaseConnection, name: &str) -> Result<ConsumerGuard, StartError> {
+    let guard_error = |source| StartError::Guard {
+        consumer: name.to_owned(),
+        source,
+    };
+    let waited = POOL_CHECK_WAIT;
+    if !(inbox::pool_is_large_enough(db, waited).await).map_err(guard_error)? {
+        return Err(StartError::PoolTooSmall {
+            consumer: name.to_owned(),
+            needs: inbox::CONNECTIONS_NEEDED,
+            waited,
+        });
+    }
+    // Taken last: nothing after it can fail, so a held lock is never left
+    // behind by a failed `spawn` (MySQL's would stay on a pooled connection).
+    let (guard, taken) = ConsumerGuard::take(db, name).await.map_err(guard_error)?;
+    if taken == Taken::Elsewhere {
+        return Err(StartError::AlreadyRunning(name.to_owned()));
+    }
+    Ok(guard)
 }
 
 /// A running consumer. Dropping it leaves the consumer running; call

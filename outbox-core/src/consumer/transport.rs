@@ -103,6 +103,15 @@ pub trait Transport: Send + Sync + 'static {
     /// Reads the unsure span back from the stream.
     fn unsure_span(&self) -> impl Future<Output = Result<Span<Self::Message>, BoxError>> + Send;
 
+    /// Reads the stream from `sequence` on, in order, without
+    /// acknowledgements: how a consumer group member reads, its progress kept
+    /// in the database ([`group`](super::group)). Its deliveries are never
+    /// settled.
+    fn read_from(
+        &self,
+        sequence: u64,
+    ) -> impl Future<Output = Result<Pull<Self::Message>, BoxError>> + Send;
+
     /// Sends what settles are buffered, at shutdown.
     fn flush(&self) -> impl Future<Output = Result<(), BoxError>> + Send;
 }

@@ -17,10 +17,13 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::ConsumerConfig;
+use super::group::{GroupFence, Member, Rebalanced};
 use super::held::{self, Held, Origin};
 use super::pending::Pending;
 use super::transport::{Pull, PullError, Pulled, Settle, Span, Transport};
-use crate::inbox::{self, ConsumerGuard, DeadLetterReason, Handlers, Incoming, Processed, Taken};
+use crate::inbox::{
+    self, ConsumerGuard, DeadLetterReason, Fence, Handlers, Incoming, Processed, Taken, Unavailable,
+};
 use crate::{Backoff, ErrorReport, dead_letters};
 
 /// Pauses between attempts to (re)open the pull or to recover.
@@ -41,6 +44,16 @@ const GUARD_RENEWAL: Duration = Duration::from_secs(2);
 const REPLAY_POLL: Duration = Duration::from_secs(1);
 const REPLAY_BATCH: u64 = 100;
 
+/// What entitles this process to a consumer name's messages.
+pub(super) enum Ownership {
+    /// The one process running it: its lock; messages come from a durable
+    /// consumer and are settled with the broker.
+    Sole(ConsumerGuard),
+    /// A member of its group: the partitions it owns; messages are read
+    /// from the stream, and progress is kept per partition in the database.
+    Group(Member),
+}
+
 /// What a running consumer shares with its handler tasks.
 pub(super) struct Worker<T> {
     pub(super) transport: T,
@@ -50,12 +63,17 @@ pub(super) struct Worker<T> {
     pub(super) stream_name: String,
     pub(super) namespace: Option<String>,
     pub(super) config: ConsumerConfig,
+    /// Whether deliveries are settled with the broker: not a group member's.
+    pub(super) settles: bool,
 }
 
 /// How one attempt at a message ended.
 enum Outcome {
     /// Acknowledged, skipped or dead-lettered: the key's next message may run.
     Resolved,
+    /// Not committed: this group member lost the message's partition, whose
+    /// new owner handles it.
+    Fenced,
     /// Failed: run it again after the delay, its key held meanwhile.
     Retry(Duration),
 }
@@ -77,6 +95,7 @@ type Settled<M> = Vec<(Held<M>, Outcome)>;
 /// periodic chore. Each method is one step of [`Worker::run`].
 struct Loop<T: Transport> {
     shared: Arc<Worker<T>>,
+    ownership: Ownership,
     tasks: JoinSet<Settled<T::Message>>,
     pending: Pending<T::Message>,
     recovery: Recovery<T::Message>,
@@ -96,8 +115,8 @@ struct Loop<T: Transport> {
 }
 
 impl<T: Transport> Worker<T> {
-    pub(super) async fn run(self, mut guard: ConsumerGuard, mut stopped: watch::Receiver<bool>) {
-        let mut state = Loop::new(self);
+    pub(super) async fn run(self, ownership: Ownership, mut stopped: watch::Receiver<bool>) {
+        let mut state = Loop::new(self, ownership);
         let config = state.shared.config.clone();
         let mut tick = tokio::time::interval(TICK);
         tracing::info!(consumer = %state.shared.name, stream = %state.shared.stream_name, "consumer started");
@@ -124,14 +143,21 @@ impl<T: Transport> Worker<T> {
                 }
                 next = next_delivery(&mut state.pull), if room => state.pulled(next),
                 _ = tick.tick() => {
-                    if !state.chores(&mut guard, &config).await {
+                    if !state.chores(&config).await {
                         break;
                     }
                 }
             }
         }
         state.shut_down().await;
-        guard.release().await;
+        match state.ownership {
+            Ownership::Sole(guard) => guard.release().await,
+            Ownership::Group(member) => {
+                if let Err(error) = member.leave().await {
+                    tracing::warn!(consumer = %state.shared.name, error = %ErrorReport(&error), "cannot hand the group's partitions over; they go once this member's lease ends");
+                }
+            }
+        }
         tracing::info!(consumer = %state.shared.name, "consumer stopped");
     }
 
@@ -179,10 +205,12 @@ impl<T: Transport> Worker<T> {
         self: &Arc<Self>,
         tasks: &mut JoinSet<Settled<T::Message>>,
         batch: Vec<Held<T::Message>>,
+        fence: Option<GroupFence>,
     ) {
         let shared = Arc::clone(self);
         tasks.spawn(async move {
-            match AssertUnwindSafe(shared.handle(&batch)).catch_unwind().await {
+            let handled = shared.handle(&batch, fence.as_ref());
+            match AssertUnwindSafe(handled).catch_unwind().await {
                 Ok(outcomes) => batch.into_iter().zip(outcomes).collect(),
                 Err(_) => {
                     tracing::error!(consumer = %shared.name, messages = batch.len(), "the consumer panicked on a batch; its messages will be retried");
@@ -201,7 +229,7 @@ impl<T: Transport> Worker<T> {
     /// (see [`Handlers::process_batch`]), then each to its end: ack, retry
     /// later (with its key held), or dead letter and terminate. One outcome
     /// per message, in order.
-    async fn handle(&self, batch: &[Held<T::Message>]) -> Vec<Outcome> {
+    async fn handle(&self, batch: &[Held<T::Message>], fence: Option<&GroupFence>) -> Vec<Outcome> {
         // Each message with its place in the batch, as one record through
         // the transaction and back.
         let mut outcomes = Vec::with_capacity(batch.len());
@@ -219,7 +247,7 @@ impl<T: Transport> Worker<T> {
                 Err(malformed) => {
                     let error = ErrorReport(&malformed).to_string();
                     let outcome = self
-                        .dead_letter(held, DeadLetterReason::Malformed, error)
+                        .dead_letter(held, DeadLetterReason::Malformed, error, fence)
                         .await;
                     outcomes.push((at, outcome));
                 }
@@ -228,19 +256,29 @@ impl<T: Transport> Worker<T> {
         let span =
             tracing::debug_span!("outbox.handle", consumer = %self.name, messages = incoming.len());
         let processed = tracing::Instrument::instrument(
-            self.handlers.process_tagged(&self.db, &self.name, incoming),
+            (self.handlers).process_fenced(
+                &self.db,
+                &self.name,
+                incoming,
+                fence.map(|f| f as &dyn Fence),
+            ),
             span,
         )
         .await;
         for (at, processed) in processed {
-            outcomes.push((at, self.settle(&batch[at], processed).await));
+            outcomes.push((at, self.settle(&batch[at], processed, fence).await));
         }
         outcomes.sort_unstable_by_key(|&(at, _)| at);
         outcomes.into_iter().map(|(_, outcome)| outcome).collect()
     }
 
     /// Ends one message by what its transaction did.
-    async fn settle(&self, held: &Held<T::Message>, processed: Processed) -> Outcome {
+    async fn settle(
+        &self,
+        held: &Held<T::Message>,
+        processed: Processed,
+        fence: Option<&GroupFence>,
+    ) -> Outcome {
         let config = &self.config;
         match processed {
             Processed::Handled | Processed::Duplicate => {
@@ -255,8 +293,12 @@ impl<T: Transport> Worker<T> {
             }
             Processed::Failed(error) if held.delivery_count() >= config.max_deliveries => {
                 let error = ErrorReport(&error).to_string();
-                self.dead_letter(held, DeadLetterReason::HandlerFailed, error)
+                self.dead_letter(held, DeadLetterReason::HandlerFailed, error, fence)
                     .await
+            }
+            Processed::Unavailable(Unavailable::Fenced) => {
+                self.count("fenced");
+                Outcome::Fenced
             }
             Processed::Failed(error) => {
                 self.count("failed");
@@ -279,7 +321,8 @@ impl<T: Transport> Worker<T> {
             }
             Processed::Unhandled(unhandled) => {
                 let error = ErrorReport(&unhandled).to_string();
-                self.dead_letter(held, unhandled.reason(), error).await
+                self.dead_letter(held, unhandled.reason(), error, fence)
+                    .await
             }
         }
     }
@@ -292,6 +335,7 @@ impl<T: Transport> Worker<T> {
         held: &Held<T::Message>,
         reason: DeadLetterReason,
         error: String,
+        fence: Option<&GroupFence>,
     ) -> Outcome {
         let sequence = held.position.stream_sequence;
         let (event_id, event_type) = (held.event_id(), held.event_type());
@@ -308,11 +352,21 @@ impl<T: Transport> Worker<T> {
                 dead_letters::inbox::replayed(&txn, replayed).await?;
             }
             inbox::dead_letter(&txn, letter).await?;
+            if let Some(fence) = fence
+                && !fence.holds(&txn).await?
+            {
+                txn.rollback().await?;
+                return Ok(false);
+            }
             txn.commit().await?;
-            Ok::<_, inbox::BoxError>(())
+            Ok::<_, inbox::BoxError>(true)
         };
         match stored.await {
-            Ok(()) => {
+            Ok(false) => {
+                self.count("fenced");
+                Outcome::Fenced
+            }
+            Ok(true) => {
                 metrics::counter!("outbox_inbox_dead_lettered_total", "consumer" => self.name.clone(), "reason" => reason.as_str()).increment(1);
                 self.count("dead_lettered");
                 self.ack(held, Settle::Terminate).await;
@@ -359,15 +413,16 @@ impl<T: Transport> Worker<T> {
         }
     }
 
-    /// Settles the broker's copy, if the message is one.
+    /// Settles the broker's copy, if the message is one (a group member's
+    /// reading has none to settle).
     async fn settle_delivery(
         &self,
         held: &Held<T::Message>,
         how: Settle,
     ) -> Result<(), inbox::BoxError> {
         match held.delivery() {
-            Some(message) => self.transport.settle(message, how).await,
-            None => Ok(()),
+            Some(message) if self.settles => self.transport.settle(message, how).await,
+            _ => Ok(()),
         }
     }
 
@@ -411,21 +466,27 @@ impl<T: Transport> Worker<T> {
 }
 
 impl<T: Transport> Loop<T> {
-    fn new(worker: Worker<T>) -> Self {
+    fn new(worker: Worker<T>, ownership: Ownership) -> Self {
         let retention = worker.config.inbox_retention;
         let now = Instant::now();
+        // A group member reads from its partitions' positions: nothing is unsure.
+        let recovery = match ownership {
+            Ownership::Sole(_) => Recovery::Owed { trigger: None },
+            Ownership::Group(_) => Recovery::Done,
+        };
         Self {
             shared: Arc::new(worker),
+            ownership,
             tasks: JoinSet::new(),
             pending: Pending::new(),
-            recovery: Recovery::Owed { trigger: None },
+            recovery,
             last_delivery: None,
             pull: None,
             failures: 0,
             resume: now,
             purge_every: (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(600)),
             next_purge: now,
-            next_renewal: now + GUARD_RENEWAL,
+            next_renewal: now,
             next_replay_poll: now,
             replaying: HashSet::new(),
         }
@@ -486,7 +547,15 @@ impl<T: Transport> Loop<T> {
         let batch = (config.max_in_flight * config.batch_size * 2)
             .min(config.max_ack_pending)
             .max(1);
-        match self.shared.transport.open(batch).await {
+        let transport = &self.shared.transport;
+        let opened = match &mut self.ownership {
+            Ownership::Sole(_) => transport.open(batch).await,
+            Ownership::Group(member) if member.owns_any() => {
+                transport.read_from(member.start()).await
+            }
+            Ownership::Group(_) => return,
+        };
+        match opened {
             Ok(pull) => self.pull = Some(pull),
             Err(error) => {
                 let error = ErrorReport(&*error);
@@ -502,8 +571,14 @@ impl<T: Transport> Loop<T> {
         let config = &self.shared.config;
         while self.tasks.len() < config.max_in_flight && self.pending.has_ready() {
             let batch = std::iter::from_fn(|| self.pending.pop_ready());
-            let batch = batch.take(config.batch_size).collect();
-            self.shared.start(&mut self.tasks, batch);
+            let batch: Vec<_> = batch.take(config.batch_size).collect();
+            let fence = match &self.ownership {
+                Ownership::Sole(_) => None,
+                Ownership::Group(member) => {
+                    Some(member.fence(batch.iter().map(|held| partition(member, held))))
+                }
+            };
+            self.shared.start(&mut self.tasks, batch, fence);
         }
     }
 
@@ -526,6 +601,19 @@ impl<T: Transport> Loop<T> {
                     if let Some(id) = held.replays() {
                         self.replaying.remove(&id);
                     }
+                    if let (Ownership::Group(member), Some(_)) =
+                        (&mut self.ownership, held.delivery())
+                    {
+                        member.settled(partition(member, &held), held.position.stream_sequence);
+                    }
+                    self.pending.resolve(&held);
+                }
+                // Left unsettled: the partition's position stays below it,
+                // and its new owner reads it again.
+                Outcome::Fenced => {
+                    if let Some(id) = held.replays() {
+                        self.replaying.remove(&id);
+                    }
                     self.pending.resolve(&held);
                 }
                 Outcome::Retry(delay) => {
@@ -544,7 +632,13 @@ impl<T: Transport> Loop<T> {
             Some(Ok(pulled)) => {
                 self.failures = 0;
                 let (held, delivery) = Held::delivered(pulled);
-                if self.last_delivery.is_some_and(|last| delivery != last + 1) {
+                if let Ownership::Group(member) = &mut self.ownership {
+                    // Another member's partition, or read again after a take.
+                    let sequence = held.position.stream_sequence;
+                    if member.accepts(partition(member, &held), sequence) {
+                        self.pending.receive(held);
+                    }
+                } else if self.last_delivery.is_some_and(|last| delivery != last + 1) {
                     tracing::info!(consumer = %name, delivery, last = ?self.last_delivery, "a delivery went elsewhere; reading the unsure span back from the stream");
                     let trigger = Some(Box::new((held, delivery)));
                     self.recovery = Recovery::Owed { trigger };
@@ -564,9 +658,10 @@ impl<T: Transport> Loop<T> {
         }
     }
 
-    /// The periodic chores: extend ack deadlines, check the lock, purge the
-    /// inbox, look for replays. `false` when the consumer must stop.
-    async fn chores(&mut self, guard: &mut ConsumerGuard, config: &ConsumerConfig) -> bool {
+    /// The periodic chores: extend ack deadlines, check the lock or look at
+    /// the group, purge the inbox, look for replays. `false` when the
+    /// consumer must stop.
+    async fn chores(&mut self, config: &ConsumerConfig) -> bool {
         let shared = Arc::clone(&self.shared);
         let now = Instant::now();
         if let Some(before) = now.checked_sub(config.ack_wait / 2) {
@@ -575,10 +670,20 @@ impl<T: Transport> Loop<T> {
             }
         }
         if now >= self.next_renewal {
-            if !shared.renew(guard).await {
-                return false;
-            }
-            self.next_renewal = now + GUARD_RENEWAL;
+            let next = match &mut self.ownership {
+                Ownership::Sole(guard) => {
+                    if !shared.renew(guard).await {
+                        return false;
+                    }
+                    GUARD_RENEWAL
+                }
+                Ownership::Group(member) => {
+                    let renewal = member.renewal();
+                    self.rebalance().await;
+                    renewal
+                }
+            };
+            self.next_renewal = now + next;
         }
         if now >= self.next_purge {
             shared.purge().await;
@@ -586,12 +691,45 @@ impl<T: Transport> Loop<T> {
         }
         if now >= self.next_replay_poll && matches!(self.recovery, Recovery::Done) {
             for held in shared.replays(&self.replaying).await {
+                // A group member replays the dead letters of its partitions.
+                if let Ownership::Group(member) = &self.ownership
+                    && !member.owns(partition(member, &held))
+                {
+                    continue;
+                }
                 self.replaying.extend(held.replays());
                 self.pending.recovered(held);
             }
             self.next_replay_poll = now + REPLAY_POLL;
         }
         true
+    }
+
+    /// A group member's look at its group: partitions taken restart the
+    /// reading from the lowest position it owns.
+    async fn rebalance(&mut self) {
+        let Ownership::Group(member) = &mut self.ownership else {
+            return;
+        };
+        let name = &self.shared.name;
+        match member.rebalance().await {
+            Ok(changed) => {
+                if !changed.taken.is_empty() || !member.owns_any() {
+                    self.pull = None;
+                }
+                if changed != Rebalanced::default() {
+                    let (taken, released, lost) =
+                        (&changed.taken, &changed.released, &changed.lost);
+                    tracing::info!(consumer = %name, member = %member.id(), ?taken, ?released, ?lost, "the group's partitions moved");
+                }
+                if !changed.lost.is_empty() {
+                    tracing::warn!(consumer = %name, member = %member.id(), lost = ?changed.lost, "partitions were taken by another member after this one's lease ended; what it held of them is not committed");
+                }
+            }
+            Err(error) => {
+                tracing::warn!(consumer = %name, error = %ErrorReport(&error), "cannot renew this member's lease or look at the group; will try again");
+            }
+        }
     }
 
     /// Messages not started go back at once; handlers in flight finish,
@@ -612,6 +750,16 @@ impl<T: Transport> Loop<T> {
             let error = ErrorReport(&*error);
             tracing::warn!(consumer = %shared.name, %error, "flushing acks at shutdown failed");
         }
+    }
+}
+
+/// The partition of a held message: by its partition key, or its event id
+/// if it has none (unkeyed events go to any member).
+fn partition<M: super::Message>(member: &Member, held: &Held<M>) -> u32 {
+    match (&held.key, held.event_id()) {
+        (Some(key), _) => member.partition_of(key.as_bytes()),
+        (None, Some(id)) => member.partition_of(id.as_bytes()),
+        (None, None) => 0,
     }
 }
 

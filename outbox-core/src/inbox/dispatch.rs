@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, TransactionTrait};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbErr, TransactionTrait};
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -77,6 +77,28 @@ pub enum Unavailable {
     /// the first is held): it waits until the first has ended.
     #[error("event {0} is in this batch already")]
     InBatch(Uuid),
+    /// The batch's [`Fence`] no longer held at its commit (a consumer group
+    /// member that lost the message's partition): nothing committed, and the
+    /// partition's new owner handles the message.
+    #[error("this consumer group member no longer owns the message's partition")]
+    Fenced,
+}
+
+/// A check a batch's transaction makes just before it commits, such as a
+/// consumer group's ownership of the batch's partitions
+/// ([`crate::consumer::group`]). `Ok(false)` rolls the batch back, and its
+/// messages are [`Unavailable::Fenced`].
+pub trait Fence: Send + Sync {
+    /// Whether the batch may commit, read in its transaction `txn`.
+    fn holds<'a>(&'a self, txn: &'a DatabaseTransaction) -> BoxFuture<'a, Result<bool, DbErr>>;
+}
+
+/// How a batch's transaction ended, when the database did not fail.
+enum Ended {
+    /// Committed, or rolled back for a failed handler's sake.
+    Done,
+    /// Rolled back: the fence did not hold.
+    Fenced,
 }
 
 /// Why no handler can take a message: its [`reason`](Self::reason) is the
@@ -266,6 +288,18 @@ impl Handlers {
         consumer: &str,
         messages: Vec<(T, Incoming<'_>)>,
     ) -> Vec<(T, Processed)> {
+        self.process_fenced(db, consumer, messages, None).await
+    }
+
+    /// [`process_tagged`](Self::process_tagged), the transaction committing
+    /// only if `fence` holds just before.
+    pub async fn process_fenced<T>(
+        &self,
+        db: &DatabaseConnection,
+        consumer: &str,
+        messages: Vec<(T, Incoming<'_>)>,
+        fence: Option<&dyn Fence>,
+    ) -> Vec<(T, Processed)> {
         let mut ids = HashSet::with_capacity(messages.len());
         let steps: Vec<Step<T>> = (messages.into_iter())
             .map(|(tag, Incoming { meta, payload })| {
@@ -293,9 +327,14 @@ impl Handlers {
         let mut steps = steps.into_iter();
         // What #[transactional] handlers emit in the batch's transaction.
         let written = Written::on(Database::of(db));
-        let ran = self.in_transaction(db, consumer, &mut steps, &mut answers, mode);
-        if let Err(error) = Written::scope(Arc::clone(&written), ran).await {
-            return unavailable(error, answers, steps);
+        let ran = self.in_transaction(db, consumer, &mut steps, &mut answers, mode, fence);
+        let lost = match Written::scope(Arc::clone(&written), ran).await {
+            Ok(Ended::Done) => None,
+            Ok(Ended::Fenced) => Some(Unavailable::Fenced),
+            Err(error) => Some(Unavailable::Database(Arc::new(error))),
+        };
+        if let Some(lost) = lost {
+            return uncommitted(&lost, answers, steps);
         }
         // A #[transactional] handler signals at its savepoint, before its
         // events are visible: signal again now that they are, scheduled ones
@@ -357,7 +396,8 @@ impl Handlers {
         steps: &mut std::vec::IntoIter<Step<T>>,
         answers: &mut Vec<(T, Processed)>,
         mode: Mode,
-    ) -> Result<(), Error> {
+        fence: Option<&dyn Fence>,
+    ) -> Result<Ended, Error> {
         let mut open: Option<(DatabaseTransaction, HashSet<Uuid>)> = None;
         let mut savepoint = Savepoint::new(Dialect::of(db));
         let mut failed = Vec::new();
@@ -427,32 +467,37 @@ impl Handlers {
             }
         }
         let Some((txn, _)) = open else {
-            return Ok(());
+            return Ok(Ended::Done);
         };
         if rolled_back {
             txn.rollback().await?;
-            return Ok(());
+            return Ok(Ended::Done);
         }
         if !failed.is_empty() {
             store::forget(&txn, consumer, failed).await?;
         }
+        if let Some(fence) = fence
+            && !fence.holds(&txn).await?
+        {
+            txn.rollback().await?;
+            return Ok(Ended::Fenced);
+        }
         txn.commit().await?;
-        Ok(())
+        Ok(Ended::Done)
     }
 }
 
-/// The answers of a batch whose transaction failed with `error`: what
-/// committed nothing is [`Processed::Unavailable`], except the answers that
-/// did not depend on the transaction (a failed handler, an unhandled
-/// message, a second copy). `answers` are those given before the failure,
-/// `rest` the steps not taken.
-fn unavailable<T>(
-    error: Error,
+/// The answers of a batch whose transaction did not commit, for the reason
+/// `lost`: what committed nothing is [`Processed::Unavailable`], except the
+/// answers that did not depend on the transaction (a failed handler, an
+/// unhandled message, a second copy). `answers` are those given before the
+/// failure, `rest` the steps not taken.
+fn uncommitted<T>(
+    lost: &Unavailable,
     answers: Vec<(T, Processed)>,
     rest: std::vec::IntoIter<Step<T>>,
 ) -> Vec<(T, Processed)> {
-    let error = Arc::new(error);
-    let lost = || Processed::Unavailable(Unavailable::Database(Arc::clone(&error)));
+    let lost = || Processed::Unavailable(lost.clone());
     let answers = answers.into_iter().map(|(tag, answer)| match answer {
         Processed::Handled | Processed::Duplicate => (tag, lost()),
         answer => (tag, answer),

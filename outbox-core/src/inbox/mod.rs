@@ -25,7 +25,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 pub use dispatch::{
-    DuplicateHandler, HandlerFailure, Handlers, Incoming, Processed, Unavailable, Unhandled,
+    DuplicateHandler, Fence, HandlerFailure, Handlers, Incoming, Processed, Unavailable, Unhandled,
 };
 pub use guard::{CONNECTIONS_NEEDED, ConsumerGuard, Taken, pool_is_large_enough};
 pub use handler::{BoxError, Handler, HandlerFn};

@@ -11,6 +11,7 @@ use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
 use async_nats::jetstream::{self, Context};
 use outbox_core::Backoff;
 use outbox_core::OutboxEvent;
+use outbox_core::consumer::group::GroupConfig;
 use outbox_core::consumer::{self as core, ConsumerConfig, Identity, StartError};
 use outbox_core::inbox::{DuplicateHandler, Handler, Handlers};
 use sea_orm::DatabaseConnection;
@@ -322,6 +323,16 @@ impl ConsumerBuilder {
         self
     }
 
+    /// Runs this consumer name as a group: every process started with it
+    /// shares the name's partitions (a message's partition is its key's
+    /// hash), each key handled by one live process at a time, in order.
+    /// Processes past the partition count stand by. Without it, one process
+    /// runs the name and a second is refused. See `docs/consumer-groups.md`.
+    pub fn group(mut self, group: GroupConfig) -> Self {
+        self.config.group = Some(group);
+        self
+    }
+
     /// Acknowledges and counts (metric `outbox_inbox_messages_total{outcome="skipped"}`)
     /// messages whose event type or version no handler takes, instead of dead-lettering them.
     pub fn skip_unhandled(mut self) -> Self {
@@ -396,7 +407,14 @@ impl Consumer {
             config: &self.config,
             start_at: self.start_at,
         };
-        let (stream_handle, consumer) = durable.create(&context).await?;
+        // A group member reads from its partitions' positions, kept in the database.
+        let (stream_handle, consumer) = match self.config.group {
+            Some(_) => (durable.stream(&context).await?, None),
+            None => {
+                let (stream, consumer) = durable.create(&context).await?;
+                (stream, Some(consumer))
+            }
+        };
         let transport = transport::JetStream {
             client: self.client,
             consumer,
@@ -441,6 +459,21 @@ struct Durable<'a> {
 }
 
 impl Durable<'_> {
+    /// Looks the stream up.
+    async fn stream(&self, context: &Context) -> Result<jetstream::stream::Stream, ConsumerError> {
+        let stream = self.stream;
+        context.get_stream(stream).await.map_err(|source| {
+            if crate::streams::is_missing(&source) {
+                ConsumerError::StreamNotFound(stream.to_owned())
+            } else {
+                ConsumerError::Stream {
+                    stream: stream.to_owned(),
+                    source,
+                }
+            }
+        })
+    }
+
     /// Looks the stream up and creates the durable on it, or finds it.
     async fn create(
         self,
@@ -452,6 +485,7 @@ impl Durable<'_> {
         ),
         ConsumerError,
     > {
+        let stream_handle = self.stream(context).await?;
         let Self {
             stream,
             name,
@@ -459,16 +493,6 @@ impl Durable<'_> {
             config,
             start_at,
         } = self;
-        let stream_handle = context.get_stream(stream).await.map_err(|source| {
-            if crate::streams::is_missing(&source) {
-                ConsumerError::StreamNotFound(stream.to_owned())
-            } else {
-                ConsumerError::Stream {
-                    stream: stream.to_owned(),
-                    source,
-                }
-            }
-        })?;
         let (filter_subject, filter_subjects) = filter_fields(filters);
         // An existing durable keeps its position: where a new one would start
         // is looked up only for a name the stream does not know yet.

@@ -1,8 +1,9 @@
 //! The consumer's transport over a JetStream durable pull consumer: what
 //! `outbox_core::consumer`'s loop asks of a broker, done the JetStream way.
 
+use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::consumer::pull;
-use async_nats::jetstream::consumer::pull::MessagesErrorKind;
+use async_nats::jetstream::consumer::pull::{MessagesErrorKind, OrderedErrorKind};
 use async_nats::jetstream::message::AckKind;
 use async_nats::jetstream::stream::Stream;
 use futures::StreamExt;
@@ -37,11 +38,12 @@ impl Message for Delivery {
     }
 }
 
-/// A durable pull consumer, its stream (read directly at recovery) and its
+/// A durable pull consumer (none for a group member, which reads the stream
+/// with ordered consumers), its stream (read directly at recovery) and its
 /// subject filters (namespaced), applied at recovery too.
 pub(super) struct JetStream {
     pub(super) client: async_nats::Client,
-    pub(super) consumer: async_nats::jetstream::consumer::Consumer<pull::Config>,
+    pub(super) consumer: Option<async_nats::jetstream::consumer::Consumer<pull::Config>>,
     pub(super) stream: Stream,
     pub(super) filters: Vec<String>,
     /// The consumer's name, for the log line of a message JetStream did not describe.
@@ -52,7 +54,8 @@ impl Transport for JetStream {
     type Message = Delivery;
 
     async fn open(&self, batch: usize) -> Result<Pull<Delivery>, BoxError> {
-        let messages = (self.consumer.stream())
+        let consumer = self.durable()?;
+        let messages = (consumer.stream())
             .max_messages_per_batch(batch)
             .messages()
             .await?;
@@ -84,12 +87,50 @@ impl Transport for JetStream {
     }
 
     async fn unsure_span(&self) -> Result<Span<Delivery>, BoxError> {
-        let span = recovery::recover(&self.consumer, &self.stream, &self.filters).await?;
+        let span = recovery::recover(self.durable()?, &self.stream, &self.filters).await?;
         Ok(span)
+    }
+
+    async fn read_from(&self, sequence: u64) -> Result<Pull<Delivery>, BoxError> {
+        let (filter_subject, filter_subjects) = super::filter_fields(&self.filters);
+        let config = pull::OrderedConfig {
+            filter_subject,
+            filter_subjects,
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: sequence,
+            },
+            ..Default::default()
+        };
+        let reader = self.stream.create_consumer(config).await?;
+        let messages = reader.messages().await?;
+        let name = self.name.clone();
+        let read = messages.filter_map(move |next| {
+            let read = match next {
+                Ok(message) => pulled(message, &name).map(Ok),
+                Err(error) => Some(Err(match error.kind() {
+                    OrderedErrorKind::ConsumerDeleted | OrderedErrorKind::NoResponders => {
+                        PullError::Closed(error.into())
+                    }
+                    _ => PullError::Failed(error.into()),
+                })),
+            };
+            std::future::ready(read)
+        });
+        Ok(read.boxed())
     }
 
     async fn flush(&self) -> Result<(), BoxError> {
         Ok(self.client.flush().await?)
+    }
+}
+
+impl JetStream {
+    /// The durable consumer, which a group member has not.
+    fn durable(
+        &self,
+    ) -> Result<&async_nats::jetstream::consumer::Consumer<pull::Config>, BoxError> {
+        (self.consumer.as_ref())
+            .ok_or_else(|| "a consumer group member reads without a durable consumer".into())
     }
 }
 

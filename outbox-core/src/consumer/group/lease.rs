@@ -13,8 +13,8 @@
 
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
 use sea_orm::{
-    ActiveValue, ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect, TransactionSession, TransactionTrait,
+    ActiveValue, ColumnTrait, Condition, ConnectionTrait, DbErr, EntityTrait, QueryFilter,
+    QueryOrder, QuerySelect, TransactionSession, TransactionTrait,
 };
 
 use crate::entity::{consumer_member as member, consumer_partition as partition};
@@ -256,23 +256,35 @@ pub async fn advance(
     Ok(advanced.rows_affected == 1)
 }
 
-/// The fence: inside a batch's transaction, whether `claim` still holds,
-/// with the shared row lock that makes a take wait for the transaction.
-/// A `false` must roll the transaction back.
+/// The fence: inside a batch's transaction, whether every claim of
+/// `claims` still holds, read with the shared row lock that makes a take
+/// wait for the transaction; one statement however many partitions the
+/// batch has. A `false` must roll the transaction back.
 pub async fn fence(
     db: &impl ConnectionTrait,
     consumer: &str,
     id: &str,
-    claim: &Claim,
+    claims: &[Claim],
 ) -> Result<bool, DbErr> {
-    let found = held(partition::Entity::find(), consumer, id, claim)
+    let held = (claims.iter()).fold(Condition::any(), |any, claim| {
+        any.add(
+            partition::Column::PartitionIndex
+                .eq(to_i32(claim.partition))
+                .and(partition::Column::Epoch.eq(claim.epoch)),
+        )
+    });
+    // Rows, not a count: PostgreSQL locks no rows for an aggregate.
+    let found = partition::Entity::find()
+        .filter(partition::Column::Consumer.eq(consumer))
+        .filter(partition::Column::Owner.eq(id))
+        .filter(held)
         .select_only()
-        .column(partition::Column::Epoch)
+        .column(partition::Column::PartitionIndex)
         .lock_shared()
-        .into_tuple::<i64>()
-        .one(db)
+        .into_tuple::<i32>()
+        .all(db)
         .await?;
-    Ok(found.is_some())
+    Ok(found.len() == claims.len())
 }
 
 /// A position as stored; positions never go back, so a position that does

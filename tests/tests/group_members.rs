@@ -1,0 +1,157 @@
+//! Members of one consumer group in one process, over PostgreSQL and NATS:
+//! they share the partitions, and each event is handled once, in its key's
+//! order, through a member's clean exit. (Kills and pauses of member
+//! processes belong to the fault suite.)
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use outbox_core::consumer::ConsumerHandle;
+use outbox_core::consumer::group::GroupConfig;
+use outbox_core::inbox::{Handler, Metadata};
+use outbox_tests::consumers::inbox_rows;
+use outbox_tests::fixtures::{Sequenced, emit_round};
+use outbox_tests::{Setup, eventually};
+use sea_orm::DatabaseTransaction;
+
+/// Handled events in the order their handlers ran, with the member that ran each.
+#[derive(Debug, Default, Clone)]
+struct Log(Arc<Mutex<Vec<(String, u32, &'static str)>>>);
+
+/// A member's handler: appends to the shared log.
+#[derive(Debug, Clone)]
+struct Member {
+    name: &'static str,
+    log: Log,
+}
+
+impl Handler<Sequenced> for Member {
+    type Error = String;
+
+    async fn handle(
+        &self,
+        event: Sequenced,
+        _meta: Metadata,
+        _db: &DatabaseTransaction,
+    ) -> Result<(), String> {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let mut log = self.log.0.lock().expect("lock");
+        log.push((event.key, event.n, self.name));
+        Ok(())
+    }
+}
+
+impl Log {
+    fn len(&self) -> usize {
+        self.0.lock().expect("lock").len()
+    }
+
+    /// Checks that every key's events ran once each, in order; returns how
+    /// many each member ran.
+    fn check(&self, keys: u32, per_key: u32) -> HashMap<&'static str, usize> {
+        let log = self.0.lock().expect("lock");
+        let mut by_key: HashMap<&str, Vec<u32>> = HashMap::new();
+        let mut by_member = HashMap::new();
+        for (key, n, member) in log.iter() {
+            by_key.entry(key).or_default().push(*n);
+            *by_member.entry(*member).or_insert(0) += 1;
+        }
+        assert_eq!(by_key.len(), keys as usize);
+        for (key, ns) in by_key {
+            assert_eq!(
+                ns,
+                (0..per_key).collect::<Vec<_>>(),
+                "key {key}: each once, in order"
+            );
+        }
+        by_member
+    }
+}
+
+const GROUP: GroupConfig = {
+    let mut group = GroupConfig::DEFAULT;
+    group.partitions = 8;
+    group.lease = Duration::from_secs(3);
+    group
+};
+
+async fn member(setup: &Setup, name: &'static str, log: &Log) -> ConsumerHandle {
+    let handler = Member {
+        name,
+        log: log.clone(),
+    };
+    setup
+        .consumer("ledger")
+        .group(GROUP)
+        .max_in_flight(4)
+        .on::<Sequenced, _>(handler)
+        .spawn()
+        .await
+        .expect("join the group")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_members_share_the_partitions_and_keep_each_keys_order() {
+    let setup = Setup::postgres().await;
+    let (keys, per_key) = (20, 30);
+    let log = Log::default();
+    let a = member(&setup, "a", &log).await;
+    let b = member(&setup, "b", &log).await;
+    // Both members have joined before the events come.
+    tokio::time::sleep(GROUP.lease).await;
+    for n in 0..per_key {
+        emit_round(setup.db(), n, keys).await.expect("commit");
+    }
+    setup.relay().await;
+    let total = (keys * per_key) as usize;
+    eventually("every event is handled", async || log.len() >= total).await;
+    a.shutdown().await.expect("stop");
+    b.shutdown().await.expect("stop");
+
+    let by_member = log.check(keys, per_key);
+    assert!(
+        by_member["a"] > 0 && by_member["b"] > 0,
+        "shared: {by_member:?}"
+    );
+    assert_eq!(inbox_rows(setup.db()).await, u64::from(keys * per_key));
+    setup.finish().await;
+}
+
+/// One member stops while both handle a backlog: it finishes what it holds
+/// and hands its partitions over, and the other goes on from where it left
+/// each of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_stops_hands_its_partitions_over() {
+    let setup = Setup::postgres().await;
+    let (keys, per_key) = (20, 30);
+    for n in 0..per_key {
+        emit_round(setup.db(), n, keys).await.expect("commit");
+    }
+    setup.relay().await;
+    let log = Log::default();
+    let a = member(&setup, "a", &log).await;
+    let b = member(&setup, "b", &log).await;
+    let total = (keys * per_key) as usize;
+    eventually("a has handled some", async || {
+        log.0
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|(.., m)| *m == "a")
+            .count()
+            > 20
+    })
+    .await;
+    a.shutdown().await.expect("a stops");
+    eventually("every event is handled", async || log.len() >= total).await;
+    b.shutdown().await.expect("stop");
+
+    let by_member = log.check(keys, per_key);
+    assert!(
+        by_member["a"] > 0 && by_member["b"] > 0,
+        "shared: {by_member:?}"
+    );
+    assert_eq!(inbox_rows(setup.db()).await, u64::from(keys * per_key));
+    setup.finish().await;
+}
