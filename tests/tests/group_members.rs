@@ -15,9 +15,17 @@ use outbox_tests::fixtures::{Sequenced, emit_round};
 use outbox_tests::{Setup, eventually};
 use sea_orm::DatabaseTransaction;
 
-/// Handled events in the order their handlers ran, with the member that ran each.
+/// A handler's run: the event's key and number, and the member that ran it.
+#[derive(Debug)]
+struct Ran {
+    key: String,
+    n: u32,
+    member: &'static str,
+}
+
+/// Handled events in the order their handlers ran.
 #[derive(Debug, Default, Clone)]
-struct Log(Arc<Mutex<Vec<(String, u32, &'static str)>>>);
+struct Log(Arc<Mutex<Vec<Ran>>>);
 
 /// A member's handler: appends to the shared log.
 #[derive(Debug, Clone)]
@@ -37,7 +45,11 @@ impl Handler<Sequenced> for Member {
     ) -> Result<(), String> {
         tokio::time::sleep(Duration::from_millis(2)).await;
         let mut log = self.log.0.lock().expect("lock");
-        log.push((event.key, event.n, self.name));
+        log.push(Ran {
+            key: event.key,
+            n: event.n,
+            member: self.name,
+        });
         Ok(())
     }
 }
@@ -47,15 +59,20 @@ impl Log {
         self.0.lock().expect("lock").len()
     }
 
+    fn ran_by(&self, member: &str) -> usize {
+        let log = self.0.lock().expect("lock");
+        log.iter().filter(|ran| ran.member == member).count()
+    }
+
     /// Checks that every key's events ran once each, in order; returns how
     /// many each member ran.
     fn check(&self, keys: u32, per_key: u32) -> HashMap<&'static str, usize> {
         let log = self.0.lock().expect("lock");
         let mut by_key: HashMap<&str, Vec<u32>> = HashMap::new();
         let mut by_member = HashMap::new();
-        for (key, n, member) in log.iter() {
-            by_key.entry(key).or_default().push(*n);
-            *by_member.entry(*member).or_insert(0) += 1;
+        for ran in log.iter() {
+            by_key.entry(&ran.key).or_default().push(ran.n);
+            *by_member.entry(ran.member).or_insert(0) += 1;
         }
         assert_eq!(by_key.len(), keys as usize);
         for (key, ns) in by_key {
@@ -133,16 +150,7 @@ async fn a_member_that_stops_hands_its_partitions_over() {
     let a = member(&setup, "a", &log).await;
     let b = member(&setup, "b", &log).await;
     let total = (keys * per_key) as usize;
-    eventually("a has handled some", async || {
-        log.0
-            .lock()
-            .expect("lock")
-            .iter()
-            .filter(|(.., m)| *m == "a")
-            .count()
-            > 20
-    })
-    .await;
+    eventually("a has handled some", async || log.ran_by("a") > 20).await;
     a.shutdown().await.expect("a stops");
     eventually("every event is handled", async || log.len() >= total).await;
     b.shutdown().await.expect("stop");

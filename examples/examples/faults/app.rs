@@ -80,7 +80,7 @@ pub(crate) async fn create_tables(db: &DatabaseConnection) -> Result<(), DbErr> 
         format!("CREATE TABLE ghosts (event_id {uuid} PRIMARY KEY)"),
         "CREATE TABLE order_state (order_id BIGINT PRIMARY KEY, step INT NOT NULL)".to_owned(),
         format!(
-            "CREATE TABLE effects (id {id}, event_id {uuid} NOT NULL, order_id BIGINT NOT NULL, seq INT NOT NULL)"
+            "CREATE TABLE effects (id {id}, event_id {uuid} NOT NULL, order_id BIGINT NOT NULL, seq INT NOT NULL, applied_by INT NOT NULL)"
         ),
         format!(
             "CREATE TABLE violations (id {id}, event_id {uuid} NOT NULL, order_id BIGINT NOT NULL, seq INT NOT NULL, found INT NOT NULL)"
@@ -248,8 +248,10 @@ async fn effect(
     seq: Value,
 ) -> Result<(), AppError> {
     let backend = db.get_database_backend();
-    let insert = "INSERT INTO effects (event_id, order_id, seq) VALUES (?, ?, ?)";
-    db.execute_raw(sql(backend, insert, vec![id, order_id, seq]))
+    let insert = "INSERT INTO effects (event_id, order_id, seq, applied_by) VALUES (?, ?, ?, ?)";
+    // The consumer process, so that a group's shares can be counted.
+    let by = i32::try_from(std::process::id()).unwrap_or_default();
+    db.execute_raw(sql(backend, insert, vec![id, order_id, seq, by.into()]))
         .await?;
     Ok(())
 }

@@ -19,7 +19,11 @@
 //! - `cluster`: the same database and a 3-node `nats-server` cluster with the
 //!   stream replicated three times (one node restarted at a time);
 //! - `mariadb`: a database of its own on the machine's MariaDB (`MYSQL_URL`,
-//!   never restarted) and one private `nats-server`.
+//!   never restarted) and one private `nats-server`;
+//! - `groups`: the `postgres` scenario with the consumer run as a group of
+//!   three processes (8 partitions, a 3 s lease), and faults of its own:
+//!   a member killed, stopped with SIGTERM, paused with SIGSTOP past its
+//!   lease and then continued, the group scaled 3 → 1 → 4 → 3.
 //!
 //! At the end it reads the stream with plain async-nats and the database
 //! with plain SQL, prints each figure, and exits 1 if any event was lost,
@@ -35,6 +39,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use outbox_core::consumer::group::GroupConfig;
 use outbox_nats::Consumer;
 use sea_orm::{ConnectOptions, Database};
 
@@ -60,10 +65,10 @@ struct Cli {
     /// Relay processes per scenario.
     #[arg(long, default_value_t = 3)]
     relays: usize,
-    /// Scenarios to run, comma-separated: postgres, cluster, mariadb.
+    /// Scenarios to run, comma-separated: postgres, cluster, mariadb, groups.
     #[arg(
         long,
-        default_value = "postgres,cluster,mariadb",
+        default_value = "postgres,cluster,mariadb,groups",
         value_delimiter = ','
     )]
     scenarios: Vec<String>,
@@ -82,6 +87,9 @@ enum Role {
         nats_url: String,
         #[arg(long)]
         namespace: String,
+        /// Run as a member of the consumer's group, with this lease (milliseconds).
+        #[arg(long)]
+        group_lease_ms: Option<u64>,
     },
 }
 
@@ -102,7 +110,16 @@ fn main() -> ExitCode {
             ref database_url,
             ref nats_url,
             ref namespace,
-        }) => runtime.block_on(consume(database_url, nats_url, namespace)),
+            group_lease_ms,
+        }) => {
+            let group = group_lease_ms.map(|lease| {
+                let mut group = GroupConfig::DEFAULT;
+                group.partitions = 8;
+                group.lease = Duration::from_millis(lease);
+                group
+            });
+            runtime.block_on(consume(database_url, nats_url, namespace, group))
+        }
         None => runtime.block_on(suite(&cli)),
     };
     match outcome {
@@ -146,21 +163,31 @@ async fn suite(cli: &Cli) -> Result<bool> {
                 name: "postgres",
                 store: Store::PrivatePostgres,
                 nats_nodes: 1,
+                group: None,
             },
             "cluster" => Scenario {
                 name: "cluster",
                 store: Store::PrivatePostgres,
                 nats_nodes: 3,
+                group: None,
             },
             "mariadb" => Scenario {
                 name: "mariadb",
                 store: Store::MariaDb,
                 nats_nodes: 1,
+                group: None,
+            },
+            "groups" => Scenario {
+                name: "groups",
+                store: Store::PrivatePostgres,
+                nats_nodes: 1,
+                group: Some(GROUP_LEASE),
             },
             other => {
-                return Err(
-                    format!("unknown scenario `{other}` (postgres, cluster, mariadb)").into(),
-                );
+                return Err(format!(
+                    "unknown scenario `{other}` (postgres, cluster, mariadb, groups)"
+                )
+                .into());
             }
         });
     }
@@ -201,6 +228,12 @@ async fn suite(cli: &Cli) -> Result<bool> {
             "  [{}] consumer: {} deliveries found gone elsewhere; {} messages handled from unsure spans",
             scenario.name, report.skipped_deliveries, report.recovered_messages
         );
+        if scenario.group.is_some() {
+            println!(
+                "  [{}] group: effects applied per consumer process {:?}; {} partitions moved, {} lost to another member (fenced)",
+                scenario.name, report.shares, report.partitions_moved, report.partitions_lost
+            );
+        }
         if report.relays_started_before_nats {
             println!(
                 "  [{}] relays started 1 s before nats-server: they waited for it",
@@ -228,9 +261,18 @@ async fn suite(cli: &Cli) -> Result<bool> {
     Ok(all_passed)
 }
 
+/// The lease of the `groups` scenario's members: short, so that a run sees
+/// many handovers.
+const GROUP_LEASE: Duration = Duration::from_secs(3);
+
 /// The consumer process: applies steps and audits once each, in per-key
 /// order. SIGTERM stops it cleanly at any point, starting up included.
-async fn consume(database_url: &str, nats_url: &str, namespace: &str) -> Result<bool> {
+async fn consume(
+    database_url: &str,
+    nats_url: &str,
+    namespace: &str,
+    group: Option<GroupConfig>,
+) -> Result<bool> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -240,7 +282,7 @@ async fn consume(database_url: &str, nats_url: &str, namespace: &str) -> Result<
         .init();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let consumer = tokio::select! {
-        started = start_consumer(database_url, nats_url, namespace) => started?,
+        started = start_consumer(database_url, nats_url, namespace, group) => started?,
         _ = term.recv() => return Ok(true),
     };
     term.recv().await;
@@ -254,13 +296,18 @@ async fn start_consumer(
     database_url: &str,
     nats_url: &str,
     namespace: &str,
+    group: Option<GroupConfig>,
 ) -> Result<outbox_nats::ConsumerHandle> {
     let mut options = ConnectOptions::new(database_url);
     options.max_connections(16).sqlx_logging(false);
     let db = Database::connect(options).await?;
     let client = outbox_nats::NatsConfig::new(nats_url)?.connect().await?;
     loop {
-        let started = Consumer::builder(client.clone(), db.clone(), "faults")
+        let mut builder = Consumer::builder(client.clone(), db.clone(), "faults");
+        if let Some(group) = group {
+            builder = builder.group(group);
+        }
+        let started = builder
             .namespace(namespace)
             .on::<app::OrderStep, _>(app::apply_step)
             .on::<app::Audit, _>(app::apply_audit)

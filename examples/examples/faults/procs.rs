@@ -89,6 +89,18 @@ impl Proc {
         }
     }
 
+    /// Sends `signal` (`STOP`, `CONT`) to it, if it runs.
+    pub(crate) async fn signal(&self, signal: &str) -> Result<()> {
+        if let Some(pid) = self.child.as_ref().and_then(Child::id) {
+            Command::new("kill")
+                .arg(format!("-{signal}"))
+                .arg(pid.to_string())
+                .status()
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Whether it has exited by itself (a crash, or an error it gave up on).
     pub(crate) fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.as_mut()?.try_wait().ok().flatten()

@@ -32,7 +32,16 @@ pub(crate) struct Scenario {
     pub(crate) name: &'static str,
     pub(crate) store: Store,
     pub(crate) nats_nodes: usize,
+    /// The consumer as a group of [`MEMBERS`] processes with this lease;
+    /// without, one process.
+    pub(crate) group: Option<Duration>,
 }
+
+/// Members of a group scenario's consumer, at its start and between scalings.
+const MEMBERS: usize = 3;
+
+/// The sizes a group is scaled to in turn.
+const SCALES: [usize; 3] = [1, 4, MEMBERS];
 
 /// How long and how hard every scenario runs.
 #[derive(Debug, Clone)]
@@ -58,6 +67,8 @@ enum Fault {
     KillRelay,
     KillConsumer,
     RestartConsumer,
+    PauseConsumer,
+    ScaleGroup,
     RestartNats,
     RestartPostgres,
 }
@@ -66,8 +77,10 @@ impl Fault {
     fn label(self) -> &'static str {
         match self {
             Self::KillRelay => "relay killed (SIGKILL)",
-            Self::KillConsumer => "consumer killed (SIGKILL)",
-            Self::RestartConsumer => "consumer restarted gracefully (SIGTERM)",
+            Self::KillConsumer => "consumer (a member) killed (SIGKILL)",
+            Self::RestartConsumer => "consumer (a member) restarted gracefully (SIGTERM)",
+            Self::PauseConsumer => "member paused (SIGSTOP) past its lease, then continued",
+            Self::ScaleGroup => "group scaled (3 → 1 → 4 → 3 members, in turn)",
             Self::RestartNats => "nats-server killed and restarted",
             Self::RestartPostgres => "PostgreSQL stopped (immediate) and restarted",
         }
@@ -87,6 +100,12 @@ pub(crate) struct Report {
     /// messages of unsure spans it handled (not yet in its inbox).
     pub(crate) skipped_deliveries: usize,
     pub(crate) recovered_messages: usize,
+    /// A group's: effects applied by each consumer process (by pid), and,
+    /// from the members' logs, partitions taken and partitions lost to
+    /// another member after a pause.
+    pub(crate) shares: Vec<u64>,
+    pub(crate) partitions_moved: usize,
+    pub(crate) partitions_lost: usize,
     pub(crate) verdict: Verdict,
 }
 
@@ -139,8 +158,23 @@ pub(crate) async fn run(scenario: Scenario, plan: &Plan, env: &Env<'_>) -> Resul
         relays.iter_mut().try_for_each(Proc::start)?;
     }
     report.relays_started_before_nats = relays_first;
-    let mut consumer = Proc::new("consumer", env.self_bin, command("consume", &[]), &dir);
-    consumer.start()?;
+    let lease_ms = scenario.group.map(|lease| lease.as_millis().to_string());
+    let consume = match &lease_ms {
+        Some(lease_ms) => command("consume", &["--group-lease-ms", lease_ms]),
+        None => command("consume", &[]),
+    };
+    let member = |i: usize| {
+        Proc::new(
+            &format!("consumer-{i}"),
+            env.self_bin,
+            consume.clone(),
+            &dir,
+        )
+    };
+    let members = if scenario.group.is_some() { MEMBERS } else { 1 };
+    let mut consumers: Vec<Proc> = (0..members).map(member).collect();
+    consumers.iter_mut().try_for_each(Proc::start)?;
+    let mut scales = SCALES.iter().cycle();
 
     let stop = Arc::new(AtomicBool::new(false));
     let producer = tokio::spawn(produce(db.clone(), plan.clone(), Arc::clone(&stop)));
@@ -151,6 +185,9 @@ pub(crate) async fn run(scenario: Scenario, plan: &Plan, env: &Env<'_>) -> Resul
         Fault::RestartNats,
         Fault::RestartConsumer,
     ];
+    if scenario.group.is_some() {
+        faults.extend([Fault::PauseConsumer, Fault::ScaleGroup]);
+    }
     if scenario.store == Store::PrivatePostgres {
         faults.push(Fault::RestartPostgres);
     }
@@ -169,15 +206,39 @@ pub(crate) async fn run(scenario: Scenario, plan: &Plan, env: &Env<'_>) -> Resul
                 relay.start()?;
             }
             Fault::KillConsumer => {
+                let consumer = any(&mut consumers);
                 consumer.kill9().await?;
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 consumer.start()?;
             }
             Fault::RestartConsumer => {
+                let consumer = any(&mut consumers);
                 if !consumer.terminate(Duration::from_secs(60)).await? {
                     return Err("the consumer did not stop cleanly on SIGTERM".into());
                 }
                 consumer.start()?;
+            }
+            Fault::PauseConsumer => {
+                let lease = scenario.group.unwrap_or_default();
+                let consumer = any(&mut consumers);
+                consumer.signal("STOP").await?;
+                tokio::time::sleep(lease + Duration::from_secs(1)).await;
+                consumer.signal("CONT").await?;
+            }
+            Fault::ScaleGroup => {
+                let size = *scales.next().unwrap_or(&MEMBERS);
+                while consumers.len() > size {
+                    if let Some(mut gone) = consumers.pop()
+                        && !gone.terminate(Duration::from_secs(60)).await?
+                    {
+                        return Err("a member did not stop cleanly on SIGTERM".into());
+                    }
+                }
+                while consumers.len() < size {
+                    let mut joining = member(consumers.len());
+                    joining.start()?;
+                    consumers.push(joining);
+                }
             }
             Fault::RestartNats => {
                 let node = fastrand::usize(..nats.nodes.len());
@@ -190,7 +251,7 @@ pub(crate) async fn run(scenario: Scenario, plan: &Plan, env: &Env<'_>) -> Resul
             }
         }
         *report.faults.entry(fault.label()).or_default() += 1;
-        report.unexpected_exits += restart_exited(&mut relays, &mut consumer)?;
+        report.unexpected_exits += restart_exited(&mut relays, &mut consumers)?;
     }
     stop.store(true, Ordering::SeqCst);
     producer.await??;
@@ -198,7 +259,7 @@ pub(crate) async fn run(scenario: Scenario, plan: &Plan, env: &Env<'_>) -> Resul
     // Everything committed must now reach the stream and the consumer's effects.
     let drain_started = Instant::now();
     loop {
-        report.unexpected_exits += restart_exited(&mut relays, &mut consumer)?;
+        report.unexpected_exits += restart_exited(&mut relays, &mut consumers)?;
         if let Ok((committed, applied, left)) = verify::progress(&db).await
             && applied >= committed
             && left == 0
@@ -215,14 +276,23 @@ pub(crate) async fn run(scenario: Scenario, plan: &Plan, env: &Env<'_>) -> Resul
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     report.drain_seconds = drain_started.elapsed().as_secs_f64();
-    if !consumer.terminate(Duration::from_secs(60)).await? {
-        return Err("the consumer did not stop cleanly on SIGTERM".into());
+    for consumer in &mut consumers {
+        if !consumer.terminate(Duration::from_secs(60)).await? {
+            return Err("the consumer did not stop cleanly on SIGTERM".into());
+        }
     }
     for relay in &mut relays {
         relay.terminate(Duration::from_secs(30)).await?;
     }
     report.verdict = verify::verdict(&db, &client, &stream).await?;
-    let log = std::fs::read_to_string(dir.join("consumer.log"))?;
+    report.shares = verify::shares(&db).await?;
+    let mut log = String::new();
+    // Every member that ran, the scaled-away ones included.
+    for i in 0..=SCALES.iter().copied().max().unwrap_or(1) {
+        log.push_str(
+            &std::fs::read_to_string(dir.join(format!("consumer-{i}.log"))).unwrap_or_default(),
+        );
+    }
     report.skipped_deliveries = log.matches("a delivery went elsewhere").count();
     report.recovered_messages = (log.lines())
         .filter(|line| line.contains("did not see"))
@@ -234,6 +304,10 @@ pub(crate) async fn run(scenario: Scenario, plan: &Plan, env: &Env<'_>) -> Resul
                 .ok()
         })
         .sum();
+    report.partitions_moved = log.matches("the group's partitions moved").count();
+    report.partitions_lost = log
+        .matches("partitions were taken by another member")
+        .count();
     db.close().await?;
     if let Some((admin, database)) = admin {
         admin
@@ -243,10 +317,16 @@ pub(crate) async fn run(scenario: Scenario, plan: &Plan, env: &Env<'_>) -> Resul
     Ok(report)
 }
 
-/// Restarts relays and the consumer that exited by themselves; returns how many.
-fn restart_exited(relays: &mut [Proc], consumer: &mut Proc) -> Result<u32> {
+/// One of the consumer's processes, at random.
+fn any(consumers: &mut [Proc]) -> &mut Proc {
+    let victim = fastrand::usize(..consumers.len());
+    &mut consumers[victim]
+}
+
+/// Restarts relays and consumers that exited by themselves; returns how many.
+fn restart_exited(relays: &mut [Proc], consumers: &mut [Proc]) -> Result<u32> {
     let mut exited = 0;
-    for proc in relays.iter_mut().chain(std::iter::once(consumer)) {
+    for proc in relays.iter_mut().chain(consumers.iter_mut()) {
         if let Some(status) = proc.exited() {
             println!("  {} exited by itself ({status}); restarting it", proc.name);
             proc.start()?;

@@ -200,6 +200,14 @@ pub(crate) async fn verdict(
 const OUTBOX_LEFT: &str =
     "SELECT (SELECT COUNT(*) FROM outbox_messages) + (SELECT COUNT(*) FROM outbox_scheduled)";
 
+/// Effects applied by each consumer process, most first.
+pub(crate) async fn shares(db: &DatabaseConnection) -> Result<Vec<u64>> {
+    let query = "SELECT COUNT(*) FROM effects GROUP BY applied_by ORDER BY COUNT(*) DESC";
+    (rows(db, query).await?.into_iter())
+        .map(|row| Ok(u64::try_from(row.try_get_by_index::<i64>(0)?).unwrap_or(0)))
+        .collect()
+}
+
 /// How many effects the consumer has applied, and events the outbox holds.
 pub(crate) async fn progress(db: &DatabaseConnection) -> Result<(u64, u64, u64)> {
     Ok((

@@ -66,6 +66,20 @@ impl<T> KeyQueues<T> {
         self.keys.values_mut().flat_map(|k| k.queue.values_mut())
     }
 
+    /// Forgets key `key`, busy or not, with what it has queued (a group
+    /// member's partition gone to another member): a message of it still
+    /// running finishes against nothing.
+    pub(super) fn forget(&mut self, key: &str) {
+        if let Some(state) = self.keys.remove(key) {
+            self.queued -= state.queue.len();
+        }
+    }
+
+    /// The keys with messages queued or busy.
+    pub(super) fn keys(&self) -> impl Iterator<Item = &str> {
+        self.keys.keys().map(String::as_str)
+    }
+
     /// Empties every queue (at shutdown).
     pub(super) fn drain(&mut self) -> Vec<T> {
         self.queued = 0;

@@ -113,6 +113,30 @@ impl<M> Pending<M> {
         due
     }
 
+    /// Gives up the messages of the keys `key_gone` names, and the unkeyed
+    /// ones `unkeyed_gone` names, with their keys' places: a group member's
+    /// partitions that went to another member, whose messages must not run
+    /// here ahead of the copies read again if it takes them back.
+    pub(super) fn forget(
+        &mut self,
+        key_gone: impl Fn(&str) -> bool,
+        unkeyed_gone: impl Fn(&Held<M>) -> bool,
+    ) {
+        let gone_keys: Vec<String> = (self.keys.keys())
+            .filter(|key| key_gone(key))
+            .map(str::to_owned)
+            .collect();
+        for key in &gone_keys {
+            self.keys.forget(key);
+        }
+        let gone = |held: &Held<M>| match held.key.as_deref() {
+            Some(key) => key_gone(key),
+            None => unkeyed_gone(held),
+        };
+        self.ready.retain(|held| !gone(held));
+        self.retries.retain(|_, held| !gone(held));
+    }
+
     /// Gives up every held message (at shutdown).
     pub(super) fn drain(&mut self) -> Vec<Held<M>> {
         let mut all = self.keys.drain();

@@ -723,6 +723,11 @@ impl<T: Transport> Loop<T> {
                     tracing::info!(consumer = %name, member = %member.id(), ?taken, ?released, ?lost, "the group's partitions moved");
                 }
                 if !changed.lost.is_empty() {
+                    let lost = |partition| changed.lost.contains(&partition);
+                    self.pending.forget(
+                        |key| lost(member.partition_of(key.as_bytes())),
+                        |held| lost(partition(member, held)),
+                    );
                     tracing::warn!(consumer = %name, member = %member.id(), lost = ?changed.lost, "partitions were taken by another member after this one's lease ended; what it held of them is not committed");
                 }
             }

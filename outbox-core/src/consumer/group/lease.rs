@@ -13,8 +13,8 @@
 
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
 use sea_orm::{
-    ActiveValue, ColumnTrait, Condition, ConnectionTrait, DbErr, EntityTrait, QueryFilter,
-    QueryOrder, QuerySelect, TransactionSession, TransactionTrait,
+    ActiveValue, ColumnTrait, Condition, ConnectionTrait, DbBackend, DbErr, EntityTrait,
+    QueryFilter, QueryOrder, QuerySelect, TransactionSession, TransactionTrait,
 };
 
 use crate::entity::{consumer_member as member, consumer_partition as partition};
@@ -187,6 +187,14 @@ pub async fn take(
     until_ms: i64,
 ) -> Result<Option<Claim>, DbErr> {
     let txn = db.begin().await?;
+    // A former owner's batch in flight holds the row until it ends; one
+    // paused mid-commit would hold up this member's whole loop, so give up
+    // after a second and try at the next look (PostgreSQL; MySQL waits
+    // `innodb_lock_wait_timeout`).
+    if txn.get_database_backend() == DbBackend::Postgres {
+        txn.execute_unprepared("SET LOCAL lock_timeout = '1s'")
+            .await?;
+    }
     let this = partition::Column::Consumer
         .eq(consumer)
         .and(partition::Column::PartitionIndex.eq(to_i32(index)));

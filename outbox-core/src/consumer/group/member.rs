@@ -55,18 +55,24 @@ struct Owned {
     /// Over this member's share: take nothing more of it, hand it over once
     /// what is queued is settled.
     releasing: bool,
+    /// Whether the current reading took every message of the partition it
+    /// yielded: it started at or below `read_through + 1`, and the
+    /// partition was neither taken since nor being handed over.
+    covered: bool,
     /// The position last stored.
     stored: u64,
 }
 
 impl Owned {
     /// Through which sequence every message of the partition is settled,
-    /// the reading being at `read_at`: a partition with nothing unsettled is
-    /// settled as far as the reading went, which passed over no message of it.
+    /// the reading being at `read_at`: with nothing unsettled, as far as a
+    /// reading that covers the partition went, since it passed over no
+    /// message of it.
     fn position(&self, read_at: u64) -> u64 {
         match self.unsettled.first() {
             Some(first) => first - 1,
-            None => self.read_through.max(read_at),
+            None if self.covered => self.read_through.max(read_at),
+            None => self.read_through,
         }
     }
 }
@@ -161,6 +167,9 @@ impl Member {
             .min()
             .unwrap_or(1);
         self.read_at = start - 1;
+        for owned in self.owned.values_mut() {
+            owned.covered = !owned.releasing;
+        }
         start
     }
 
@@ -236,7 +245,11 @@ impl Member {
         let target = assign(&owners, &names);
         for (index, owned) in &mut self.owned {
             let mine = target.get(*index as usize).and_then(Option::as_deref) == Some(id);
-            owned.releasing |= !mine;
+            if !mine {
+                // What the reading yields of it from now on is passed over.
+                owned.releasing = true;
+                owned.covered = false;
+            }
         }
         for (index, owned) in &mut self.owned {
             let position = owned.position(self.read_at);
@@ -264,6 +277,8 @@ impl Member {
                     read_through: claim.position,
                     unsettled: BTreeSet::new(),
                     releasing: false,
+                    // Until the reading restarts from its position.
+                    covered: false,
                     stored: claim.position,
                 };
                 self.owned.insert(index, owned);
