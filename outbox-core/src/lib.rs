@@ -70,7 +70,7 @@ pub use event::OutboxEvent;
 pub use migration::{check_schema, migrate, migrations};
 pub use registry::{EventDescriptor, registry};
 pub use signal::{CommitSignal, wake_relays};
-pub use status::{ConsumerStatus, Status, status};
+pub use status::{ConsumerStatus, GroupStatus, PartitionStatus, Status, status};
 
 /// The `uuid` crate (with `v7`) of the ids `emit!` returns and the inbox
 /// keys on: `outbox_core::uuid::Uuid`, without a dependency of your own.

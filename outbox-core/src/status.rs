@@ -5,6 +5,7 @@ use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Expr, Func, SimpleExpr};
 use sea_orm::{ConnectionTrait, DbErr, EntityTrait, PaginatorTrait, QueryOrder, QuerySelect};
 
+use crate::consumer::group;
 use crate::entity::{inbox_dead_letter, outbox_scheduled};
 use crate::relay::{OutboxStats, stats};
 
@@ -20,6 +21,35 @@ pub struct Status {
     pub next_scheduled: Option<DateTime<Utc>>,
     /// Each consumer that has dead letters, by name.
     pub consumers: Vec<ConsumerStatus>,
+    /// Each consumer name run as a group, by name.
+    pub groups: Vec<GroupStatus>,
+}
+
+/// A consumer group: its live members and who owns each partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct GroupStatus {
+    /// The consumer name.
+    pub name: String,
+    /// The members alive now, by id.
+    pub members: Vec<String>,
+    /// Its partitions, in order.
+    pub partitions: Vec<PartitionStatus>,
+}
+
+/// One partition of a consumer group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PartitionStatus {
+    /// The partition.
+    pub index: u32,
+    /// The member that owns it, if its lease holds.
+    pub owner: Option<String>,
+    /// Changes of owner so far.
+    pub epoch: i64,
+    /// The stream sequence through which its messages are settled, as last
+    /// stored (its lag is the stream's last sequence minus it, at most).
+    pub position: u64,
 }
 
 /// One consumer's share of the inbox dead letters.
@@ -78,6 +108,7 @@ pub async fn status<C: ConnectionTrait>(db: &C) -> Result<Status, DbErr> {
         .all(db)
         .await?;
     Ok(Status {
+        groups: groups(db).await?,
         outbox: stats(db).await?,
         scheduled: outbox_scheduled::Entity::find().count(db).await?,
         next_scheduled: next_scheduled.flatten(),
@@ -89,4 +120,38 @@ pub async fn status<C: ConnectionTrait>(db: &C) -> Result<Status, DbErr> {
             })
             .collect(),
     })
+}
+
+/// Every consumer group, from its tables.
+async fn groups<C: ConnectionTrait>(db: &C) -> Result<Vec<GroupStatus>, DbErr> {
+    use crate::entity::consumer_partition as partition;
+    let now = Utc::now().timestamp_millis();
+    let names: Vec<String> = partition::Entity::find()
+        .select_only()
+        .column(partition::Column::Consumer)
+        .distinct()
+        .order_by_asc(partition::Column::Consumer)
+        .into_tuple()
+        .all(db)
+        .await?;
+    let mut groups = Vec::with_capacity(names.len());
+    for name in names {
+        let partitions = (group::partitions(db, &name).await?.into_iter())
+            .map(|row| {
+                let held = row.lease_until_ms.is_some_and(|until| until >= now);
+                PartitionStatus {
+                    index: row.partition_index.unsigned_abs(),
+                    owner: row.owner.filter(|_| held),
+                    epoch: row.epoch,
+                    position: row.position.unsigned_abs(),
+                }
+            })
+            .collect();
+        groups.push(GroupStatus {
+            members: group::members(db, &name, now).await?,
+            name,
+            partitions,
+        });
+    }
+    Ok(groups)
 }

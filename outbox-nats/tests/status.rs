@@ -181,3 +181,51 @@ fn status_on_an_unreachable_database_names_the_server_and_the_cause() {
     );
     assert!(took < std::time::Duration::from_secs(20), "took {took:?}");
 }
+
+/// A consumer group's members and who owns which partition, from the
+/// group's tables as a member leaves them.
+#[tokio::test]
+async fn status_shows_each_groups_members_and_partitions() {
+    use outbox_core::consumer::group;
+    let test = TestDb::sqlite().await;
+    let db = &test.db;
+    let now = chrono::Utc::now().timestamp_millis();
+    let until = now + 60_000;
+    group::ensure_partitions(db, "billing", 4)
+        .await
+        .expect("create");
+    group::renew(db, "billing", "a", now, until)
+        .await
+        .expect("join");
+    for partition in [0, 2] {
+        (group::take(db, "billing", partition, "a", now, until).await)
+            .expect("take")
+            .expect("free");
+    }
+
+    let json = report(&status(&test.url, &["--json"]));
+    let groups = json["groups"].as_array().expect("groups");
+    assert_eq!(groups.len(), 1);
+    assert_eq!(groups[0]["name"], "billing");
+    assert_eq!(groups[0]["members"], serde_json::json!(["a"]));
+    let owners: Vec<_> = (groups[0]["partitions"]
+        .as_array()
+        .expect("partitions")
+        .iter())
+    .map(|p| p["owner"].clone())
+    .collect();
+    assert_eq!(
+        owners,
+        serde_json::json!(["a", null, "a", null])
+            .as_array()
+            .expect("array")
+            .clone()
+    );
+
+    let text = String::from_utf8_lossy(&status(&test.url, &[]).stdout).into_owned();
+    assert!(
+        text.contains("consumer group billing: 1 members, 4 partitions (2 without owner)"),
+        "{text}"
+    );
+    assert!(text.contains("  a: partitions 0,2"), "{text}");
+}

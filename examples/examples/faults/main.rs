@@ -23,7 +23,8 @@
 //! - `groups`: the `postgres` scenario with the consumer run as a group of
 //!   three processes (8 partitions, a 3 s lease), and faults of its own:
 //!   a member killed, stopped with SIGTERM, paused with SIGSTOP past its
-//!   lease and then continued, the group scaled 3 → 1 → 4 → 3.
+//!   lease and then continued, the group scaled 3 → 1 → 4 → 3;
+//! - `groups-cluster`: `groups` on the 3-node cluster.
 //!
 //! At the end it reads the stream with plain async-nats and the database
 //! with plain SQL, prints each figure, and exits 1 if any event was lost,
@@ -65,10 +66,11 @@ struct Cli {
     /// Relay processes per scenario.
     #[arg(long, default_value_t = 3)]
     relays: usize,
-    /// Scenarios to run, comma-separated: postgres, cluster, mariadb, groups.
+    /// Scenarios to run, comma-separated: postgres, cluster, mariadb,
+    /// groups, groups-cluster.
     #[arg(
         long,
-        default_value = "postgres,cluster,mariadb,groups",
+        default_value = "postgres,cluster,mariadb,groups,groups-cluster",
         value_delimiter = ','
     )]
     scenarios: Vec<String>,
@@ -183,9 +185,15 @@ async fn suite(cli: &Cli) -> Result<bool> {
                 nats_nodes: 1,
                 group: Some(GROUP_LEASE),
             },
+            "groups-cluster" => Scenario {
+                name: "groups-cluster",
+                store: Store::PrivatePostgres,
+                nats_nodes: 3,
+                group: Some(GROUP_LEASE),
+            },
             other => {
                 return Err(format!(
-                    "unknown scenario `{other}` (postgres, cluster, mariadb, groups)"
+                    "unknown scenario `{other}` (postgres, cluster, mariadb, groups, groups-cluster)"
                 )
                 .into());
             }

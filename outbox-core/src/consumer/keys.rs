@@ -138,6 +138,23 @@ mod tests {
     }
 
     #[test]
+    fn a_forgotten_key_starts_afresh_with_the_copies_read_again() {
+        let mut keys = KeyQueues::new();
+        assert_eq!(keys.push("a", 5, "a5"), Some("a5"));
+        keys.push("a", 6, "a6");
+        keys.push("b", 7, "b7");
+        keys.forget("a");
+        assert_eq!(keys.queued(), 0, "a6 is gone; b7 runs");
+        assert_eq!(
+            keys.push("a", 5, "a5 again"),
+            Some("a5 again"),
+            "not behind the old a5"
+        );
+        assert_eq!(keys.finish("a"), None);
+        assert_eq!(keys.keys().count(), 1, "b is busy with b7");
+    }
+
+    #[test]
     fn a_copy_replaces_the_queued_one_and_drain_empties() {
         let mut keys = KeyQueues::new();
         keys.push("a", 1, "a1");

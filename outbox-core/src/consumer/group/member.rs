@@ -324,3 +324,117 @@ impl Fence for GroupFence {
         .boxed()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A member owning `partitions`, each taken at position `at`, without
+    /// a database (the steps tested here touch none).
+    fn member(partitions: &[u32], at: u64) -> Member {
+        let owned = (partitions.iter())
+            .map(|&partition| {
+                let claim = Claim {
+                    partition,
+                    epoch: 1,
+                    position: at,
+                };
+                let owned = Owned {
+                    claim,
+                    read_through: at,
+                    unsettled: BTreeSet::new(),
+                    releasing: false,
+                    covered: false,
+                    stored: at,
+                };
+                (partition, owned)
+            })
+            .collect();
+        Member {
+            db: DatabaseConnection::default(),
+            consumer: "billing".to_owned(),
+            id: "a".to_owned(),
+            config: GroupConfig::DEFAULT,
+            owned,
+            read_at: 0,
+        }
+    }
+
+    fn position(member: &Member, partition: u32) -> u64 {
+        member.owned[&partition].position(member.read_at)
+    }
+
+    #[test]
+    fn the_reading_starts_after_the_lowest_position_owned() {
+        let mut member = member(&[0, 1], 10);
+        member.owned.get_mut(&1).expect("owned").read_through = 4;
+        assert_eq!(member.start(), 5);
+    }
+
+    #[test]
+    fn a_position_stays_below_what_is_unsettled() {
+        let mut member = member(&[0, 1], 10);
+        member.start();
+        assert!(member.accepts(0, 12) && member.accepts(0, 15));
+        assert!(!member.accepts(2, 16), "not owned: passed over");
+        member.settled(0, 15);
+        assert_eq!(position(&member, 0), 11, "12 is not settled");
+        member.settled(0, 12);
+        assert_eq!(position(&member, 0), 16, "as far as the reading went");
+        assert_eq!(
+            position(&member, 1),
+            16,
+            "the reading passed over none of 1's"
+        );
+    }
+
+    #[test]
+    fn a_message_read_again_is_taken_once() {
+        let mut member = member(&[0], 10);
+        member.start();
+        assert!(member.accepts(0, 12));
+        assert!(!member.accepts(0, 12) && !member.accepts(0, 11));
+    }
+
+    #[test]
+    fn a_partition_taken_since_the_reading_started_keeps_its_own_position() {
+        let mut member = member(&[0], 10);
+        member.start();
+        assert!(member.accepts(0, 40));
+        member.settled(0, 40);
+        let claim = Claim {
+            partition: 1,
+            epoch: 3,
+            position: 5,
+        };
+        let taken = Owned {
+            claim,
+            read_through: 5,
+            unsettled: BTreeSet::new(),
+            releasing: false,
+            covered: false,
+            stored: 5,
+        };
+        member.owned.insert(1, taken);
+        assert_eq!(
+            position(&member, 1),
+            5,
+            "the reading has not read 6..40 for it"
+        );
+        assert_eq!(member.start(), 6, "the reading starts again from it");
+        assert_eq!(position(&member, 1), 5);
+    }
+
+    #[test]
+    fn a_partition_being_handed_over_does_not_advance_past_what_it_took() {
+        let mut member = member(&[0], 10);
+        member.start();
+        assert!(member.accepts(0, 12));
+        let owned = member.owned.get_mut(&0).expect("owned");
+        owned.releasing = true;
+        owned.covered = false;
+        assert!(!member.accepts(0, 13), "passed over while handed over");
+        member.settled(0, 12);
+        assert_eq!(position(&member, 0), 12, "13 is the next owner's");
+    }
+}

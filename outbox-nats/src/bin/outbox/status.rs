@@ -66,6 +66,25 @@ pub(crate) async fn run(
                 })
             })
             .collect();
+        let groups: Vec<_> = (status.groups.iter())
+            .map(|group| {
+                let partitions: Vec<_> = (group.partitions.iter())
+                    .map(|p| {
+                        serde_json::json!({
+                            "index": p.index,
+                            "owner": p.owner,
+                            "epoch": p.epoch,
+                            "position": p.position,
+                        })
+                    })
+                    .collect();
+                serde_json::json!({
+                    "name": group.name,
+                    "members": group.members,
+                    "partitions": partitions,
+                })
+            })
+            .collect();
         let report = serde_json::json!({
             "pending": outbox.pending,
             "oldest_pending": outbox.oldest_pending,
@@ -75,6 +94,7 @@ pub(crate) async fn run(
             "next_scheduled": status.next_scheduled,
             "inbox_dead_letters": status.inbox_dead_letters(),
             "consumers": consumers,
+            "groups": groups,
             "breached": breached,
         });
         println!("{report}");
@@ -95,6 +115,29 @@ pub(crate) async fn run(
                 "  {}: {} ({} replay requested)",
                 consumer.name, consumer.dead_letters, consumer.replay_requested
             );
+        }
+        for group in &status.groups {
+            let owned = |member: &str| {
+                (group.partitions.iter())
+                    .filter(|p| p.owner.as_deref() == Some(member))
+                    .map(|p| p.index.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            let free = group
+                .partitions
+                .iter()
+                .filter(|p| p.owner.is_none())
+                .count();
+            println!(
+                "consumer group {}: {} members, {} partitions ({free} without owner)",
+                group.name,
+                group.members.len(),
+                group.partitions.len()
+            );
+            for member in &group.members {
+                println!("  {member}: partitions {}", owned(member));
+            }
         }
         if !breached.is_empty() {
             println!("breached:       {}", breached.join(", "));
