@@ -163,3 +163,49 @@ async fn a_member_that_stops_hands_its_partitions_over() {
     assert_eq!(inbox_rows(setup.db()).await, u64::from(keys * per_key));
     setup.finish().await;
 }
+
+/// One consumer name cannot run as a group in one process and alone in
+/// another: each would keep key order its own way. Whichever starts second
+/// is refused, naming how the name runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_runs_as_a_group_or_alone_not_both() {
+    use outbox_core::consumer::StartError;
+    use outbox_nats::ConsumerError;
+    let setup = Setup::postgres().await;
+    let log = Log::default();
+    let handler = |name| Member {
+        name,
+        log: log.clone(),
+    };
+    let grouped = member(&setup, "a", &log).await;
+    let alone = (setup.consumer("ledger"))
+        .on::<Sequenced, _>(handler("b"))
+        .spawn()
+        .await;
+    match alone {
+        Err(ConsumerError::Inbox(StartError::MixedWithGroup { elsewhere, .. })) => {
+            assert_eq!(elsewhere, "as a group")
+        }
+        other => panic!("a single consumer beside a group: {other:?}"),
+    }
+    grouped.shutdown().await.expect("stop");
+
+    let alone = (setup.consumer("ledger"))
+        .on::<Sequenced, _>(handler("b"))
+        .spawn()
+        .await
+        .expect("the group has left: the name may run alone");
+    let grouped = (setup.consumer("ledger"))
+        .group(GROUP)
+        .on::<Sequenced, _>(handler("a"))
+        .spawn()
+        .await;
+    match grouped {
+        Err(ConsumerError::Inbox(StartError::MixedWithGroup { elsewhere, .. })) => {
+            assert_eq!(elsewhere, "as a single consumer")
+        }
+        other => panic!("a member beside a single consumer: {other:?}"),
+    }
+    alone.shutdown().await.expect("stop");
+    setup.finish().await;
+}

@@ -6,7 +6,11 @@
 //!   messages at once and neither an inbox nor per-key order
 //!   (`handwritten_consumer_eps`, what a user would write);
 //! - `outbox_nats::Consumer` with the same `UPDATE` as its handler and
-//!   `in_flight` transactions at once (`consumer_eps`).
+//!   `in_flight` transactions at once (`consumer_eps`);
+//! - the same `Consumer` as a group of one (`group1_consumer_eps`; its
+//!   ratio to `consumer_eps` is `group_overhead`) and as a group of two
+//!   members in this process (`group2_consumer_eps`, whose first look at
+//!   the group, a lease's third in, hands half the partitions to the second).
 //!
 //! Each variant reads the whole stream through a durable consumer of its
 //! own; the three run in turn, `repeat` times, and the medians are reported.
@@ -18,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
+use outbox_core::consumer::group::GroupConfig;
 use outbox_core::inbox::{Handler, Metadata};
 use outbox_core::uuid::Uuid;
 use outbox_nats::{Consumer, ConsumerHandle};
@@ -77,7 +82,12 @@ pub(crate) struct ConsumerFigures {
     raw: Measured,
     handwritten: Measured,
     outbox: Measured,
+    group1: Measured,
+    group2: Measured,
 }
+
+/// The groups' lease: short, so that the second member gets its share soon.
+const GROUP_LEASE: Duration = Duration::from_secs(3);
 
 impl ConsumerFigures {
     /// The rate of the outbox `Consumer`.
@@ -90,6 +100,8 @@ impl ConsumerFigures {
             raw,
             handwritten,
             outbox,
+            group1,
+            group2,
         } = self;
         vec![
             ("raw_consume_eps", round(raw.eps).into()),
@@ -112,6 +124,13 @@ impl ConsumerFigures {
                 "consumer_cpu_us_postgres",
                 round3(outbox.postgres_us).into(),
             ),
+            ("group1_consumer_eps", round(group1.eps).into()),
+            ("group_overhead", round3(group1.eps / outbox.eps).into()),
+            ("group1_cpu_us_process", round3(group1.process_us).into()),
+            ("group1_cpu_us_postgres", round3(group1.postgres_us).into()),
+            ("group2_consumer_eps", round(group2.eps).into()),
+            ("group2_cpu_us_process", round3(group2.process_us).into()),
+            ("group2_cpu_us_postgres", round3(group2.postgres_us).into()),
         ]
     }
 }
@@ -145,15 +164,20 @@ impl Section<'_> {
             )
             .await?;
         let (mut raw, mut handwritten, mut outbox) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut group1, mut group2) = (Vec::new(), Vec::new());
         for run in 1..=self.repeat {
             raw.push(self.raw(run).await?);
             handwritten.push(self.handwritten(run).await?);
-            outbox.push(self.consumer(run).await?);
+            outbox.push(self.consumer(&format!("outbox{run}"), 0).await?);
+            group1.push(self.consumer(&format!("group1_{run}"), 1).await?);
+            group2.push(self.consumer(&format!("group2_{run}"), 2).await?);
             let last = |runs: &[Measured]| runs[runs.len() - 1];
             let (r, h, o) = (last(&raw), last(&handwritten), last(&outbox));
+            let (g1, g2) = (last(&group1), last(&group2));
             eprintln!(
                 "consumers, run {run}/{}: raw {:.0}/s, hand-written {:.0}/s \
                  ({:.1} + {:.1} µs CPU/event here + PostgreSQL), outbox Consumer {:.0}/s \
+                 ({:.1} + {:.1}), group of one {:.0}/s ({:.1} + {:.1}), of two {:.0}/s \
                  ({:.1} + {:.1})",
                 self.repeat,
                 r.eps,
@@ -163,12 +187,20 @@ impl Section<'_> {
                 o.eps,
                 o.process_us,
                 o.postgres_us,
+                g1.eps,
+                g1.process_us,
+                g1.postgres_us,
+                g2.eps,
+                g2.process_us,
+                g2.postgres_us,
             );
         }
         Ok(ConsumerFigures {
             raw: median_run(raw),
             handwritten: median_run(handwritten),
             outbox: median_run(outbox),
+            group1: median_run(group1),
+            group2: median_run(group2),
         })
     }
 
@@ -219,26 +251,37 @@ impl Section<'_> {
         .await
     }
 
-    async fn consumer(&self, run: u32) -> Result<Measured, BoxError> {
+    /// The outbox `Consumer` named `name`: one process's (`members` 0), or
+    /// a group of `members` in this process.
+    async fn consumer(&self, name: &str, members: usize) -> Result<Measured, BoxError> {
         self.reset_stock().await?;
-        let mut builder =
-            Consumer::builder(self.client.clone(), self.db.clone(), format!("outbox{run}"))
+        let builder = || {
+            let mut builder = Consumer::builder(self.client.clone(), self.db.clone(), name)
                 .namespace(self.namespace)
                 .max_in_flight(self.in_flight)
                 .on::<BenchEvent, _>(handle);
-        if let Some(batch) = self.batch {
-            builder = builder.batch_size(batch);
-        }
-        let mut consumer = None;
+            if let Some(batch) = self.batch {
+                builder = builder.batch_size(batch);
+            }
+            if members > 0 {
+                let mut group = GroupConfig::DEFAULT;
+                group.lease = GROUP_LEASE;
+                builder = builder.group(group);
+            }
+            builder
+        };
+        let mut consumers = Vec::new();
         let measured = Measured::of(self.events, async {
-            consumer = Some(builder.spawn().await?);
+            for _ in 0..members.max(1) {
+                consumers.push(builder().spawn().await?);
+            }
             while self.applied().await? < self.events as i64 {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             Ok(())
         })
         .await?;
-        if let Some(consumer) = consumer {
+        for consumer in consumers {
             consumer.shutdown().await?;
         }
         Ok(measured)

@@ -140,6 +140,18 @@ pub enum StartError {
         /// How long it waited for the second one.
         waited: Duration,
     },
+    /// The name runs as a group in other processes (`group` set there),
+    /// or, asked to join its group, as a single consumer: the two cannot
+    /// share a name, each keeping key order its own way.
+    #[error(
+        "consumer `{consumer}` runs {elsewhere} elsewhere; start every process of one consumer name the same way (with or without `group`)"
+    )]
+    MixedWithGroup {
+        /// The consumer.
+        consumer: String,
+        /// How it runs elsewhere: `as a group` or `as a single consumer`.
+        elsewhere: &'static str,
+    },
     /// The consumer's group could not be joined.
     #[error("cannot join the group of consumer `{consumer}`")]
     Group {
@@ -195,13 +207,7 @@ pub async fn spawn<T: Transport>(
     } = identity;
     check_handlers(&name, &handlers, None)?;
     let ownership = match config.group {
-        Some(group) => Member::join(&db, &name, group)
-            .await
-            .map(Ownership::Group)
-            .map_err(|source| StartError::Group {
-                consumer: name.clone(),
-                source,
-            })?,
+        Some(group) => Ownership::Group(member(&db, &name, group).await?),
         None => Ownership::Sole(sole(&db, &name).await?),
     };
     let worker = worker::Worker {
@@ -218,13 +224,51 @@ pub async fn spawn<T: Transport>(
     Ok(ConsumerHandle(task))
 }
 
-/// Makes this process the one running consumer `name`: checks that the pool
-/// can hold its lock and run a handler at once, then takes the lock.
+/// Joins consumer `name`'s group, unless a single consumer runs the name.
+async fn member(
+    db: &DatabaseConnection,
+    name: &str,
+    group: GroupConfig,
+) -> Result<Member, StartError> {
+    let guard_error = |source| StartError::Guard {
+        consumer: name.to_owned(),
+        source,
+    };
+    let (guard, taken) = ConsumerGuard::take(db, name).await.map_err(guard_error)?;
+    guard.release().await;
+    if taken == Taken::Elsewhere {
+        return Err(StartError::MixedWithGroup {
+            consumer: name.to_owned(),
+            elsewhere: "as a single consumer",
+        });
+    }
+    Member::join(db, name, group)
+        .await
+        .map_err(|source| StartError::Group {
+            consumer: name.to_owned(),
+            source,
+        })
+}
+
+/// Makes this process the one running consumer `name`: checks that the name
+/// does not run as a group and that the pool can hold its lock and run a
+/// handler at once, then takes the lock.
 async fn sole(db: &DatabaseConnection, name: &str) -> Result<ConsumerGuard, StartError> {
     let guard_error = |source| StartError::Guard {
         consumer: name.to_owned(),
         source,
     };
+    // Without the groups' table (a schema before migration 6), no group runs.
+    let now = chrono::Utc::now().timestamp_millis();
+    if !(group::members(db, name, now).await)
+        .unwrap_or_default()
+        .is_empty()
+    {
+        return Err(StartError::MixedWithGroup {
+            consumer: name.to_owned(),
+            elsewhere: "as a group",
+        });
+    }
     let waited = POOL_CHECK_WAIT;
     if !(inbox::pool_is_large_enough(db, waited).await).map_err(guard_error)? {
         return Err(StartError::PoolTooSmall {
