@@ -746,8 +746,15 @@ impl<T: Transport> Loop<T> {
         }
         while let Some(joined) = self.tasks.join_next().await {
             for (held, outcome) in joined.unwrap_or_default() {
-                if let Outcome::Retry(_) = outcome {
-                    let _ = shared.settle_delivery(&held, Settle::Redeliver).await;
+                match (outcome, &mut self.ownership) {
+                    (Outcome::Retry(_), _) => {
+                        let _ = shared.settle_delivery(&held, Settle::Redeliver).await;
+                    }
+                    // Settled: the partition's next owner starts after it.
+                    (Outcome::Resolved, Ownership::Group(member)) if held.delivery().is_some() => {
+                        member.settled(partition(member, &held), held.position.stream_sequence);
+                    }
+                    _ => {}
                 }
             }
         }
