@@ -2,8 +2,10 @@
 //! `#[transactional]` call per step, and a consumer that applies step `seq`
 //! only on top of `seq - 1` (recording every time it finds anything else).
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
+use outbox_core::consumer::group::{GroupConfig, partition_of};
 use outbox_core::inbox::Metadata;
 use outbox_core::uuid::Uuid;
 use outbox_core::{OutboxEvent, emit, transactional};
@@ -79,17 +81,41 @@ pub(crate) async fn create_tables(db: &DatabaseConnection) -> Result<(), DbErr> 
         ),
         format!("CREATE TABLE ghosts (event_id {uuid} PRIMARY KEY)"),
         "CREATE TABLE order_state (order_id BIGINT PRIMARY KEY, step INT NOT NULL)".to_owned(),
+        // A group's effects: their partition, and its owner when the effect
+        // committed (`owner_seen`, written by `EFFECT_OWNER`).
         format!(
-            "CREATE TABLE effects (id {id}, event_id {uuid} NOT NULL, order_id BIGINT NOT NULL, seq INT NOT NULL, applied_by INT NOT NULL)"
+            "CREATE TABLE effects (id {id}, event_id {uuid} NOT NULL, order_id BIGINT NOT NULL, seq INT NOT NULL, applied_by VARCHAR(64) NOT NULL, partition_index INT, owner_seen VARCHAR(255))"
         ),
+        // The consumer processes' lives, for the group's shares.
+        "CREATE TABLE lives (applied_by VARCHAR(64) PRIMARY KEY, started_ms BIGINT NOT NULL, last_seen_ms BIGINT NOT NULL)".to_owned(),
         format!(
             "CREATE TABLE violations (id {id}, event_id {uuid} NOT NULL, order_id BIGINT NOT NULL, seq INT NOT NULL, found INT NOT NULL)"
         ),
     ] {
         db.execute_unprepared(&table).await?;
     }
+    if db.get_database_backend() == DbBackend::Postgres {
+        for statement in EFFECT_OWNER {
+            db.execute_unprepared(statement).await?;
+        }
+    }
     Ok(())
 }
+
+/// Records each group effect's partition owner at its transaction's commit
+/// (a deferred trigger runs as the commit starts, after the consumer's
+/// fence), so that an effect committed by a member that lost the
+/// partition shows. Only on PostgreSQL, where the group scenarios run;
+/// an observer of the test, not part of the consumer.
+const EFFECT_OWNER: [&str; 2] = [
+    "CREATE FUNCTION effect_owner() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+     UPDATE effects SET owner_seen = (SELECT owner FROM outbox_consumer_partitions \
+     WHERE consumer = 'faults' AND partition_index = NEW.partition_index) WHERE id = NEW.id; \
+     RETURN NULL; END $$",
+    "CREATE CONSTRAINT TRIGGER effect_owner AFTER INSERT ON effects \
+     DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (NEW.partition_index IS NOT NULL) \
+     EXECUTE FUNCTION effect_owner()",
+];
 
 /// How long after its step a scheduled audit event is due.
 const SCHEDULED_AFTER: Duration = Duration::from_millis(700);
@@ -200,12 +226,11 @@ pub(crate) async fn apply_step(
         .map(|row| row.try_get_by_index::<i32>(0))
         .transpose()?
         .unwrap_or(0);
-    let (id, order_id, seq) = (uuid(meta.id), event.order_id.into(), event.seq.into());
     if found != event.seq - 1 {
         let violation =
             "INSERT INTO violations (event_id, order_id, seq, found) VALUES (?, ?, ?, ?)";
         let values = vec![
-            id.clone(),
+            uuid(meta.id),
             event.order_id.into(),
             event.seq.into(),
             found.into(),
@@ -226,7 +251,7 @@ pub(crate) async fn apply_step(
         vec![event.order_id.into(), event.seq.into()],
     ))
     .await?;
-    effect(db, id, order_id, seq).await
+    effect(db, &meta, event.order_id.into(), event.seq.into()).await
 }
 
 /// The consumer's handler of audits: one effect row each.
@@ -238,21 +263,74 @@ pub(crate) async fn apply_audit(
     if fails(&meta) {
         return Err(AppError::Injected);
     }
-    effect(db, uuid(meta.id), event.order_id.into(), event.seq.into()).await
+    effect(db, &meta, event.order_id.into(), event.seq.into()).await
 }
 
 async fn effect(
     db: &DatabaseTransaction,
-    id: Value,
+    meta: &Metadata,
     order_id: Value,
     seq: Value,
 ) -> Result<(), AppError> {
     let backend = db.get_database_backend();
-    let insert = "INSERT INTO effects (event_id, order_id, seq, applied_by) VALUES (?, ?, ?, ?)";
-    // The consumer process, so that a group's shares can be counted.
-    let by = i32::try_from(std::process::id()).unwrap_or_default();
-    db.execute_raw(sql(backend, insert, vec![id, order_id, seq, by.into()]))
-        .await?;
+    let by = applied_by().await;
+    let partition = (GROUP.get()).map(|group| {
+        let key = (meta.key.as_deref()).map_or(meta.id.as_bytes().as_slice(), str::as_bytes);
+        i32::try_from(partition_of(key, group.partitions)).unwrap_or(i32::MAX)
+    });
+    let insert = "INSERT INTO effects (event_id, order_id, seq, applied_by, partition_index) VALUES (?, ?, ?, ?, ?)";
+    let values = vec![uuid(meta.id), order_id, seq, by.into(), partition.into()];
+    db.execute_raw(sql(backend, insert, values)).await?;
+    Ok(())
+}
+
+/// The consumer's name, in every process.
+pub(crate) const CONSUMER: &str = "faults";
+
+/// The group this process is a member of, if it is one.
+pub(crate) static GROUP: OnceLock<GroupConfig> = OnceLock::new();
+
+/// Who applies effects in this process: its group member id, or its pid.
+static APPLIED_BY: OnceLock<String> = OnceLock::new();
+
+/// Records who this process applies effects as, once its consumer started.
+pub(crate) fn started_as(who: String) -> &'static str {
+    APPLIED_BY.get_or_init(|| who)
+}
+
+/// Who applies effects in this process; a handler that runs before
+/// [`started_as`] (the consumer starts handling as it is spawned) waits.
+async fn applied_by() -> String {
+    loop {
+        if let Some(who) = APPLIED_BY.get() {
+            return who.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Records that `who` is alive now (inserted at its first call).
+pub(crate) async fn alive(
+    db: &DatabaseConnection,
+    who: &str,
+    started_ms: i64,
+) -> Result<(), DbErr> {
+    let backend = db.get_database_backend();
+    let now = chrono::Utc::now().timestamp_millis();
+    let upsert = match backend {
+        DbBackend::Postgres => {
+            "INSERT INTO lives (applied_by, started_ms, last_seen_ms) VALUES (?, ?, ?) ON CONFLICT (applied_by) DO UPDATE SET last_seen_ms = EXCLUDED.last_seen_ms"
+        }
+        _ => {
+            "INSERT INTO lives (applied_by, started_ms, last_seen_ms) VALUES (?, ?, ?) ON DUPLICATE KEY UPDATE last_seen_ms = VALUES(last_seen_ms)"
+        }
+    };
+    db.execute_raw(sql(
+        backend,
+        upsert,
+        vec![who.into(), started_ms.into(), now.into()],
+    ))
+    .await?;
     Ok(())
 }
 

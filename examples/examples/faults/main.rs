@@ -42,7 +42,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use outbox_core::consumer::group::GroupConfig;
 use outbox_nats::Consumer;
-use sea_orm::{ConnectOptions, Database};
+use sea_orm::{ConnectOptions, Database, DatabaseConnection};
 
 use crate::procs::{PrivatePostgres, Result};
 use crate::scenario::{Env, Plan, Scenario, Store};
@@ -289,11 +289,28 @@ async fn consume(
         .with_ansi(false)
         .init();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let consumer = tokio::select! {
+    if let Some(group) = group {
+        app::GROUP.get_or_init(|| group);
+    }
+    let started_ms = chrono::Utc::now().timestamp_millis();
+    let (consumer, db) = tokio::select! {
         started = start_consumer(database_url, nats_url, namespace, group) => started?,
         _ = term.recv() => return Ok(true),
     };
-    term.recv().await;
+    let who = consumer.member().map(str::to_owned);
+    let who = app::started_as(who.unwrap_or_else(|| format!("pid-{}", std::process::id())));
+    // Alive every half second until told to stop (a down database skips a beat).
+    let mut beat = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = beat.tick() => {
+                if let Err(error) = app::alive(&db, who, started_ms).await {
+                    tracing::debug!(%error, "cannot record this process alive");
+                }
+            }
+            _ = term.recv() => break,
+        }
+    }
     consumer.shutdown().await?;
     Ok(true)
 }
@@ -305,13 +322,13 @@ async fn start_consumer(
     nats_url: &str,
     namespace: &str,
     group: Option<GroupConfig>,
-) -> Result<outbox_nats::ConsumerHandle> {
+) -> Result<(outbox_nats::ConsumerHandle, DatabaseConnection)> {
     let mut options = ConnectOptions::new(database_url);
     options.max_connections(16).sqlx_logging(false);
     let db = Database::connect(options).await?;
     let client = outbox_nats::NatsConfig::new(nats_url)?.connect().await?;
     loop {
-        let mut builder = Consumer::builder(client.clone(), db.clone(), "faults");
+        let mut builder = Consumer::builder(client.clone(), db.clone(), app::CONSUMER);
         if let Some(group) = group {
             builder = builder.group(group);
         }
@@ -324,7 +341,7 @@ async fn start_consumer(
             .spawn()
             .await;
         match started {
-            Ok(consumer) => return Ok(consumer),
+            Ok(consumer) => return Ok((consumer, db)),
             Err(error) => {
                 tracing::warn!(error = %outbox_core::ErrorReport(&error), "cannot start the consumer; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;

@@ -255,6 +255,7 @@ pub(crate) async fn run(scenario: Scenario, plan: &Plan, env: &Env<'_>) -> Resul
     }
     stop.store(true, Ordering::SeqCst);
     producer.await??;
+    let flow_ended_ms = chrono::Utc::now().timestamp_millis();
 
     // Everything committed must now reach the stream and the consumer's effects.
     let drain_started = Instant::now();
@@ -284,7 +285,11 @@ pub(crate) async fn run(scenario: Scenario, plan: &Plan, env: &Env<'_>) -> Resul
     for relay in &mut relays {
         relay.terminate(Duration::from_secs(30)).await?;
     }
-    report.verdict = verify::verdict(&db, &client, &stream).await?;
+    let group = (scenario.group).map(|lease| verify::GroupRun {
+        lease,
+        flow_ended_ms,
+    });
+    report.verdict = verify::verdict(&db, &client, &stream, group).await?;
     report.shares = verify::shares(&db).await?;
     let mut log = String::new();
     // Every member that ran, the scaled-away ones included.

@@ -37,6 +37,25 @@ pub(crate) struct Verdict {
     pub(crate) applied_twice: usize,
     /// Handler calls that found their order at another step than `seq - 1`.
     pub(crate) order_violations: u64,
+    /// A group's effects committed by a member that did not own their
+    /// partition at the commit.
+    pub(crate) non_owner_effects: u64,
+    /// A group's members that lived through [`SHARE_WITHIN`] leases of the
+    /// producer's run and applied nothing.
+    pub(crate) members_without_share: u64,
+}
+
+/// Leases of flow within which a member that joins must have handled a
+/// share: one look to be seen, one for the others to hand over, one for
+/// the messages of its partitions to come.
+pub(crate) const SHARE_WITHIN: u32 = 3;
+
+/// What a group scenario's verdict also checks.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct GroupRun {
+    pub(crate) lease: std::time::Duration,
+    /// When the producer stopped, in Unix milliseconds.
+    pub(crate) flow_ended_ms: i64,
 }
 
 impl Verdict {
@@ -61,6 +80,14 @@ impl Verdict {
             (
                 self.order_violations as usize,
                 "handler calls out of per-key order",
+            ),
+            (
+                self.non_owner_effects as usize,
+                "effects committed by a member that did not own the partition",
+            ),
+            (
+                self.members_without_share as usize,
+                "group members that handled no share",
             ),
         ];
         (checks.into_iter())
@@ -104,6 +131,10 @@ impl Verdict {
             "  [{scenario}] effects {} : not applied {} / applied twice {} / out of per-key order {}",
             self.effects, self.not_applied, self.applied_twice, self.order_violations
         );
+        println!(
+            "  [{scenario}] group: effects committed by a non-owner {} / members without a share {}",
+            self.non_owner_effects, self.members_without_share
+        );
     }
 }
 
@@ -119,6 +150,7 @@ pub(crate) async fn verdict(
     db: &DatabaseConnection,
     client: &async_nats::Client,
     stream: &str,
+    group: Option<GroupRun>,
 ) -> Result<Verdict> {
     let mut verdict = Verdict::default();
     let produced: HashMap<String, Produced> =
@@ -193,8 +225,23 @@ pub(crate) async fn verdict(
         .filter(|id| !applied.contains_key(*id))
         .count();
     verdict.applied_twice = applied.values().filter(|n| **n > 1).count();
+    if let Some(group) = group {
+        verdict.non_owner_effects = count(db, NON_OWNER_EFFECTS).await?;
+        let lease_ms = i64::try_from(group.lease.as_millis()).unwrap_or(i64::MAX);
+        let lived = format!(
+            "SELECT COUNT(*) FROM lives WHERE LEAST(last_seen_ms, {}) - started_ms >= {} \
+             AND NOT EXISTS (SELECT 1 FROM effects WHERE effects.applied_by = lives.applied_by)",
+            group.flow_ended_ms,
+            lease_ms.saturating_mul(i64::from(SHARE_WITHIN))
+        );
+        verdict.members_without_share = count(db, &lived).await?;
+    }
     Ok(verdict)
 }
+
+/// A group's effects whose partition had another owner when they committed.
+const NON_OWNER_EFFECTS: &str =
+    "SELECT COUNT(*) FROM effects WHERE owner_seen IS NULL OR owner_seen <> applied_by";
 
 /// Events not delivered yet, scheduled ones included.
 const OUTBOX_LEFT: &str =

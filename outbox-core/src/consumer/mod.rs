@@ -210,6 +210,10 @@ pub async fn spawn<T: Transport>(
         Some(group) => Ownership::Group(member(&db, &name, group).await?),
         None => Ownership::Sole(sole(&db, &name).await?),
     };
+    let member = match &ownership {
+        Ownership::Group(member) => Some(member.id().to_owned()),
+        Ownership::Sole(_) => None,
+    };
     let worker = worker::Worker {
         transport,
         db,
@@ -221,7 +225,7 @@ pub async fn spawn<T: Transport>(
         config,
     };
     let task = Background::spawn(|stopped| worker.run(ownership, stopped));
-    Ok(ConsumerHandle(task))
+    Ok(ConsumerHandle { task, member })
 }
 
 /// Joins consumer `name`'s group, unless a single consumer runs the name.
@@ -289,14 +293,24 @@ async fn sole(db: &DatabaseConnection, name: &str) -> Result<ConsumerGuard, Star
 /// A running consumer. Dropping it leaves the consumer running; call
 /// [`shutdown`](Self::shutdown) to stop it cleanly.
 #[derive(Debug)]
-pub struct ConsumerHandle(Background);
+pub struct ConsumerHandle {
+    task: Background,
+    member: Option<String>,
+}
 
 impl ConsumerHandle {
+    /// This process's id in its consumer group, as `outbox status` and the
+    /// logs name it; `None` for a single consumer. Each start joins as a
+    /// new member.
+    pub fn member(&self) -> Option<&str> {
+        self.member.as_deref()
+    }
+
     /// Stops taking messages, lets the handlers in flight finish (commit and
     /// ack), returns the messages not started to the broker for redelivery,
     /// then stops. Fails only if the consumer's task panicked, like
     /// `RelayHandle::shutdown`.
     pub async fn shutdown(self) -> Result<(), tokio::task::JoinError> {
-        self.0.shutdown().await
+        self.task.shutdown().await
     }
 }
