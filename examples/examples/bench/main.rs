@@ -16,6 +16,7 @@
 //! one JSON object as the last line.
 
 mod consumer;
+mod handover;
 mod measure;
 mod relay_runs;
 mod write_path;
@@ -85,6 +86,9 @@ struct Args {
     /// Run the consumer section only.
     #[arg(long)]
     consumers_only: bool,
+    /// Group members killed in turn to time the handover of their partitions; 0 skips it.
+    #[arg(long, default_value_t = 4)]
+    handover_rounds: u32,
     /// Let the relay commit its bookkeeping without waiting for the WAL flush.
     #[arg(long)]
     async_commit: bool,
@@ -103,6 +107,10 @@ struct Args {
     /// The parent runs the drain in such a child, so that the relay's memory is measured alone.
     #[arg(long, hide = true, num_args = 2, value_names = ["SCHEMA", "NAMESPACE"])]
     drain_only: Option<Vec<String>>,
+    /// Internal: run a member of the handover's group in this schema and namespace, print its
+    /// id, and run until killed or until standard input ends.
+    #[arg(long, hide = true, num_args = 2, value_names = ["SCHEMA", "NAMESPACE"])]
+    member: Option<Vec<String>>,
     /// A short run for CI: a few thousand events, one second of latency.
     #[arg(long)]
     smoke: bool,
@@ -150,19 +158,25 @@ async fn run(mut args: Args) -> Result<(), BoxError> {
         args.handler_calls = args.handler_calls.min(200);
         args.repeat = args.repeat.min(2);
         args.consumer_events = args.consumer_events.min(2_000);
+        args.handover_rounds = args.handover_rounds.min(1);
     }
     if let Some(target) = args.drain_only.clone() {
         return drain_only(&args, &target[0], &target[1]).await;
     }
+    if let Some(target) = args.member.clone() {
+        return handover::member_only(&target[0], &target[1]).await;
+    }
     let mut bench = Bench::connect(args).await?;
     let result = if bench.args.consumers_only {
-        bench.consumers().await.map(|consumers| {
-            consumers
-                .into_figures()
-                .into_iter()
-                .map(|(name, value)| (name.to_owned(), value))
-                .collect()
-        })
+        match bench.consumers().await {
+            Ok(consumers) => bench.handover_figures().await.map(|handover| {
+                (consumers.into_figures().into_iter())
+                    .chain(handover)
+                    .map(|(name, value)| (name.to_owned(), value))
+                    .collect()
+            }),
+            Err(error) => Err(error),
+        }
     } else {
         bench.run().await
     };
@@ -299,7 +313,7 @@ impl Bench {
     /// `consumer_events` events as the relay would have published them.
     async fn consumers(&self) -> Result<consumer::ConsumerFigures, BoxError> {
         self.fresh_streams().await?;
-        let messages = self.messages("bench", self.args.consumer_events, true)?;
+        let messages = self.messages("bench", 0..self.args.consumer_events as u64, true)?;
         self.send(messages).await?;
         let pool = connect_schema(&self.schema, self.args.consumer_in_flight + 8).await?;
         let publisher = self.publisher();
@@ -317,6 +331,14 @@ impl Bench {
             repeat: self.args.repeat.min(3),
         };
         section.run().await
+    }
+
+    /// The handover's figures, unless `--handover-rounds 0`.
+    async fn handover_figures(&self) -> Result<Vec<(&'static str, serde_json::Value)>, BoxError> {
+        match self.args.handover_rounds {
+            0 => Ok(Vec::new()),
+            rounds => Ok(self.handover(rounds).await?.into_figures()),
+        }
     }
 
     async fn delete_streams(&self, context: &Context) {
@@ -486,6 +508,9 @@ impl Bench {
             round3(consumers.consumer_eps() / drain.eps).into(),
         );
         for (name, value) in consumers.into_figures() {
+            figures.insert(name.into(), value);
+        }
+        for (name, value) in self.handover_figures().await? {
             figures.insert(name.into(), value);
         }
         Ok(figures)

@@ -75,57 +75,56 @@ impl super::Bench {
     /// The ceiling: the same payloads straight to JetStream, `in_flight` acks
     /// pipelined, with `Nats-Msg-Id` only, or with every header the relay sends.
     pub(super) async fn raw_jetstream(&self, all_headers: bool) -> Result<f64, BoxError> {
-        let messages = self.messages("raw", self.args.events, all_headers)?;
+        let messages = self.messages("raw", 0..self.args.events as u64, all_headers)?;
         let started = Instant::now();
         self.send(messages).await?;
         Ok(self.args.events as f64 / started.elapsed().as_secs_f64())
     }
 
-    /// `count` events of `exchange` as messages, with `Nats-Msg-Id` only or
+    /// Events `seqs` of `exchange` as messages, with `Nats-Msg-Id` only or
     /// with every header the relay sends.
     pub(super) fn messages(
         &self,
         exchange: &str,
-        count: usize,
+        seqs: std::ops::Range<u64>,
         all_headers: bool,
     ) -> Result<Vec<(String, PublishMessage)>, outbox_nats::InvalidHeader> {
         let now = chrono::Utc::now();
-        (0..count as u64)
-            .map(|seq| {
-                let event = BenchEvent::sized(seq, self.args.keys, self.args.payload);
-                let payload = serde_json::to_vec(&event).unwrap_or_default();
-                let row = outbox_message::Model {
-                    id: Uuid::now_v7(),
-                    event_type: "BenchEvent".into(),
-                    event_version: 1,
-                    exchange: exchange.into(),
-                    subject: format!("{exchange}.k.{}", event.key),
-                    partition_key: Some(event.key.to_string()),
-                    payload,
-                    headers: None,
-                    content_type: "application/json".into(),
-                    created_at: now,
-                    attempts: 0,
-                    next_attempt_at: now,
-                    last_error: None,
-                    delivered_at: None,
-                };
-                let headers = if all_headers {
-                    outbox_nats::headers(&row)?
-                } else {
-                    let mut only_id = HeaderMap::new();
-                    only_id.insert(outbox_core::headers::MSG_ID, row.id.to_string().as_str());
-                    only_id
-                };
-                let subject = format!("{}.{}", self.namespace, row.subject);
-                Ok((
-                    subject,
-                    PublishMessage::build()
-                        .payload(row.payload.into())
-                        .headers(headers),
-                ))
-            })
-            .collect()
+        seqs.map(|seq| {
+            let event = BenchEvent::sized(seq, self.args.keys, self.args.payload);
+            let payload = serde_json::to_vec(&event).unwrap_or_default();
+            let row = outbox_message::Model {
+                id: Uuid::now_v7(),
+                event_type: "BenchEvent".into(),
+                event_version: 1,
+                exchange: exchange.into(),
+                subject: format!("{exchange}.k.{}", event.key),
+                partition_key: Some(event.key.to_string()),
+                payload,
+                headers: None,
+                content_type: "application/json".into(),
+                created_at: now,
+                attempts: 0,
+                next_attempt_at: now,
+                last_error: None,
+                delivered_at: None,
+            };
+            let headers = if all_headers {
+                outbox_nats::headers(&row)?
+            } else {
+                let mut only_id = HeaderMap::new();
+                only_id.insert(outbox_core::headers::MSG_ID, row.id.to_string().as_str());
+                only_id
+            };
+            let subject = format!("{}.{}", self.namespace, row.subject);
+            Ok((
+                subject,
+                PublishMessage::build()
+                    .payload(row.payload.into())
+                    .headers(headers),
+            ))
+        })
+        .collect()
     }
 
     /// Publishes `messages` with `in_flight` acks pipelined.
