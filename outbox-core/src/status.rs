@@ -33,6 +33,9 @@ pub struct GroupStatus {
     pub name: String,
     /// The members alive now, by id.
     pub members: Vec<String>,
+    /// The stream's last sequence as the members last saw it (at their last
+    /// look at the group, every third of a lease), once one has read.
+    pub stream_end: Option<u64>,
     /// Its partitions, in order.
     pub partitions: Vec<PartitionStatus>,
 }
@@ -48,8 +51,11 @@ pub struct PartitionStatus {
     /// Changes of owner so far.
     pub epoch: i64,
     /// The stream sequence through which its messages are settled, as last
-    /// stored (its lag is the stream's last sequence minus it, at most).
+    /// stored.
     pub position: u64,
+    /// Its lag: the stream's messages after `position`, of every partition
+    /// (so at most its own), once a member has read.
+    pub behind: Option<u64>,
 }
 
 /// One consumer's share of the inbox dead letters.
@@ -136,20 +142,24 @@ async fn groups<C: ConnectionTrait>(db: &C) -> Result<Vec<GroupStatus>, DbErr> {
         .await?;
     let mut groups = Vec::with_capacity(names.len());
     for name in names {
+        let stream_end = group::stream_end(db, &name, now).await?;
         let partitions = (group::partitions(db, &name).await?.into_iter())
             .map(|row| {
                 let held = row.lease_until_ms.is_some_and(|until| until >= now);
+                let position = row.position.unsigned_abs();
                 PartitionStatus {
                     index: row.partition_index.unsigned_abs(),
                     owner: row.owner.filter(|_| held),
                     epoch: row.epoch,
-                    position: row.position.unsigned_abs(),
+                    position,
+                    behind: stream_end.map(|end| end.saturating_sub(position)),
                 }
             })
             .collect();
         groups.push(GroupStatus {
             members: group::members(db, &name, now).await?,
             name,
+            stream_end,
             partitions,
         });
     }

@@ -182,8 +182,8 @@ fn status_on_an_unreachable_database_names_the_server_and_the_cause() {
     assert!(took < std::time::Duration::from_secs(20), "took {took:?}");
 }
 
-/// A consumer group's members and who owns which partition, from the
-/// group's tables as a member leaves them.
+/// A consumer group's members, who owns which partition and how far behind
+/// the stream each is, from the group's tables as a member leaves them.
 #[tokio::test]
 async fn status_shows_each_groups_members_and_partitions() {
     use outbox_core::consumer::group;
@@ -194,13 +194,18 @@ async fn status_shows_each_groups_members_and_partitions() {
     group::ensure_partitions(db, "billing", 4)
         .await
         .expect("create");
-    group::renew(db, "billing", "a", now, until)
+    // Member `a` has read to sequence 120, and settled partition 0 through 100.
+    group::renew(db, "billing", "a", now, until, Some(120))
         .await
         .expect("join");
     for partition in [0, 2] {
-        (group::take(db, "billing", partition, "a", now, until).await)
+        let claim = (group::take(db, "billing", partition, "a", now, until).await)
             .expect("take")
             .expect("free");
+        if partition == 0 {
+            let advanced = group::advance(db, "billing", "a", &claim, 100).await;
+            assert!(advanced.expect("advance"));
+        }
     }
 
     let json = report(&status(&test.url, &["--json"]));
@@ -221,10 +226,20 @@ async fn status_shows_each_groups_members_and_partitions() {
             .expect("array")
             .clone()
     );
+    assert_eq!(groups[0]["stream_end"], 120);
+    let behind: Vec<_> = (groups[0]["partitions"]
+        .as_array()
+        .expect("partitions")
+        .iter())
+    .map(|p| p["behind"].clone())
+    .collect();
+    assert_eq!(behind, [20, 120, 120, 120].map(serde_json::Value::from));
 
     let text = String::from_utf8_lossy(&status(&test.url, &[]).stdout).into_owned();
     assert!(
-        text.contains("consumer group billing: 1 members, 4 partitions (2 without owner)"),
+        text.contains(
+            "consumer group billing: 1 members, 4 partitions (2 without owner, at most 120 messages behind)"
+        ),
         "{text}"
     );
     assert!(text.contains("  a: partitions 0,2"), "{text}");

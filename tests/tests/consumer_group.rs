@@ -125,15 +125,15 @@ async fn renewing_keeps_a_members_partitions_and_shows_it_alive(db: &DatabaseCon
         .await
         .expect("create");
     let now = 1_000_000;
-    group::renew(db, "billing", "a", now, now + LEASE_MS)
+    group::renew(db, "billing", "a", now, now + LEASE_MS, None)
         .await
         .expect("join");
-    group::renew(db, "billing", "b", now, now + 10)
+    group::renew(db, "billing", "b", now, now + 10, None)
         .await
         .expect("join");
     take(db, "a", now).await.expect("a takes partition 0");
     let later = now + LEASE_MS / 2;
-    let owned = group::renew(db, "billing", "a", later, later + LEASE_MS)
+    let owned = group::renew(db, "billing", "a", later, later + LEASE_MS, None)
         .await
         .expect("renew");
     assert_eq!(owned, 1, "a still owns its partition");

@@ -123,6 +123,15 @@ async fn two_members_share_the_partitions_and_keep_each_keys_order() {
     setup.relay().await;
     let total = (keys * per_key) as usize;
     eventually("every event is handled", async || log.len() >= total).await;
+    // The members report the stream's end, and every partition's lag falls
+    // to 0 as they store their positions at their next looks.
+    eventually("no partition is behind", async || {
+        let status = outbox_core::status(setup.db()).await.expect("status");
+        let group = &status.groups[0];
+        group.stream_end == Some(total as u64)
+            && group.partitions.iter().all(|p| p.behind == Some(0))
+    })
+    .await;
     a.shutdown().await.expect("stop");
     b.shutdown().await.expect("stop");
 

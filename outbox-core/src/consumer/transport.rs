@@ -50,6 +50,8 @@ pub struct Pulled<M> {
     /// to another process (or was lost on the wire), and the unsure span
     /// must be read back.
     pub consumer_sequence: u64,
+    /// Messages the stream holds after this one for the consumer: its lag.
+    pub pending: u64,
 }
 
 /// The deliveries the consumer may not have seen: from just above its

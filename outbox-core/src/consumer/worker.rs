@@ -631,8 +631,12 @@ impl<T: Transport> Loop<T> {
         match next {
             Some(Ok(pulled)) => {
                 self.failures = 0;
+                let stream_end = pulled.stream_sequence.saturating_add(pulled.pending);
+                metrics::gauge!("outbox_consumer_pending", "consumer" => name.clone())
+                    .set(pulled.pending as f64);
                 let (held, delivery) = Held::delivered(pulled);
                 if let Ownership::Group(member) = &mut self.ownership {
+                    member.saw(stream_end);
                     // Another member's partition, or read again after a take.
                     let sequence = held.position.stream_sequence;
                     if member.accepts(partition(member, &held), sequence) {
@@ -714,6 +718,8 @@ impl<T: Transport> Loop<T> {
         let name = &self.shared.name;
         match member.rebalance().await {
             Ok(changed) => {
+                metrics::gauge!("outbox_consumer_group_partitions", "consumer" => name.clone())
+                    .set(member.owned_count() as f64);
                 if !changed.taken.is_empty() || !member.owns_any() {
                     self.pull = None;
                 }

@@ -17,6 +17,8 @@ pub struct Model {
     pub member: String,
     /// When it counts as gone unless it renews (Unix milliseconds).
     pub alive_until_ms: i64,
+    /// The stream's last sequence as the member's reading last saw it.
+    pub stream_end: Option<i64>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -31,6 +31,7 @@ enum Col {
     Position,
     Member,
     AliveUntilMs,
+    StreamEnd,
 }
 
 #[async_trait::async_trait]
@@ -60,6 +61,7 @@ impl MigrationTrait for Migration {
                 .col(string_len(Col::Consumer, 255))
                 .col(string_len(Col::Member, 255))
                 .col(big_integer(Col::AliveUntilMs))
+                .col(big_integer_null(Col::StreamEnd))
                 .primary_key(Index::create().col(Col::Consumer).col(Col::Member))
                 .to_owned(),
         )

@@ -143,10 +143,12 @@ fn pulled(message: async_nats::jetstream::Message, consumer: &str) -> Option<Pul
     };
     let (stream_sequence, consumer_sequence) = (info.stream_sequence, info.consumer_sequence);
     let delivered = u64::try_from(info.delivered).unwrap_or(1).max(1);
+    let pending = info.pending;
     Some(Pulled {
         message: Delivery(message),
         stream_sequence,
         delivered,
         consumer_sequence,
+        pending,
     })
 }

@@ -105,27 +105,30 @@ pub async fn ensure_partitions(
     }
 }
 
-/// Records `member` as alive until `alive_until_ms`, extends the leases of
-/// the partitions it owns to `lease_until_ms`, and forgets members gone
-/// before `now_ms`. Returns how many partitions it still owns.
+/// Records member `id` as alive until `until_ms`, having seen the stream
+/// end at `stream_end`, extends the leases of the partitions it owns to
+/// `until_ms`, and forgets members gone before `now_ms`. Returns how many
+/// partitions it still owns.
 pub async fn renew(
     db: &impl TransactionTrait,
     consumer: &str,
     id: &str,
     now_ms: i64,
     until_ms: i64,
+    stream_end: Option<u64>,
 ) -> Result<u64, DbErr> {
     let txn = db.begin().await?;
     let row = member::ActiveModel {
         consumer: ActiveValue::Set(consumer.to_owned()),
         member: ActiveValue::Set(id.to_owned()),
         alive_until_ms: ActiveValue::Set(until_ms),
+        stream_end: ActiveValue::Set(stream_end.map(forward)),
     };
     let key = [member::Column::Consumer, member::Column::Member];
     member::Entity::insert(row)
         .on_conflict(
             OnConflict::columns(key)
-                .update_column(member::Column::AliveUntilMs)
+                .update_columns([member::Column::AliveUntilMs, member::Column::StreamEnd])
                 .to_owned(),
         )
         .exec_without_returning(&txn)
@@ -161,6 +164,23 @@ pub async fn members(
         .into_tuple()
         .all(db)
         .await
+}
+
+/// The stream's last sequence as the members alive at `now_ms` last saw it.
+pub async fn stream_end(
+    db: &impl ConnectionTrait,
+    consumer: &str,
+    now_ms: i64,
+) -> Result<Option<u64>, DbErr> {
+    let end: Option<Option<i64>> = member::Entity::find()
+        .filter(member::Column::Consumer.eq(consumer))
+        .filter(member::Column::AliveUntilMs.gte(now_ms))
+        .select_only()
+        .column_as(member::Column::StreamEnd.max(), "end")
+        .into_tuple()
+        .one(db)
+        .await?;
+    Ok(end.flatten().map(i64::unsigned_abs))
 }
 
 /// The consumer's partitions, in order.

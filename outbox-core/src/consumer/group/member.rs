@@ -98,6 +98,9 @@ pub(crate) struct Member {
     owned: BTreeMap<u32, Owned>,
     /// The last stream sequence the current reading yielded.
     read_at: u64,
+    /// The stream's last sequence as the reading last saw it, for the
+    /// partitions' lag in `outbox status`.
+    stream_end: Option<u64>,
 }
 
 fn now_ms() -> i64 {
@@ -124,9 +127,11 @@ impl Member {
             config,
             owned: BTreeMap::new(),
             read_at: 0,
+            stream_end: None,
         };
         let now = now_ms();
-        lease::renew(db, consumer, &member.id, now, now + millis(config.lease)).await?;
+        let until = now + millis(config.lease);
+        lease::renew(db, consumer, &member.id, now, until, None).await?;
         Ok(member)
     }
 
@@ -155,7 +160,12 @@ impl Member {
 
     /// Whether this member owns any partition, and so has a stream to read.
     pub(crate) fn owns_any(&self) -> bool {
-        self.owned.values().any(|owned| !owned.releasing)
+        self.owned_count() > 0
+    }
+
+    /// How many partitions this member owns and takes messages of.
+    pub(crate) fn owned_count(&self) -> usize {
+        self.owned.values().filter(|owned| !owned.releasing).count()
     }
 
     /// Where a new reading of the stream starts: after the lowest point
@@ -188,6 +198,11 @@ impl Member {
         }
     }
 
+    /// Notes the stream's last sequence as a message's metadata gave it.
+    pub(crate) fn saw(&mut self, stream_end: u64) {
+        self.stream_end = Some(stream_end);
+    }
+
     /// Notes that message `sequence` of `partition` is settled.
     pub(crate) fn settled(&mut self, partition: u32, sequence: u64) {
         if let Some(owned) = self.owned.get_mut(&partition) {
@@ -218,7 +233,7 @@ impl Member {
         let (consumer, id) = (self.consumer.as_str(), self.id.as_str());
         let now = now_ms();
         let until = now + millis(self.config.lease);
-        lease::renew(db, consumer, id, now, until).await?;
+        lease::renew(db, consumer, id, now, until, self.stream_end).await?;
         let rows = lease::partitions(db, consumer).await?;
         let mut changed = Rebalanced::default();
         // Lost: taken by another after this member's lease ended (a pause).
@@ -301,7 +316,7 @@ impl Member {
             )
             .await?;
         }
-        lease::renew(&self.db, &self.consumer, &self.id, now_ms(), 0).await?;
+        lease::renew(&self.db, &self.consumer, &self.id, now_ms(), 0, None).await?;
         Ok(())
     }
 }
@@ -357,6 +372,7 @@ mod tests {
             config: GroupConfig::DEFAULT,
             owned,
             read_at: 0,
+            stream_end: None,
         }
     }
 

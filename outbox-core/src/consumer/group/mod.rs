@@ -15,7 +15,8 @@ mod member;
 
 pub use assign::{assign, partition_of};
 pub use lease::{
-    Claim, GroupError, advance, ensure_partitions, fence, members, partitions, release, renew, take,
+    Claim, GroupError, advance, ensure_partitions, fence, members, partitions, release, renew,
+    stream_end, take,
 };
 pub use member::GroupConfig;
 pub(crate) use member::{GroupFence, Member, Rebalanced};

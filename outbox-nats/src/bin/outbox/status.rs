@@ -75,12 +75,14 @@ pub(crate) async fn run(
                             "owner": p.owner,
                             "epoch": p.epoch,
                             "position": p.position,
+                            "behind": p.behind,
                         })
                     })
                     .collect();
                 serde_json::json!({
                     "name": group.name,
                     "members": group.members,
+                    "stream_end": group.stream_end,
                     "partitions": partitions,
                 })
             })
@@ -129,8 +131,12 @@ pub(crate) async fn run(
                 .iter()
                 .filter(|p| p.owner.is_none())
                 .count();
+            let behind = match group.partitions.iter().filter_map(|p| p.behind).max() {
+                Some(most) => format!(", at most {most} messages behind"),
+                None => String::new(),
+            };
             println!(
-                "consumer group {}: {} members, {} partitions ({free} without owner)",
+                "consumer group {}: {} members, {} partitions ({free} without owner{behind})",
                 group.name,
                 group.members.len(),
                 group.partitions.len()
