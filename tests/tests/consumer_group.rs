@@ -6,7 +6,11 @@ use std::time::Duration;
 
 use outbox_core::consumer::group::{self, Claim, GroupError};
 use outbox_core::entity::inbox_message;
-use sea_orm::{ActiveValue, DatabaseConnection, EntityTrait, PaginatorTrait, TransactionTrait};
+use outbox_tests::TestDb;
+use sea_orm::{
+    ActiveValue, ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, PaginatorTrait,
+    Statement, TransactionTrait,
+};
 
 const LEASE_MS: i64 = 10_000;
 
@@ -192,6 +196,72 @@ async fn a_take_waits_for_the_batch_in_flight(db: &DatabaseConnection) {
     let b = taking.await.expect("join").expect("then b takes it");
     assert_eq!(b.epoch, a.epoch + 1);
     assert_eq!(effects(db).await, 1);
+}
+
+/// A batch that does not end (its process paused mid-commit) holds a take
+/// back for a second, not for the database's lock wait (MySQL's default is
+/// 50 s): the take fails, to be tried again at the next look, and succeeds
+/// once the batch ends. MySQL's wait is a session setting: the taker's only
+/// connection has its default back afterwards.
+async fn a_take_gives_up_on_a_batch_that_does_not_end(test: &TestDb) {
+    let db = &test.db;
+    group::ensure_partitions(db, "billing", 1)
+        .await
+        .expect("create");
+    let now = 1_000_000;
+    let a = take(db, "a", now).await.expect("a takes it");
+    let paused = db.begin().await.expect("begin");
+    effect(&paused).await;
+    assert!(
+        group::fence(&paused, "billing", "a", &[a])
+            .await
+            .expect("fence")
+    );
+
+    let mut options = sea_orm::ConnectOptions::new(&test.url);
+    options.max_connections(1).sqlx_logging(false);
+    let taker = sea_orm::Database::connect(options).await.expect("connect");
+    let later = now + LEASE_MS + 1;
+    let attempt = group::take(&taker, "billing", 0, "b", later, later + LEASE_MS);
+    let gave_up = tokio::time::timeout(Duration::from_secs(20), attempt)
+        .await
+        .expect("the take gives up well before the database's own lock wait");
+    assert!(gave_up.is_err(), "the take fails: {gave_up:?}");
+    if taker.get_database_backend() == DbBackend::MySql {
+        let wait = taker
+            .query_one_raw(Statement::from_string(
+                DbBackend::MySql,
+                "SELECT @@SESSION.innodb_lock_wait_timeout = @@GLOBAL.innodb_lock_wait_timeout",
+            ))
+            .await
+            .expect("read the setting")
+            .expect("a row");
+        let restored: i64 = wait.try_get_by_index(0).expect("a number");
+        assert_eq!(
+            restored, 1,
+            "the session's lock wait is back to its default"
+        );
+    }
+    paused.commit().await.expect("the paused batch ends");
+    let b = group::take(&taker, "billing", 0, "b", later, later + LEASE_MS).await;
+    assert_eq!(b.expect("take").expect("b takes it").epoch, a.epoch + 1);
+    taker.close().await.expect("close");
+}
+
+mod a_take_gives_up_on_a_batch_that_does_not_end {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        let test = outbox_tests::TestDb::postgres().await;
+        super::a_take_gives_up_on_a_batch_that_does_not_end(&test).await;
+        test.finish().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn mysql() {
+        let test = outbox_tests::TestDb::mysql().await;
+        super::a_take_gives_up_on_a_batch_that_does_not_end(&test).await;
+        test.finish().await;
+    }
 }
 
 outbox_tests::on_each_backend!(

@@ -1,5 +1,5 @@
-//! Members of one consumer group in one process, over PostgreSQL and NATS:
-//! they share the partitions, and each event is handled once, in its key's
+//! Members of one consumer group in one process, over PostgreSQL or MariaDB
+//! and NATS: they share the partitions, and each event is handled once, in its key's
 //! order, through a member's clean exit. (Kills and pauses of member
 //! processes belong to the fault suite.)
 
@@ -108,9 +108,7 @@ async fn member(setup: &Setup, name: &'static str, log: &Log) -> ConsumerHandle 
         .expect("join the group")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_members_share_the_partitions_and_keep_each_keys_order() {
-    let setup = Setup::postgres().await;
+async fn two_members_share_the_partitions_and_keep_each_keys_order(setup: Setup) {
     let (keys, per_key) = (20, 30);
     let log = Log::default();
     let a = member(&setup, "a", &log).await;
@@ -147,9 +145,7 @@ async fn two_members_share_the_partitions_and_keep_each_keys_order() {
 /// One member stops while both handle a backlog: it finishes what it holds
 /// and hands its partitions over, and the other goes on from where it left
 /// each of them.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_member_that_stops_hands_its_partitions_over() {
-    let setup = Setup::postgres().await;
+async fn a_member_that_stops_hands_its_partitions_over(setup: Setup) {
     let (keys, per_key) = (20, 30);
     for n in 0..per_key {
         emit_round(setup.db(), n, keys).await.expect("commit");
@@ -176,11 +172,9 @@ async fn a_member_that_stops_hands_its_partitions_over() {
 /// One consumer name cannot run as a group in one process and alone in
 /// another: each would keep key order its own way. Whichever starts second
 /// is refused, naming how the name runs.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_name_runs_as_a_group_or_alone_not_both() {
+async fn a_name_runs_as_a_group_or_alone_not_both(setup: Setup) {
     use outbox_core::consumer::StartError;
     use outbox_nats::ConsumerError;
-    let setup = Setup::postgres().await;
     let log = Log::default();
     let handler = |name| Member {
         name,
@@ -218,3 +212,9 @@ async fn a_name_runs_as_a_group_or_alone_not_both() {
     alone.shutdown().await.expect("stop");
     setup.finish().await;
 }
+
+outbox_tests::on_postgres_and_mysql!(
+    two_members_share_the_partitions_and_keep_each_keys_order,
+    a_member_that_stops_hands_its_partitions_over,
+    a_name_runs_as_a_group_or_alone_not_both,
+);

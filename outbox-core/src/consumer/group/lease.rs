@@ -197,7 +197,9 @@ pub async fn partitions(
 
 /// Takes partition `index` for `id` if it is free or its lease ended before
 /// `now_ms`, bumping its epoch. Waits for the batches of a former owner still
-/// in flight (see the module's doc).
+/// in flight (see the module's doc), but for a second at most: one paused
+/// mid-commit would hold up this member's whole loop, so the take fails
+/// and is tried again at the next look.
 pub async fn take(
     db: &impl TransactionTrait,
     consumer: &str,
@@ -207,14 +209,36 @@ pub async fn take(
     until_ms: i64,
 ) -> Result<Option<Claim>, DbErr> {
     let txn = db.begin().await?;
-    // A former owner's batch in flight holds the row until it ends; one
-    // paused mid-commit would hold up this member's whole loop, so give up
-    // after a second and try at the next look (PostgreSQL; MySQL waits
-    // `innodb_lock_wait_timeout`).
-    if txn.get_database_backend() == DbBackend::Postgres {
-        txn.execute_unprepared("SET LOCAL lock_timeout = '1s'")
+    let backend = txn.get_database_backend();
+    // PostgreSQL's setting ends with the transaction; MySQL's is the
+    // session's, so it is put back before the connection returns to the pool.
+    let wait_a_second = match backend {
+        DbBackend::Postgres => Some("SET LOCAL lock_timeout = '1s'"),
+        DbBackend::MySql => Some("SET SESSION innodb_lock_wait_timeout = 1"),
+        _ => None,
+    };
+    if let Some(statement) = wait_a_second {
+        txn.execute_unprepared(statement).await?;
+    }
+    let claim = taken(&txn, consumer, index, id, now_ms, until_ms).await;
+    if backend == DbBackend::MySql {
+        txn.execute_unprepared("SET SESSION innodb_lock_wait_timeout = DEFAULT")
             .await?;
     }
+    let claim = claim?;
+    txn.commit().await?;
+    Ok(claim)
+}
+
+/// [`take`]'s statements.
+async fn taken(
+    txn: &impl ConnectionTrait,
+    consumer: &str,
+    index: u32,
+    id: &str,
+    now_ms: i64,
+    until_ms: i64,
+) -> Result<Option<Claim>, DbErr> {
     let this = partition::Column::Consumer
         .eq(consumer)
         .and(partition::Column::PartitionIndex.eq(to_i32(index)));
@@ -231,23 +255,21 @@ pub async fn take(
         .col_expr(partition::Column::LeaseUntilMs, Expr::val(until_ms))
         .filter(this.clone())
         .filter(free)
-        .exec(&txn)
+        .exec(txn)
         .await?
         .rows_affected;
-    let claim = match taken {
+    Ok(match taken {
         0 => None,
         _ => partition::Entity::find()
             .filter(this)
-            .one(&txn)
+            .one(txn)
             .await?
             .map(|row| Claim {
                 partition: index,
                 epoch: row.epoch,
                 position: row.position.unsigned_abs(),
             }),
-    };
-    txn.commit().await?;
-    Ok(claim)
+    })
 }
 
 /// Lets `claim` go, recording that its messages are settled through
