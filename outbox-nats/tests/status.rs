@@ -191,7 +191,7 @@ async fn status_shows_each_groups_members_and_partitions() {
     let db = &test.db;
     let now = chrono::Utc::now().timestamp_millis();
     let until = now + 60_000;
-    group::ensure_partitions(db, "billing", 4)
+    group::ensure_partitions(db, "billing", 4, 0)
         .await
         .expect("create");
     // Member `a` has read to sequence 120, and settled partition 0 through 100.

@@ -55,18 +55,21 @@ async fn effects(db: &DatabaseConnection) -> u64 {
         .expect("count")
 }
 
+/// Partitions are created once, with their count and where the group starts
+/// (a member started later, told to start elsewhere, changes nothing).
 async fn partitions_are_created_once_with_their_count(db: &DatabaseConnection) {
-    group::ensure_partitions(db, "billing", 4)
+    group::ensure_partitions(db, "billing", 4, 41)
         .await
         .expect("create");
-    group::ensure_partitions(db, "billing", 4)
+    group::ensure_partitions(db, "billing", 4, 99)
         .await
         .expect("again: nothing to do");
     let rows = group::partitions(db, "billing").await.expect("read");
     let indexes: Vec<_> = rows.iter().map(|row| row.partition_index).collect();
     assert_eq!(indexes, [0, 1, 2, 3]);
     assert!(rows.iter().all(|row| row.owner.is_none() && row.epoch == 0));
-    match group::ensure_partitions(db, "billing", 8).await {
+    assert!(rows.iter().all(|row| row.position == 41), "{rows:?}");
+    match group::ensure_partitions(db, "billing", 8, 0).await {
         Err(GroupError::PartitionCount {
             stored: 4,
             configured: 8,
@@ -74,13 +77,13 @@ async fn partitions_are_created_once_with_their_count(db: &DatabaseConnection) {
         }) => {}
         other => panic!("another count must be refused, got {other:?}"),
     }
-    group::ensure_partitions(db, "shipping", 2)
+    group::ensure_partitions(db, "shipping", 2, 0)
         .await
         .expect("another name, its own count");
 }
 
 async fn a_partition_is_taken_only_when_free_or_its_lease_ended(db: &DatabaseConnection) {
-    group::ensure_partitions(db, "billing", 2)
+    group::ensure_partitions(db, "billing", 2, 0)
         .await
         .expect("create");
     let now = 1_000_000;
@@ -125,7 +128,7 @@ async fn a_partition_is_taken_only_when_free_or_its_lease_ended(db: &DatabaseCon
 }
 
 async fn renewing_keeps_a_members_partitions_and_shows_it_alive(db: &DatabaseConnection) {
-    group::ensure_partitions(db, "billing", 2)
+    group::ensure_partitions(db, "billing", 2, 0)
         .await
         .expect("create");
     let now = 1_000_000;
@@ -156,7 +159,7 @@ async fn renewing_keeps_a_members_partitions_and_shows_it_alive(db: &DatabaseCon
 /// A member whose partition was taken after its lease ended (a paused
 /// process) commits nothing more for it, while its earlier batch stands.
 async fn a_member_that_lost_its_partition_commits_nothing(db: &DatabaseConnection) {
-    group::ensure_partitions(db, "billing", 1)
+    group::ensure_partitions(db, "billing", 1, 0)
         .await
         .expect("create");
     let now = 1_000_000;
@@ -174,7 +177,7 @@ async fn a_member_that_lost_its_partition_commits_nothing(db: &DatabaseConnectio
 /// commits, and the take sees its end. (Without the fence's lock, the take
 /// goes through at once and the test fails.)
 async fn a_take_waits_for_the_batch_in_flight(db: &DatabaseConnection) {
-    group::ensure_partitions(db, "billing", 1)
+    group::ensure_partitions(db, "billing", 1, 0)
         .await
         .expect("create");
     let now = 1_000_000;
@@ -205,7 +208,7 @@ async fn a_take_waits_for_the_batch_in_flight(db: &DatabaseConnection) {
 /// connection has its default back afterwards.
 async fn a_take_gives_up_on_a_batch_that_does_not_end(test: &TestDb) {
     let db = &test.db;
-    group::ensure_partitions(db, "billing", 1)
+    group::ensure_partitions(db, "billing", 1, 0)
         .await
         .expect("create");
     let now = 1_000_000;

@@ -169,6 +169,43 @@ async fn a_member_that_stops_hands_its_partitions_over(setup: Setup) {
     setup.finish().await;
 }
 
+/// A new group starts where it is told (`StartAt::New`): the history the
+/// stream holds is not handled, what comes after is, once each in order.
+async fn a_new_group_starts_where_it_is_told(setup: Setup) {
+    use outbox_nats::StartAt;
+    let keys = 10;
+    for n in 0..2 {
+        emit_round(setup.db(), n, keys).await.expect("commit");
+    }
+    setup.relay().await;
+    let log = Log::default();
+    let handler = Member {
+        name: "a",
+        log: log.clone(),
+    };
+    let a = (setup.consumer("ledger"))
+        .group(GROUP)
+        .start_at(StartAt::New)
+        .on::<Sequenced, _>(handler)
+        .spawn()
+        .await
+        .expect("join the group");
+    for n in 2..5 {
+        emit_round(setup.db(), n, keys).await.expect("commit");
+    }
+    setup.relay().await;
+    let after = (keys * 3) as usize;
+    eventually("the new events are handled", async || log.len() >= after).await;
+    // A look at the group later, nothing more has come.
+    tokio::time::sleep(GROUP.renewal()).await;
+    a.shutdown().await.expect("stop");
+    let ran = log.0.lock().expect("lock");
+    assert_eq!(ran.len(), after, "only the events after the start");
+    assert!(ran.iter().all(|ran| ran.n >= 2), "no history: {ran:?}");
+    drop(ran);
+    setup.finish().await;
+}
+
 /// One consumer name cannot run as a group in one process and alone in
 /// another: each would keep key order its own way. Whichever starts second
 /// is refused, naming how the name runs.
@@ -217,4 +254,5 @@ outbox_tests::on_postgres_and_mysql!(
     two_members_share_the_partitions_and_keep_each_keys_order,
     a_member_that_stops_hands_its_partitions_over,
     a_name_runs_as_a_group_or_alone_not_both,
+    a_new_group_starts_where_it_is_told,
 );

@@ -97,15 +97,20 @@ pub struct Identity {
     /// The subject prefix the relay's publisher wrote under, taken off the
     /// subjects handlers see.
     pub namespace: Option<String>,
+    /// The stream sequence a new group's partitions start after (0: the
+    /// stream's first message), as the transport resolved the user's start
+    /// position; a group that exists keeps its positions.
+    pub start_after: u64,
 }
 
 impl Identity {
-    /// Consumer `name` of `stream`, without a namespace.
+    /// Consumer `name` of `stream`, without a namespace, from the stream's start.
     pub fn new(name: impl Into<String>, stream: impl Into<String>) -> Self {
         Self {
             name: name.into(),
             stream: stream.into(),
             namespace: None,
+            start_after: 0,
         }
     }
 }
@@ -204,10 +209,11 @@ pub async fn spawn<T: Transport>(
         name,
         stream,
         namespace,
+        start_after,
     } = identity;
     check_handlers(&name, &handlers, None)?;
     let ownership = match config.group {
-        Some(group) => Ownership::Group(member(&db, &name, group).await?),
+        Some(group) => Ownership::Group(member(&db, &name, group, start_after).await?),
         None => Ownership::Sole(sole(&db, &name).await?),
     };
     let member = match &ownership {
@@ -233,6 +239,7 @@ async fn member(
     db: &DatabaseConnection,
     name: &str,
     group: GroupConfig,
+    start_after: u64,
 ) -> Result<Member, StartError> {
     let guard_error = |source| StartError::Guard {
         consumer: name.to_owned(),
@@ -246,7 +253,7 @@ async fn member(
             elsewhere: "as a single consumer",
         });
     }
-    Member::join(db, name, group)
+    Member::join(db, name, group, start_after)
         .await
         .map_err(|source| StartError::Group {
             consumer: name.to_owned(),

@@ -21,9 +21,10 @@ pub use outbox_core::consumer::ConsumerHandle;
 use crate::streams::{namespaced, stream_name};
 
 /// Where a consumer name starts reading the stream the first time it runs,
-/// when its durable JetStream consumer is created. Afterwards the durable
-/// keeps its own position: changing this for an existing name does nothing
-/// (delete the durable to start it anew).
+/// when its durable JetStream consumer is created (or, for a group, its
+/// partitions). Afterwards the name keeps its own positions: changing this
+/// for an existing name does nothing (delete the durable, or the group's
+/// rows in `outbox_consumer_partitions`, to start it anew).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum StartAt {
@@ -407,12 +408,17 @@ impl Consumer {
             config: &self.config,
             start_at: self.start_at,
         };
-        // A group member reads from its partitions' positions, kept in the database.
-        let (stream_handle, consumer) = match self.config.group {
-            Some(_) => (durable.stream(&context).await?, None),
+        // A group member reads from its partitions' positions, kept in the
+        // database; a new group's start there.
+        let (stream_handle, consumer, start_after) = match self.config.group {
+            Some(_) => {
+                let stream = durable.stream(&context).await?;
+                let start_after = durable.start_after(&stream).await?;
+                (stream, None, start_after)
+            }
             None => {
                 let (stream, consumer) = durable.create(&context).await?;
-                (stream, Some(consumer))
+                (stream, Some(consumer), 0)
             }
         };
         let transport = transport::JetStream {
@@ -424,6 +430,7 @@ impl Consumer {
         };
         let mut identity = Identity::new(self.name, self.stream);
         identity.namespace = self.namespace;
+        identity.start_after = start_after;
         let handle = core::spawn(transport, self.db, self.handlers, identity, self.config).await?;
         Ok(handle)
     }
@@ -471,6 +478,21 @@ impl Durable<'_> {
                     source,
                 }
             }
+        })
+    }
+
+    /// The stream sequence a new group starts after, as `start_at` gives it.
+    async fn start_after(&self, stream: &jetstream::stream::Stream) -> Result<u64, ConsumerError> {
+        let policy = (self.start_at.deliver_policy(stream).await).map_err(|source| {
+            ConsumerError::Start {
+                consumer: self.name.to_owned(),
+                stream: self.stream.to_owned(),
+                source,
+            }
+        })?;
+        Ok(match policy {
+            DeliverPolicy::ByStartSequence { start_sequence } => start_sequence.saturating_sub(1),
+            _ => 0,
         })
     }
 

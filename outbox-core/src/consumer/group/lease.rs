@@ -57,7 +57,8 @@ fn to_i32(value: u32) -> i32 {
     i32::try_from(value).unwrap_or(i32::MAX)
 }
 
-/// Creates the consumer's `count` partition rows if it has none, and checks
+/// Creates the consumer's `count` partition rows if it has none, their
+/// messages settled through stream sequence `start_after`, and checks
 /// that a group started before chose the same count. In one transaction that
 /// rolls back on a mismatch, so that no row of another count is left behind,
 /// even when two members with different counts start at once.
@@ -65,6 +66,7 @@ pub async fn ensure_partitions(
     db: &impl TransactionTrait,
     consumer: &str,
     count: u32,
+    start_after: u64,
 ) -> Result<(), GroupError> {
     let txn = db.begin().await?;
     let rows = (0..count).map(|index| partition::ActiveModel {
@@ -74,7 +76,7 @@ pub async fn ensure_partitions(
         owner: ActiveValue::Set(None),
         epoch: ActiveValue::Set(0),
         lease_until_ms: ActiveValue::Set(None),
-        position: ActiveValue::Set(0),
+        position: ActiveValue::Set(forward(start_after)),
     });
     let key = [
         partition::Column::Consumer,

@@ -112,14 +112,16 @@ fn millis(duration: Duration) -> i64 {
 }
 
 impl Member {
-    /// Joins: creates (or checks) the name's partitions and records this
-    /// member alive. It owns nothing until its first [`rebalance`](Self::rebalance).
+    /// Joins: creates the name's partitions, settled through stream sequence
+    /// `start_after` (or checks them), and records this member alive. It
+    /// owns nothing until its first [`rebalance`](Self::rebalance).
     pub(crate) async fn join(
         db: &DatabaseConnection,
         consumer: &str,
         config: GroupConfig,
+        start_after: u64,
     ) -> Result<Self, GroupError> {
-        lease::ensure_partitions(db, consumer, config.partitions).await?;
+        lease::ensure_partitions(db, consumer, config.partitions, start_after).await?;
         let member = Self {
             db: db.clone(),
             consumer: consumer.to_owned(),
