@@ -51,12 +51,13 @@ pub(crate) struct Section<'a> {
 }
 
 /// One variant's run: its rate, and the CPU time per event of this
-/// process (the consumer) and of PostgreSQL's backends.
+/// process (the consumer), of PostgreSQL's backends and of nats-server.
 #[derive(Debug, Clone, Copy)]
 struct Measured {
     eps: f64,
     process_us: f64,
     postgres_us: f64,
+    nats_us: f64,
 }
 
 impl Measured {
@@ -69,10 +70,12 @@ impl Measured {
         run.await?;
         let seconds = started.elapsed().as_secs_f64();
         let per_event = |cpu: f64| cpu * 1e6 / events as f64;
+        let services = services.since();
         Ok(Self {
             eps: events as f64 / seconds,
             process_us: per_event(own_cpu_seconds() - own),
-            postgres_us: per_event(services.since().postgres),
+            postgres_us: per_event(services.postgres),
+            nats_us: per_event(services.nats),
         })
     }
 }
@@ -128,9 +131,12 @@ impl ConsumerFigures {
             ("group_overhead", round3(group1.eps / outbox.eps).into()),
             ("group1_cpu_us_process", round3(group1.process_us).into()),
             ("group1_cpu_us_postgres", round3(group1.postgres_us).into()),
+            ("group1_cpu_us_nats", round3(group1.nats_us).into()),
+            ("consumer_cpu_us_nats", round3(outbox.nats_us).into()),
             ("group2_consumer_eps", round(group2.eps).into()),
             ("group2_cpu_us_process", round3(group2.process_us).into()),
             ("group2_cpu_us_postgres", round3(group2.postgres_us).into()),
+            ("group2_cpu_us_nats", round3(group2.nats_us).into()),
         ]
     }
 }
