@@ -253,6 +253,14 @@ async fn suite(cli: &Cli) -> Result<bool> {
             scenario.name, report.drain_seconds
         );
         report.verdict.print(scenario.name);
+        if scenario.group.is_some() {
+            println!(
+                "  [{}] group: effects committed by a non-owner {} / members without a share {}",
+                scenario.name,
+                report.verdict.non_owner_effects,
+                report.verdict.members_without_share
+            );
+        }
         let failures = report.verdict.failures();
         if failures.is_empty() {
             println!("  [{}] PASSED", scenario.name);

@@ -131,10 +131,6 @@ impl Verdict {
             "  [{scenario}] effects {} : not applied {} / applied twice {} / out of per-key order {}",
             self.effects, self.not_applied, self.applied_twice, self.order_violations
         );
-        println!(
-            "  [{scenario}] group: effects committed by a non-owner {} / members without a share {}",
-            self.non_owner_effects, self.members_without_share
-        );
     }
 }
 
