@@ -199,10 +199,11 @@ async fn a_new_group_starts_where_it_is_told(setup: Setup) {
     // A look at the group later, nothing more has come.
     tokio::time::sleep(GROUP.renewal()).await;
     a.shutdown().await.expect("stop");
-    let ran = log.0.lock().expect("lock");
-    assert_eq!(ran.len(), after, "only the events after the start");
-    assert!(ran.iter().all(|ran| ran.n >= 2), "no history: {ran:?}");
-    drop(ran);
+    {
+        let ran = log.0.lock().expect("lock");
+        assert_eq!(ran.len(), after, "only the events after the start");
+        assert!(ran.iter().all(|ran| ran.n >= 2), "no history: {ran:?}");
+    }
     setup.finish().await;
 }
 
