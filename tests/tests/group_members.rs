@@ -10,8 +10,10 @@ use std::time::Duration;
 use outbox_core::consumer::ConsumerHandle;
 use outbox_core::consumer::group::GroupConfig;
 use outbox_core::inbox::{Handler, Metadata};
+use outbox_nats::Namespace;
 use outbox_tests::consumers::inbox_rows;
 use outbox_tests::fixtures::{Sequenced, emit_round};
+use outbox_tests::proxy::Proxy;
 use outbox_tests::{Setup, eventually};
 use sea_orm::DatabaseTransaction;
 
@@ -207,6 +209,75 @@ async fn a_new_group_starts_where_it_is_told(setup: Setup) {
     setup.finish().await;
 }
 
+/// The owners of the `ledger` group's partitions, as `outbox status` shows them.
+async fn owners(setup: &Setup) -> Vec<Option<String>> {
+    let status = outbox_core::status(setup.db()).await.expect("status");
+    (status.groups.iter())
+        .flat_map(|group| group.partitions.iter().map(|p| p.owner.clone()))
+        .collect()
+}
+
+/// A member cut off from NATS but not from the database (its connection
+/// goes through a proxy the test cuts) hands its partitions over a lease
+/// later, and the other member handles everything meanwhile; once it
+/// reaches NATS again it takes its share back. Each event once, each key
+/// in order, throughout.
+async fn a_member_cut_off_from_nats_hands_its_partitions_over(setup: Setup) {
+    let (keys, per_key) = (10, 10);
+    let log = Log::default();
+    let proxy = Proxy::start(&outbox_tests::nats::nats_url()).await;
+    let cut_off = async_nats::connect(proxy.url()).await.expect("connect");
+    let handler = Member {
+        name: "a",
+        log: log.clone(),
+    };
+    let a = (Namespace::new(cut_off, setup.nats.namespace.clone()))
+        .consumer(setup.db().clone(), "ledger")
+        .group(GROUP)
+        .max_in_flight(4)
+        .on::<Sequenced, _>(handler)
+        .spawn()
+        .await
+        .expect("a joins");
+    let b = member(&setup, "b", &log).await;
+    let (a_id, b_id) = (a.member().map(str::to_owned), b.member().map(str::to_owned));
+    eventually("both own partitions", async || {
+        let owners = owners(&setup).await;
+        owners.contains(&a_id) && owners.contains(&b_id)
+    })
+    .await;
+
+    proxy.cut();
+    for n in 0..per_key {
+        emit_round(setup.db(), n, keys).await.expect("commit");
+    }
+    setup.relay().await;
+    eventually("b owns every partition", async || {
+        owners(&setup).await.iter().all(|owner| *owner == b_id)
+    })
+    .await;
+    let total = (keys * per_key) as usize;
+    eventually("b handles what a held", async || log.len() >= total).await;
+
+    proxy.restore();
+    eventually("a takes its share back", async || {
+        owners(&setup).await.contains(&a_id)
+    })
+    .await;
+    for n in per_key..2 * per_key {
+        emit_round(setup.db(), n, keys).await.expect("commit");
+    }
+    setup.relay().await;
+    eventually("every event is handled", async || log.len() >= 2 * total).await;
+    a.shutdown().await.expect("stop");
+    b.shutdown().await.expect("stop");
+
+    let by_member = log.check(keys, 2 * per_key);
+    assert!(by_member["b"] > 0, "shared: {by_member:?}");
+    assert_eq!(inbox_rows(setup.db()).await, u64::from(2 * keys * per_key));
+    setup.finish().await;
+}
+
 /// One consumer name cannot run as a group in one process and alone in
 /// another: each would keep key order its own way. Whichever starts second
 /// is refused, naming how the name runs.
@@ -256,4 +327,5 @@ outbox_tests::on_postgres_and_mysql!(
     a_member_that_stops_hands_its_partitions_over,
     a_name_runs_as_a_group_or_alone_not_both,
     a_new_group_starts_where_it_is_told,
+    a_member_cut_off_from_nats_hands_its_partitions_over,
 );

@@ -116,4 +116,11 @@ pub trait Transport: Send + Sync + 'static {
 
     /// Sends what settles are buffered, at shutdown.
     fn flush(&self) -> impl Future<Output = Result<(), BoxError>> + Send;
+
+    /// Whether the broker is reachable, as the client last knew it (no
+    /// I/O): a consumer group member cut off from it for a lease hands its
+    /// partitions over. `true` for a transport that cannot tell.
+    fn reachable(&self) -> bool {
+        true
+    }
 }

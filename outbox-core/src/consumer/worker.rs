@@ -112,6 +112,9 @@ struct Loop<T: Transport> {
     next_replay_poll: Instant,
     /// The dead letters being replayed, not to be picked up twice.
     replaying: HashSet<Uuid>,
+    /// Since when the broker has been out of reach, as a group member's
+    /// looks found it.
+    unreachable_since: Option<Instant>,
 }
 
 impl<T: Transport> Worker<T> {
@@ -489,6 +492,7 @@ impl<T: Transport> Loop<T> {
             next_renewal: now,
             next_replay_poll: now,
             replaying: HashSet::new(),
+            unreachable_since: None,
         }
     }
 
@@ -710,12 +714,35 @@ impl<T: Transport> Loop<T> {
     }
 
     /// A group member's look at its group: partitions taken restart the
-    /// reading from the lowest position it owns.
+    /// reading from the lowest position it owns. A member cut off from the
+    /// broker for a lease stands down instead, until it can read again.
     async fn rebalance(&mut self) {
         let Ownership::Group(member) = &mut self.ownership else {
             return;
         };
         let name = &self.shared.name;
+        let now = Instant::now();
+        self.unreachable_since = match self.shared.transport.reachable() {
+            true => None,
+            false => Some(self.unreachable_since.unwrap_or(now)),
+        };
+        if self
+            .unreachable_since
+            .is_some_and(|since| now - since >= member.lease())
+        {
+            match member.stand_down().await {
+                Ok(handed) if !handed.is_empty() => {
+                    self.pull = None;
+                    forget(&mut self.pending, member, &handed);
+                    tracing::warn!(consumer = %name, member = %member.id(), "the broker has been out of reach for a lease: this member hands its partitions over and stays out of the group until it can read again");
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(consumer = %name, error = %ErrorReport(&error), "cannot hand the partitions over; they go once this member's lease ends");
+                }
+            }
+            return;
+        }
         match member.rebalance().await {
             Ok(changed) => {
                 metrics::gauge!("outbox_consumer_group_partitions", "consumer" => name.clone())
@@ -729,11 +756,7 @@ impl<T: Transport> Loop<T> {
                     tracing::info!(consumer = %name, member = %member.id(), ?taken, ?released, ?lost, "the group's partitions moved");
                 }
                 if !changed.lost.is_empty() {
-                    let lost = |partition| changed.lost.contains(&partition);
-                    self.pending.forget(
-                        |key| lost(member.partition_of(key.as_bytes())),
-                        |held| lost(partition(member, held)),
-                    );
+                    forget(&mut self.pending, member, &changed.lost);
                     tracing::warn!(consumer = %name, member = %member.id(), lost = ?changed.lost, "partitions were taken by another member after this one's lease ended; what it held of them is not committed");
                 }
             }
@@ -779,6 +802,16 @@ fn partition<M: super::Message>(member: &Member, held: &Held<M>) -> u32 {
         (None, Some(id)) => member.partition_of(id.as_bytes()),
         (None, None) => 0,
     }
+}
+
+/// Forgets the held messages of `partitions`, and their keys: another
+/// member handles them now.
+fn forget<M: super::Message>(pending: &mut Pending<M>, member: &Member, partitions: &[u32]) {
+    let gone = |index| partitions.contains(&index);
+    pending.forget(
+        |key| gone(member.partition_of(key.as_bytes())),
+        |held| gone(partition(member, held)),
+    );
 }
 
 async fn next_delivery<M>(pull: &mut Option<Pull<M>>) -> Option<Result<Pulled<M>, PullError>> {

@@ -122,6 +122,10 @@ impl Transport for JetStream {
     async fn flush(&self) -> Result<(), BoxError> {
         Ok(self.client.flush().await?)
     }
+
+    fn reachable(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
 }
 
 impl JetStream {

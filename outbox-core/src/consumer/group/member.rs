@@ -165,6 +165,11 @@ impl Member {
         self.owned_count() > 0
     }
 
+    /// How long its partitions stay its own without renewal.
+    pub(crate) fn lease(&self) -> Duration {
+        self.config.lease
+    }
+
     /// How many partitions this member owns and takes messages of.
     pub(crate) fn owned_count(&self) -> usize {
         self.owned.values().filter(|owned| !owned.releasing).count()
@@ -303,6 +308,24 @@ impl Member {
             }
         }
         Ok(changed)
+    }
+
+    /// Hands every partition over at once, each from where it is settled,
+    /// and counts as gone until its next [`rebalance`](Self::rebalance):
+    /// a member that cannot read would hold its partitions up. What it
+    /// still holds of them is not committed (the fence fails once a
+    /// partition is released). Returns the partitions handed over.
+    pub(crate) async fn stand_down(&mut self) -> Result<Vec<u32>, DbErr> {
+        let (db, consumer, id) = (&self.db, self.consumer.as_str(), self.id.as_str());
+        let mut handed = Vec::new();
+        while let Some((&index, owned)) = self.owned.first_key_value() {
+            let position = owned.position(self.read_at);
+            lease::release(db, consumer, id, &owned.claim, position).await?;
+            self.owned.remove(&index);
+            handed.push(index);
+        }
+        lease::renew(db, consumer, id, now_ms(), 0, self.stream_end).await?;
+        Ok(handed)
     }
 
     /// Hands every partition over, each from where it is settled (at
