@@ -238,8 +238,12 @@ async fn suite(cli: &Cli) -> Result<bool> {
         );
         if scenario.group.is_some() {
             println!(
-                "  [{}] group: effects applied per consumer process {:?}; {} partitions moved, {} lost to another member (fenced)",
-                scenario.name, report.shares, report.partitions_moved, report.partitions_lost
+                "  [{}] group: effects applied per consumer process {:?}; {} partitions moved, {} lost to another member (fenced); {} stand-downs (NATS out of reach for a lease)",
+                scenario.name,
+                report.shares,
+                report.partitions_moved,
+                report.partitions_lost,
+                report.stood_down
             );
         }
         if report.relays_started_before_nats {

@@ -100,12 +100,13 @@ pub(crate) struct Report {
     /// messages of unsure spans it handled (not yet in its inbox).
     pub(crate) skipped_deliveries: usize,
     pub(crate) recovered_messages: usize,
-    /// A group's: effects applied by each consumer process (by pid), and,
-    /// from the members' logs, partitions taken and partitions lost to
-    /// another member after a pause.
+    /// A group's: effects applied by each member, and, from the members'
+    /// logs, partitions taken, partitions lost to another member after a
+    /// pause, and members that stood down, out of NATS' reach for a lease.
     pub(crate) shares: Vec<u64>,
     pub(crate) partitions_moved: usize,
     pub(crate) partitions_lost: usize,
+    pub(crate) stood_down: usize,
     pub(crate) verdict: Verdict,
 }
 
@@ -310,6 +311,9 @@ pub(crate) async fn run(scenario: Scenario, plan: &Plan, env: &Env<'_>) -> Resul
         })
         .sum();
     report.partitions_moved = log.matches("the group's partitions moved").count();
+    report.stood_down = log
+        .matches("the broker has been out of reach for a lease")
+        .count();
     report.partitions_lost = log
         .matches("partitions were taken by another member")
         .count();
