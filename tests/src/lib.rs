@@ -5,7 +5,6 @@
 pub mod consumers;
 pub mod fixtures;
 pub mod nats;
-pub mod proxy;
 mod setup;
 pub mod streamed;
 

@@ -10,10 +10,10 @@ use std::time::Duration;
 use outbox_core::consumer::ConsumerHandle;
 use outbox_core::consumer::group::GroupConfig;
 use outbox_core::inbox::{Handler, Metadata};
+use outbox_core::testing::Proxy;
 use outbox_nats::Namespace;
 use outbox_tests::consumers::inbox_rows;
 use outbox_tests::fixtures::{Sequenced, emit_round};
-use outbox_tests::proxy::Proxy;
 use outbox_tests::{Setup, eventually};
 use sea_orm::DatabaseTransaction;
 

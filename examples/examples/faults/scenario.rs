@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use crate::app::{self, AppError};
 use crate::procs::{Nats, PrivatePostgres, Proc, Result};
 use crate::verify::{self, Verdict};
+use outbox_core::testing::Proxy;
 
 /// Which database a scenario keeps its outbox, inbox and application tables in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +69,7 @@ enum Fault {
     KillConsumer,
     RestartConsumer,
     PauseConsumer,
+    CutConsumer,
     ScaleGroup,
     RestartNats,
     RestartPostgres,
@@ -80,6 +82,9 @@ impl Fault {
             Self::KillConsumer => "consumer (a member) killed (SIGKILL)",
             Self::RestartConsumer => "consumer (a member) restarted gracefully (SIGTERM)",
             Self::PauseConsumer => "member paused (SIGSTOP) past its lease, then continued",
+            Self::CutConsumer => {
+                "member cut off from NATS (not from PostgreSQL) past its lease, then let back"
+            }
             Self::ScaleGroup => "group scaled (3 → 1 → 4 → 3 members, in turn)",
             Self::RestartNats => "nats-server killed and restarted",
             Self::RestartPostgres => "PostgreSQL stopped (immediate) and restarted",
@@ -164,13 +169,23 @@ pub(crate) async fn run(scenario: Scenario, plan: &Plan, env: &Env<'_>) -> Resul
         Some(lease_ms) => command("consume", &["--group-lease-ms", lease_ms]),
         None => command("consume", &[]),
     };
+    // A group's first member reaches NATS through a proxy the suite cuts
+    // (one server only: a cluster's client would reach the other nodes
+    // straight, as they advertise themselves).
+    let cut_off = match scenario.group {
+        Some(_) if scenario.nats_nodes == 1 => Some(Proxy::start(&nats_url).await),
+        _ => None,
+    };
     let member = |i: usize| {
-        Proc::new(
-            &format!("consumer-{i}"),
-            env.self_bin,
-            consume.clone(),
-            &dir,
-        )
+        let mut args: Vec<std::ffi::OsString> = consume.clone();
+        if let Some(proxy) = cut_off.as_ref().filter(|_| i == 0) {
+            for arg in &mut args {
+                if *arg == *nats_url {
+                    *arg = proxy.url().into();
+                }
+            }
+        }
+        Proc::new(&format!("consumer-{i}"), env.self_bin, args, &dir)
     };
     let members = if scenario.group.is_some() { MEMBERS } else { 1 };
     let mut consumers: Vec<Proc> = (0..members).map(member).collect();
@@ -188,6 +203,9 @@ pub(crate) async fn run(scenario: Scenario, plan: &Plan, env: &Env<'_>) -> Resul
     ];
     if scenario.group.is_some() {
         faults.extend([Fault::PauseConsumer, Fault::ScaleGroup]);
+    }
+    if cut_off.is_some() {
+        faults.push(Fault::CutConsumer);
     }
     if scenario.store == Store::PrivatePostgres {
         faults.push(Fault::RestartPostgres);
@@ -225,6 +243,14 @@ pub(crate) async fn run(scenario: Scenario, plan: &Plan, env: &Env<'_>) -> Resul
                 consumer.signal("STOP").await?;
                 tokio::time::sleep(lease + Duration::from_secs(1)).await;
                 consumer.signal("CONT").await?;
+            }
+            Fault::CutConsumer => {
+                if let Some(proxy) = &cut_off {
+                    proxy.cut();
+                    let lease = scenario.group.unwrap_or_default();
+                    tokio::time::sleep(lease + Duration::from_secs(2)).await;
+                    proxy.restore();
+                }
             }
             Fault::ScaleGroup => {
                 let size = *scales.next().unwrap_or(&MEMBERS);

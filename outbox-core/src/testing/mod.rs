@@ -17,10 +17,13 @@
 //!   (MySQL) or file (SQLite) per test, dropped after it.
 //! - [`relayed`]: waits, bounded, until everything committed so far has
 //!   left the outbox, for end-to-end tests that do run a relay.
+//! - [`Proxy`]: a TCP proxy a test cuts and restores, to put one process
+//!   out of a server's reach while the others go on.
 
 mod consumer;
 mod database;
 mod emitted;
+mod proxy;
 mod publisher;
 
 use std::time::Duration;
@@ -33,6 +36,7 @@ use tokio::time::Instant;
 pub use consumer::TestConsumer;
 pub use database::TestDatabase;
 pub use emitted::{Emitted, emitted, emitted_in_full};
+pub use proxy::Proxy;
 pub use publisher::MemoryPublisher;
 
 use crate::Error;

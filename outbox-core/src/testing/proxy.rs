@@ -1,6 +1,7 @@
 //! A TCP proxy a test can cut: what a process cut off from a server sees
 //! (its connections dropped, new ones refused) while the server and every
-//! other client go on.
+//! other client go on. For a service's tests of what its consumer or relay
+//! does when the broker, or the database, is out of its reach only.
 
 use std::net::SocketAddr;
 
