@@ -330,19 +330,8 @@ impl Member {
 
     /// Hands every partition over, each from where it is settled (at
     /// shutdown, once what was in flight has ended).
-    pub(crate) async fn leave(self) -> Result<(), DbErr> {
-        for owned in self.owned.values() {
-            lease::release(
-                &self.db,
-                &self.consumer,
-                &self.id,
-                &owned.claim,
-                owned.position(self.read_at),
-            )
-            .await?;
-        }
-        lease::renew(&self.db, &self.consumer, &self.id, now_ms(), 0, None).await?;
-        Ok(())
+    pub(crate) async fn leave(mut self) -> Result<(), DbErr> {
+        self.stand_down().await.map(drop)
     }
 }
 
