@@ -115,6 +115,9 @@ struct Loop<T: Transport> {
     /// Since when the broker has been out of reach, as a group member's
     /// looks found it.
     unreachable_since: Option<Instant>,
+    /// The lag the last delivery reported, for the gauge the chores set
+    /// (not set per message: only its latest value is read).
+    lag: Option<u64>,
 }
 
 impl<T: Transport> Worker<T> {
@@ -493,6 +496,7 @@ impl<T: Transport> Loop<T> {
             next_replay_poll: now,
             replaying: HashSet::new(),
             unreachable_since: None,
+            lag: None,
         }
     }
 
@@ -636,8 +640,7 @@ impl<T: Transport> Loop<T> {
             Some(Ok(pulled)) => {
                 self.failures = 0;
                 let stream_end = pulled.stream_sequence.saturating_add(pulled.pending);
-                metrics::gauge!("outbox_consumer_pending", "consumer" => name.clone())
-                    .set(pulled.pending as f64);
+                self.lag = Some(pulled.pending);
                 let (held, delivery) = Held::delivered(pulled);
                 if let Ownership::Group(member) = &mut self.ownership {
                     member.saw(stream_end);
@@ -672,6 +675,10 @@ impl<T: Transport> Loop<T> {
     async fn chores(&mut self, config: &ConsumerConfig) -> bool {
         let shared = Arc::clone(&self.shared);
         let now = Instant::now();
+        if let Some(lag) = self.lag.take() {
+            metrics::gauge!("outbox_consumer_pending", "consumer" => shared.name.clone())
+                .set(lag as f64);
+        }
         if let Some(before) = now.checked_sub(config.ack_wait / 2) {
             for held in self.pending.due_for_extension(before, now) {
                 let _ = shared.settle_delivery(held, Settle::Extend).await;
