@@ -225,7 +225,7 @@ async fn owners(setup: &Setup) -> Vec<Option<String>> {
 async fn a_member_cut_off_from_nats_hands_its_partitions_over(setup: Setup) {
     let (keys, per_key) = (10, 10);
     let log = Log::default();
-    let proxy = Proxy::start(&outbox_tests::nats::nats_url()).await;
+    let proxy = (Proxy::start(&outbox_tests::nats::nats_url()).await).expect("a proxy");
     let cut_off = async_nats::connect(proxy.url()).await.expect("connect");
     let handler = Member {
         name: "a",

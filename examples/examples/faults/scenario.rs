@@ -173,7 +173,7 @@ pub(crate) async fn run(scenario: Scenario, plan: &Plan, env: &Env<'_>) -> Resul
     // (one server only: a cluster's client would reach the other nodes
     // straight, as they advertise themselves).
     let cut_off = match scenario.group {
-        Some(_) if scenario.nats_nodes == 1 => Some(Proxy::start(&nats_url).await),
+        Some(_) if scenario.nats_nodes == 1 => Some(Proxy::start(&nats_url).await?),
         _ => None,
     };
     let member = |i: usize| {

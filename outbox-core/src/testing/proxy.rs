@@ -19,11 +19,12 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Forwards to `target` (`host:port`, or a `nats://` URL).
-    pub async fn start(target: &str) -> Self {
+    /// Forwards to `target` (`host:port`, or a `nats://` URL), listening on
+    /// a free port of 127.0.0.1; fails only if it cannot listen.
+    pub async fn start(target: &str) -> std::io::Result<Self> {
         let target = target.trim_start_matches("nats://").to_owned();
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("its address");
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
         let (open, is_open) = watch::channel(true);
         let accepting = tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
@@ -42,11 +43,11 @@ impl Proxy {
                 });
             }
         });
-        Self {
+        Ok(Self {
             addr,
             open,
             accepting,
-        }
+        })
     }
 
     /// A NATS URL through this proxy.
