@@ -5,6 +5,7 @@
 pub mod consumers;
 pub mod fixtures;
 pub mod nats;
+pub mod private_postgres;
 mod setup;
 pub mod streamed;
 

@@ -28,6 +28,8 @@ mod chain;
 mod config;
 #[cfg(test)]
 mod fixture;
+#[cfg(feature = "logical")]
+pub mod logical;
 #[cfg(feature = "postgres")]
 pub mod notify;
 mod pipeline;

@@ -18,7 +18,7 @@ use crate::entity::outbox_message;
 /// A running relay. Dropping it leaves the relay running; call
 /// [`shutdown`](Self::shutdown) to stop it cleanly.
 #[derive(Debug)]
-pub struct RelayHandle(Background);
+pub struct RelayHandle(pub(super) Background);
 
 impl RelayHandle {
     /// Lets the batch in flight finish and settle, then stops the relay.

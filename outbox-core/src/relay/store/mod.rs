@@ -17,6 +17,12 @@ pub(super) use claim::{InFlight, claim};
 pub(super) use decode::Claimed;
 pub(super) use schedule::promote_due;
 pub(super) use settle::{Settled, settle};
+#[cfg(feature = "logical")]
+pub(super) use settle::{dead_letter, stored_text};
+
+/// An event on its way to `outbox_dead_letters`.
+#[cfg(feature = "logical")]
+pub(super) type DeadLetter = crate::entity::outbox_dead_letter::ActiveModel;
 
 /// The outbox's database and its dialect.
 #[derive(Debug)]

@@ -166,7 +166,7 @@ async fn mark_delivered<C: ConnectionTrait>(
 
 /// A delivery error as the outbox's `last_error` column keeps it: its text
 /// and every cause under it.
-fn stored_text(error: &crate::relay::DeliveryError) -> String {
+pub(in crate::relay) fn stored_text(error: &crate::relay::DeliveryError) -> String {
     crate::ErrorReport(error).to_string()
 }
 
@@ -202,7 +202,8 @@ async fn reschedule<C: ConnectionTrait>(
     Ok(())
 }
 
-fn dead_letter(
+/// The dead letter of `event`, which failed with `error`.
+pub(in crate::relay) fn dead_letter(
     event: outbox_message::Model,
     error: String,
     now: DateTime<Utc>,
