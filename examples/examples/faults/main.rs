@@ -67,10 +67,10 @@ struct Cli {
     #[arg(long, default_value_t = 3)]
     relays: usize,
     /// Scenarios to run, comma-separated: postgres, cluster, mariadb,
-    /// groups, groups-cluster.
+    /// groups, groups-cluster, logical, logical-cluster.
     #[arg(
         long,
-        default_value = "postgres,cluster,mariadb,groups,groups-cluster",
+        default_value = "postgres,cluster,mariadb,groups,groups-cluster,logical,logical-cluster",
         value_delimiter = ','
     )]
     scenarios: Vec<String>,
@@ -166,34 +166,53 @@ async fn suite(cli: &Cli) -> Result<bool> {
                 store: Store::PrivatePostgres,
                 nats_nodes: 1,
                 group: None,
+                logical: false,
             },
             "cluster" => Scenario {
                 name: "cluster",
                 store: Store::PrivatePostgres,
                 nats_nodes: 3,
                 group: None,
+                logical: false,
             },
             "mariadb" => Scenario {
                 name: "mariadb",
                 store: Store::MariaDb,
                 nats_nodes: 1,
                 group: None,
+                logical: false,
             },
             "groups" => Scenario {
                 name: "groups",
                 store: Store::PrivatePostgres,
                 nats_nodes: 1,
                 group: Some(GROUP_LEASE),
+                logical: false,
             },
             "groups-cluster" => Scenario {
                 name: "groups-cluster",
                 store: Store::PrivatePostgres,
                 nats_nodes: 3,
                 group: Some(GROUP_LEASE),
+                logical: false,
+            },
+            "logical" => Scenario {
+                name: "logical",
+                store: Store::PrivatePostgres,
+                nats_nodes: 1,
+                group: None,
+                logical: true,
+            },
+            "logical-cluster" => Scenario {
+                name: "logical-cluster",
+                store: Store::PrivatePostgres,
+                nats_nodes: 3,
+                group: None,
+                logical: true,
             },
             other => {
                 return Err(format!(
-                    "unknown scenario `{other}` (postgres, cluster, mariadb, groups, groups-cluster)"
+                    "unknown scenario `{other}` (postgres, cluster, mariadb, groups, groups-cluster, logical, logical-cluster)"
                 )
                 .into());
             }
@@ -244,6 +263,12 @@ async fn suite(cli: &Cli) -> Result<bool> {
                 report.partitions_moved,
                 report.partitions_lost,
                 report.stood_down
+            );
+        }
+        if scenario.logical {
+            println!(
+                "  [{}] logical: {} times a relay took the slot (its first reader and every takeover); `outbox slot drop` published what was left and dropped it",
+                scenario.name, report.slot_takes
             );
         }
         if report.relays_started_before_nats {

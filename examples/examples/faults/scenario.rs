@@ -36,6 +36,9 @@ pub(crate) struct Scenario {
     /// The consumer as a group of [`MEMBERS`] processes with this lease;
     /// without, one process.
     pub(crate) group: Option<Duration>,
+    /// The relays read the write-ahead log (`--source logical`), one at a
+    /// time, the others standing by.
+    pub(crate) logical: bool,
 }
 
 /// Members of a group scenario's consumer, at its start and between scalings.
@@ -112,6 +115,8 @@ pub(crate) struct Report {
     pub(crate) partitions_moved: usize,
     pub(crate) partitions_lost: usize,
     pub(crate) stood_down: usize,
+    /// The logical relays' takes of the slot, from their logs.
+    pub(crate) slot_takes: usize,
     pub(crate) verdict: Verdict,
 }
 
@@ -142,7 +147,11 @@ pub(crate) async fn run(scenario: Scenario, plan: &Plan, env: &Env<'_>) -> Resul
             .chain(extra.iter().copied());
         args.map(Into::into).collect()
     };
-    let relay_flags = ["--stream", "FAULTS=faults", "--poll-interval", "0.2"];
+    let mut relay_flags = vec!["--stream", "FAULTS=faults", "--poll-interval", "0.2"];
+    if scenario.logical {
+        // A slot name of the scenario's own: slots are the server's, not a database's.
+        relay_flags.extend(["--source", "logical", "--slot", &tag]);
+    }
     let mut relays: Vec<Proc> = (0..plan.relays)
         .map(|i| {
             let args = command("relay", &relay_flags);
@@ -317,6 +326,22 @@ pub(crate) async fn run(scenario: Scenario, plan: &Plan, env: &Env<'_>) -> Resul
         flow_ended_ms,
     });
     report.verdict = verify::verdict(&db, &client, &stream, group).await?;
+    if scenario.logical {
+        report.slot_takes = (0..plan.relays)
+            .map(|i| {
+                std::fs::read_to_string(dir.join(format!("relay-{i}.log"))).unwrap_or_default()
+            })
+            .map(|log| {
+                log.matches("logical relay reading the slot").count()
+                    + log.matches("logical relay recovered").count()
+            })
+            .sum();
+        let args = ["slot", "drop"]
+            .into_iter()
+            .chain(connection)
+            .chain(["--slot", &tag]);
+        drop_slot(env.outbox_bin, args.map(Into::into).collect(), &dir).await?;
+    }
     report.shares = verify::shares(&db).await?;
     let mut log = String::new();
     // Every member that ran, the scaled-away ones included.
@@ -350,6 +375,26 @@ pub(crate) async fn run(scenario: Scenario, plan: &Plan, env: &Env<'_>) -> Resul
             .await?;
     }
     Ok(report)
+}
+
+/// Runs `outbox slot drop` (`args`), which must succeed.
+async fn drop_slot(outbox_bin: &Path, args: Vec<std::ffi::OsString>, dir: &Path) -> Result<()> {
+    let output = tokio::process::Command::new(outbox_bin)
+        .args(args)
+        .output()
+        .await?;
+    std::fs::write(
+        dir.join("slot-drop.log"),
+        [&output.stdout[..], &output.stderr[..]].concat(),
+    )?;
+    if !output.status.success() {
+        return Err(format!(
+            "`outbox slot drop` failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+        .into());
+    }
+    Ok(())
 }
 
 /// One of the consumer's processes, at random.

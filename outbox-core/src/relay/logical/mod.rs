@@ -51,7 +51,7 @@ use pgwire_replication::{PgWireError, ReplicationConfig};
 use sea_orm::DbErr;
 
 pub use capture::Malformed;
-pub use slot::{SlotStatus, slot_status};
+pub use slot::{SlotStatus, slot_status, slots};
 
 use super::publish::Publisher;
 use super::{Relay, worker::RelayHandle};

@@ -233,6 +233,32 @@ pub async fn slot_status(db: &DatabaseConnection, slot: &str) -> Result<Option<S
     }))
 }
 
+/// The status of every slot a logical relay recorded progress of in the
+/// connection's schema (none on other databases, or before a relay ran).
+pub async fn slots(db: &DatabaseConnection) -> Result<Vec<SlotStatus>, DbErr> {
+    if db.get_database_backend() != DbBackend::Postgres {
+        return Ok(Vec::new());
+    }
+    let names = db
+        .query_all_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT slot_name FROM outbox_logical_progress ORDER BY slot_name",
+        ))
+        .await;
+    let names = match names {
+        Err(error) if error.to_string().contains("outbox_logical_progress") => {
+            return Ok(Vec::new());
+        }
+        other => other?,
+    };
+    let mut slots = Vec::with_capacity(names.len());
+    for row in names {
+        let name: String = row.try_get_by_index(0)?;
+        slots.extend(slot_status(db, &name).await?);
+    }
+    Ok(slots)
+}
+
 /// Drops the slot, its publication and its progress row. The slot must not
 /// be in use.
 pub(super) async fn drop(db: &DatabaseConnection, slot: &str) -> Result<(), DbErr> {

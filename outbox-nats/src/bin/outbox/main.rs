@@ -3,6 +3,8 @@
 //! ```text
 //! outbox migrate --database-url postgres://...
 //! outbox relay --database-url postgres://... --nats-url nats://a:4222,nats://b:4222 --stream ORDERS=orders
+//! outbox relay --source logical --database-url postgres://... --stream ORDERS=orders
+//! outbox slot drop --database-url postgres://...
 //! outbox status --database-url postgres://... --json --max-pending 10000
 //! outbox dead-letters list --database-url postgres://...
 //! outbox dead-letters replay --event-type OrderCreated --database-url postgres://...
@@ -12,6 +14,7 @@ mod database;
 mod dead_letters;
 mod nats;
 mod relay;
+mod slot;
 mod status;
 
 use std::process::ExitCode;
@@ -51,6 +54,9 @@ enum Command {
     /// `--inbox` the consumers'.
     #[command(subcommand)]
     DeadLetters(dead_letters::DeadLetterCommand),
+    /// The replication slot of `relay --source logical`.
+    #[command(subcommand)]
+    Slot(slot::SlotCommand),
 }
 
 // One thread: the relay is a loop waiting on the database and the broker in
@@ -106,9 +112,10 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             outbox_core::migrate(&db).await?;
             println!("the outbox tables are up to date");
         }
-        Command::Relay(args) => relay::run(db, *args).await?,
+        Command::Relay(args) => relay::run(db, &url, *args).await?,
         Command::Status(args) => return status::run(&db, &args).await,
         Command::DeadLetters(command) => dead_letters::run(&db, command).await?,
+        Command::Slot(command) => slot::run(db, &url, command).await?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::stream::StorageType;
 use clap::ValueEnum;
+use outbox_core::relay::logical::{LogicalError, LogicalRelay};
 use outbox_core::relay::{MAX_BATCH_SIZE, MIN_POLL_INTERVAL, Relay, RelayConfig};
 use outbox_nats::{JetStreamPublisher, StreamSettings, StreamSpec, provision};
 use sea_orm::DatabaseConnection;
@@ -57,10 +58,25 @@ pub(crate) struct RelayArgs {
     /// The same as --migrate false.
     #[arg(long)]
     no_migrate: bool,
+    /// Where events come from: `polling` claims rows of the outbox table
+    /// (every database); `logical` reads PostgreSQL's write-ahead log
+    /// through a replication slot (`wal_level = logical`, a role with
+    /// REPLICATION; see `outbox slot drop` to go back).
+    #[arg(long, env = "OUTBOX_RELAY_SOURCE", default_value = "polling")]
+    source: Source,
+    /// The replication slot of `--source logical` (default `outbox_<schema>`).
+    #[arg(long, env = "OUTBOX_SLOT")]
+    slot: Option<String>,
     /// Serve the relay's metrics in Prometheus text format on this address
     /// (e.g. 127.0.0.1:9464), at any path.
     #[arg(long, env = "OUTBOX_METRICS_ADDR")]
     metrics_addr: Option<SocketAddr>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Source {
+    Polling,
+    Logical,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -120,6 +136,7 @@ impl RelayArgs {
 
 pub(crate) async fn run(
     db: DatabaseConnection,
+    url: &str,
     args: RelayArgs,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let nats = args.nats.config()?;
@@ -158,10 +175,26 @@ pub(crate) async fn run(
         .collect();
     let window = relay.config().retry_horizon().max(Duration::from_secs(120));
     provision(publisher.context(), &streams, window).await?;
-    let handle = relay.spawn();
+    let handle = match args.source {
+        Source::Polling => relay.spawn(),
+        Source::Logical => logical(relay, url, args.slot)?.spawn(),
+    };
     shutdown_signal().await;
     handle.shutdown().await?;
     Ok(())
+}
+
+/// The logical relay over `relay`, on slot `slot` if given.
+pub(crate) fn logical(
+    relay: Relay<JetStreamPublisher>,
+    url: &str,
+    slot: Option<String>,
+) -> Result<LogicalRelay<JetStreamPublisher>, LogicalError> {
+    let logical = LogicalRelay::new(relay, url)?;
+    Ok(match slot {
+        Some(slot) => logical.slot(slot),
+        None => logical,
+    })
 }
 
 pub(crate) async fn shutdown_signal() {

@@ -4,6 +4,7 @@
 use std::process::ExitCode;
 
 use outbox_core::Status;
+use outbox_core::relay::logical::SlotStatus;
 use sea_orm::DatabaseConnection;
 
 use crate::relay::parse_seconds;
@@ -22,10 +23,19 @@ pub(crate) struct StatusArgs {
     /// Breached when the relay, or any one consumer, has more dead letters than this.
     #[arg(long)]
     max_dead_letters: Option<u64>,
+    /// Breached when a logical relay's slot is more than this many bytes of
+    /// WAL behind (the WAL PostgreSQL must keep for it).
+    #[arg(long)]
+    max_slot_lag_bytes: Option<i64>,
+    /// Breached when a logical relay's slot recorded no progress for this
+    /// many seconds (its relay is down or stalled; heartbeats move it every
+    /// 10 s while idle).
+    #[arg(long, value_parser = parse_seconds, allow_hyphen_values = true)]
+    max_slot_lag_seconds: Option<f64>,
 }
 
 /// The thresholds `status` breaches.
-fn breached(args: &StatusArgs, status: &Status) -> Vec<&'static str> {
+fn breached(args: &StatusArgs, status: &Status, slots: &[SlotStatus]) -> Vec<&'static str> {
     let mut breached = Vec::new();
     if args
         .max_pending
@@ -45,6 +55,18 @@ fn breached(args: &StatusArgs, status: &Status) -> Vec<&'static str> {
     if args.max_dead_letters.is_some_and(|max| most_dead > max) {
         breached.push("max_dead_letters");
     }
+    if let Some(max) = args.max_slot_lag_bytes
+        && slots.iter().any(|slot| slot.lag_bytes > max)
+    {
+        breached.push("max_slot_lag_bytes");
+    }
+    if let Some(max) = args.max_slot_lag_seconds
+        && slots
+            .iter()
+            .any(|slot| slot.lag_seconds.is_some_and(|lag| lag > max))
+    {
+        breached.push("max_slot_lag_seconds");
+    }
     breached
 }
 
@@ -54,7 +76,8 @@ pub(crate) async fn run(
 ) -> Result<ExitCode, Box<dyn std::error::Error>> {
     outbox_core::check_schema(db).await?;
     let status = outbox_core::status(db).await?;
-    let breached = breached(args, &status);
+    let slots = outbox_core::relay::logical::slots(db).await?;
+    let breached = breached(args, &status, &slots);
     let outbox = &status.outbox;
     if args.json {
         let consumers: Vec<_> = (status.consumers.iter())
@@ -97,6 +120,14 @@ pub(crate) async fn run(
             "inbox_dead_letters": status.inbox_dead_letters(),
             "consumers": consumers,
             "groups": groups,
+            "slots": slots.iter().map(|slot| serde_json::json!({
+                "name": slot.slot,
+                "active": slot.active,
+                "capturing": slot.capturing,
+                "lag_bytes": slot.lag_bytes,
+                "retained_bytes": slot.retained_bytes,
+                "lag_seconds": slot.lag_seconds,
+            })).collect::<Vec<_>>(),
             "breached": breached,
         });
         println!("{report}");
@@ -144,6 +175,27 @@ pub(crate) async fn run(
             for member in &group.members {
                 println!("  {member}: partitions {}", owned(member));
             }
+        }
+        for slot in &slots {
+            let lag = slot
+                .lag_seconds
+                .map_or("-".to_owned(), |s| format!("{s:.0}s"));
+            println!(
+                "slot {}: {}, {} bytes behind, {} retained, last progress {lag} ago{}",
+                slot.slot,
+                if slot.active {
+                    "read by a relay"
+                } else {
+                    "not read"
+                },
+                slot.lag_bytes,
+                slot.retained_bytes,
+                if slot.capturing {
+                    ""
+                } else {
+                    " (not capturing)"
+                },
+            );
         }
         if !breached.is_empty() {
             println!("breached:       {}", breached.join(", "));
