@@ -129,6 +129,7 @@ impl Bench {
     async fn member(&self) -> Result<MemberProc, BoxError> {
         let mut child = Command::new(std::env::current_exe()?)
             .args(["--member", &self.schema, &self.namespace])
+            .args(["--database-url", &self.args.database_url])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .kill_on_drop(true)
@@ -220,8 +221,8 @@ impl Flow {
 /// The child process of [`Bench::handover`]: a member of the group, which
 /// records the partition and time of every message it handles. Prints its
 /// id, then runs until killed or until its parent is gone (its input ends).
-pub(crate) async fn member_only(schema: &str, namespace: &str) -> Result<(), BoxError> {
-    let db = connect_schema(schema, 8).await?;
+pub(crate) async fn member_only(url: &str, schema: &str, namespace: &str) -> Result<(), BoxError> {
+    let db = connect_schema(url, schema, 8).await?;
     let client = outbox_nats::async_nats::connect(nats_url()).await?;
     let consumer = Consumer::builder(client, db, NAME)
         .namespace(namespace)

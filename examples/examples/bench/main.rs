@@ -4,12 +4,15 @@
 //! ```sh
 //! cargo run --release --example bench                 # the full run (100,000 events)
 //! cargo run --release --example bench -- --events 1000000 --naive-events 0
+//! cargo run --release --example bench -- --logical     # the logical relay against polling
 //! cargo run --example bench -- --smoke                # a few thousand events, for CI
 //! ```
 //!
 //! What each file holds: `write_path` (the event and the handler variants),
 //! `relay_runs` (raw JetStream, the relay's drains, latency), `consumer` (the
-//! consumer section), `measure` (medians, CPU, memory, the table).
+//! consumer section), `handover` (a group's handover), `logical` (the
+//! logical relay's section, on a private PostgreSQL), `measure` (medians,
+//! CPU, memory, the table).
 //!
 //! Needs PostgreSQL (`DATABASE_URL`) and NATS (`NATS_URL`); works in a schema
 //! and a stream namespace of its own, removed at the end. Prints a table, then
@@ -17,6 +20,7 @@
 
 mod consumer;
 mod handover;
+mod logical;
 mod measure;
 mod relay_runs;
 mod write_path;
@@ -39,6 +43,14 @@ use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbE
     about = "Relay throughput, latency and handler overhead against raw JetStream and SeaORM"
 )]
 struct Args {
+    /// The PostgreSQL server (a schema of the run's own is created in it).
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://root@127.0.0.1/test",
+        hide_env_values = true
+    )]
+    database_url: String,
     /// Backlog drained by the relay, and published raw.
     #[arg(long, default_value_t = 100_000)]
     events: usize,
@@ -86,6 +98,18 @@ struct Args {
     /// Run the consumer section only.
     #[arg(long)]
     consumers_only: bool,
+    /// Run the logical relay's section only, on a private PostgreSQL started
+    /// with `wal_level = logical`: its drains and latency against the
+    /// polling relay's on the same server, and raw JetStream.
+    #[arg(long)]
+    logical: bool,
+    /// The logical section's large backlog, drained once to compare its
+    /// rate with the `--events` drains'; 0 skips it.
+    #[arg(long, default_value_t = 1_000_000)]
+    logical_backlog: usize,
+    /// Internal, with --drain-only: drain through the logical relay.
+    #[arg(long, hide = true)]
+    drain_logical: bool,
     /// Group members killed in turn to time the handover of their partitions; 0 skips it.
     #[arg(long, default_value_t = 4)]
     handover_rounds: u32,
@@ -128,6 +152,15 @@ struct Bench {
 
 type BoxError = Box<dyn std::error::Error>;
 
+/// Which relay a run drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// The default relay, claiming rows.
+    Polling,
+    /// The logical relay, reading the slot.
+    Logical,
+}
+
 /// Milliseconds from a handler's commit to the JetStream ack of its event
 /// (`acked`) and, with a consumer running, to the consumer's handler of it
 /// (`handled`): p50, p99, max.
@@ -159,15 +192,26 @@ async fn run(mut args: Args) -> Result<(), BoxError> {
         args.repeat = args.repeat.min(2);
         args.consumer_events = args.consumer_events.min(2_000);
         args.handover_rounds = args.handover_rounds.min(1);
+        args.logical_backlog = args.logical_backlog.min(3 * args.events);
     }
     if let Some(target) = args.drain_only.clone() {
-        return drain_only(&args, &target[0], &target[1]).await;
+        return match args.drain_logical {
+            true => logical::drain_only(&args, &target[0], &target[1]).await,
+            false => drain_only(&args, &target[0], &target[1]).await,
+        };
     }
     if let Some(target) = args.member.clone() {
-        return handover::member_only(&target[0], &target[1]).await;
+        return handover::member_only(&args.database_url, &target[0], &target[1]).await;
     }
+    // The logical section's server, stopped when the run ends.
+    let private = match args.logical {
+        true => Some(logical::PrivateServer::start(&mut args).await?),
+        false => None,
+    };
     let mut bench = Bench::connect(args).await?;
-    let result = if bench.args.consumers_only {
+    let result = if bench.args.logical {
+        bench.logical().await
+    } else if bench.args.consumers_only {
         match bench.consumers().await {
             Ok(consumers) => bench.handover_figures().await.map(|handover| {
                 (consumers.into_figures().into_iter())
@@ -181,6 +225,7 @@ async fn run(mut args: Args) -> Result<(), BoxError> {
         bench.run().await
     };
     bench.cleanup().await;
+    drop(private);
     let figures = result?;
     print_table(&bench.args, &figures);
     println!("{}", serde_json::Value::Object(figures));
@@ -189,16 +234,16 @@ async fn run(mut args: Args) -> Result<(), BoxError> {
 
 type Figures = serde_json::Map<String, serde_json::Value>;
 
-fn database_url() -> String {
-    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://root@127.0.0.1/test".into())
-}
-
 fn nats_url() -> String {
     std::env::var("NATS_URL").unwrap_or_else(|_| "127.0.0.1:4222".into())
 }
 
-async fn connect_schema(schema: &str, connections: usize) -> Result<DatabaseConnection, DbErr> {
-    let mut options = ConnectOptions::new(database_url());
+async fn connect_schema(
+    url: &str,
+    schema: &str,
+    connections: usize,
+) -> Result<DatabaseConnection, DbErr> {
+    let mut options = ConnectOptions::new(url);
     options
         .set_schema_search_path(schema.to_owned())
         .max_connections(u32::try_from(connections).unwrap_or(u32::MAX))
@@ -238,7 +283,7 @@ async fn schedule_for_tomorrow(db: &DatabaseConnection, count: u64) -> Result<()
 
 /// The child process of [`Bench::relay_drain`]: one relay drains the backlog until the outbox is empty.
 async fn drain_only(args: &Args, schema: &str, namespace: &str) -> Result<(), BoxError> {
-    let db = connect_schema(schema, 16).await?;
+    let db = connect_schema(&args.database_url, schema, 16).await?;
     let client = async_nats::connect(nats_url()).await?;
     let relay = Relay::builder(db, publisher(client, args, namespace))
         .batch_size(args.batch)
@@ -267,12 +312,12 @@ async fn drain_only(args: &Args, schema: &str, namespace: &str) -> Result<(), Bo
 
 impl Bench {
     async fn connect(args: Args) -> Result<Self, BoxError> {
-        let admin = Database::connect(&database_url()).await?;
+        let admin = Database::connect(&args.database_url).await?;
         let schema = format!("outbox_bench_{}", Uuid::now_v7().simple());
         admin
             .execute_unprepared(&format!("CREATE SCHEMA {schema}"))
             .await?;
-        let db = connect_schema(&schema, 16).await?;
+        let db = connect_schema(&args.database_url, &schema, 16).await?;
         outbox_core::migrate(&db).await?;
         schedule_for_tomorrow(&db, args.scheduled).await?;
         db.execute_unprepared(
@@ -315,7 +360,12 @@ impl Bench {
         self.fresh_streams().await?;
         let messages = self.messages("bench", 0..self.args.consumer_events as u64, true)?;
         self.send(messages).await?;
-        let pool = connect_schema(&self.schema, self.args.consumer_in_flight + 8).await?;
+        let pool = connect_schema(
+            &self.args.database_url,
+            &self.schema,
+            self.args.consumer_in_flight + 8,
+        )
+        .await?;
         let publisher = self.publisher();
         let stream = self.streams()[1].name.clone();
         let section = consumer::Section {
@@ -402,7 +452,7 @@ impl Bench {
         for run in 1..=self.args.repeat {
             self.backlog(self.args.events).await?;
             self.fresh_streams().await?;
-            let drain = self.relay_drain().await?;
+            let drain = self.relay_drain(Source::Polling, self.args.events).await?;
             let after = self.raw_run().await?;
             let pair = Pair {
                 before,
@@ -483,7 +533,7 @@ impl Bench {
             figures.insert("drain_over_naive".into(), round3(drain.eps / naive).into());
         }
         self.truncate_outbox().await?;
-        let latency = self.latency(publisher.clone(), false).await?;
+        let latency = (self.latency(publisher.clone(), Source::Polling, false)).await?;
         figures.insert("latency_events".into(), latency.events.into());
         figures.insert("latency_rate_eps".into(), self.args.rate.into());
         let [p50, p99, max] = latency.acked;
@@ -492,7 +542,10 @@ impl Bench {
         figures.insert("latency_max_ms".into(), round3(max).into());
         // A second run with a consumer of the relay's stream in the process.
         self.truncate_outbox().await?;
-        let e2e = self.latency(publisher, true).await?.handled;
+        let e2e = self
+            .latency(publisher, Source::Polling, true)
+            .await?
+            .handled;
         let [p50, p99, max] = e2e.unwrap_or([f64::NAN; 3]);
         figures.insert("e2e_latency_p50_ms".into(), round3(p50).into());
         figures.insert("e2e_latency_p99_ms".into(), round3(p99).into());

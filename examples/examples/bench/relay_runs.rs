@@ -18,7 +18,7 @@ use sea_orm::{ConnectionTrait, DbBackend, DbErr, EntityTrait, QueryOrder, QueryS
 
 use super::measure::{DrainRun, RawRun, ServiceCpu, own_cpu_seconds};
 use super::write_path::{BenchEvent, emit_backlog, place_order};
-use super::{BoxError, Latency, consumer};
+use super::{BoxError, Latency, Source, consumer};
 
 /// Records when each event's acknowledgement arrived (the batch's, to be exact).
 pub(super) struct TimedPublisher {
@@ -240,11 +240,17 @@ impl super::Bench {
             .map(drop)
     }
 
-    /// One relay, in a process of its own, drains the backlog.
-    pub(super) async fn relay_drain(&self) -> Result<DrainRun, BoxError> {
+    /// One relay, in a process of its own, drains the backlog of `events`.
+    pub(super) async fn relay_drain(
+        &self,
+        source: Source,
+        events: usize,
+    ) -> Result<DrainRun, BoxError> {
         let mut child = tokio::process::Command::new(std::env::current_exe()?);
         child
             .args(["--drain-only", &self.schema, &self.namespace])
+            .args(["--database-url", &self.args.database_url])
+            .args(["--events", &events.to_string()])
             .args([
                 "--batch",
                 &self.args.batch.to_string(),
@@ -258,6 +264,9 @@ impl super::Bench {
         }
         if self.args.no_overlap {
             child.arg("--no-overlap");
+        }
+        if source == Source::Logical {
+            child.arg("--drain-logical");
         }
         let output = child.output().await?;
         if !output.status.success() {
@@ -322,6 +331,7 @@ impl super::Bench {
     pub(super) async fn latency(
         &mut self,
         publisher: JetStreamPublisher,
+        source: Source,
         consume: bool,
     ) -> Result<Latency, BoxError> {
         let acked = Arc::new(Mutex::new(HashMap::new()));
@@ -348,7 +358,11 @@ impl super::Bench {
         )
         .batch_size(self.args.batch)
         .overlap_rounds(!self.args.no_overlap)
-        .spawn();
+        .build();
+        let relay = match source {
+            Source::Polling => relay.spawn(),
+            Source::Logical => self.logical_relay(relay)?.spawn(),
+        };
         let total = (u64::from(self.args.rate) * self.args.seconds) as usize;
         let period = Duration::from_secs(1) / self.args.rate.max(1);
         let mut ticks = tokio::time::interval(period);
