@@ -41,6 +41,7 @@
 mod background;
 mod backoff;
 mod cancel;
+pub mod capture;
 pub mod consumer;
 pub mod dead_letters;
 mod dialect;

@@ -20,7 +20,9 @@ use std::sync::Arc;
 use sea_orm::{ConnectionTrait, DbErr, TransactionSession};
 
 use crate::Error;
+use crate::capture;
 use crate::emit::{Emitter, Rows};
+use crate::entity::outbox_message;
 use crate::insert::insert_all;
 use crate::signal::{Database, Written};
 
@@ -116,7 +118,11 @@ where
         // On an error the transaction is dropped here, which rolls it back.
         let Rows { events, scheduled } = emitter.into_rows()?;
         let (wrote_events, wrote_scheduled) = (!events.is_empty(), !scheduled.is_empty());
-        insert_all(&transaction, events).await?;
+        // As one logical message where this process writes them so (`capture`), else as rows.
+        if !capture::write(&transaction, &events).await? {
+            let rows = events.into_iter().map(outbox_message::ActiveModel::from);
+            insert_all(&transaction, rows.collect()).await?;
+        }
         insert_all(&transaction, scheduled).await?;
         transaction.commit().await?;
         written.note(wrote_events, wrote_scheduled);

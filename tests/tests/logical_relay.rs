@@ -403,3 +403,38 @@ async fn a_server_without_logical_wal_is_refused_with_the_fix() {
     assert!(error.to_string().contains("wal_level = logical"), "{error}");
     test.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_writes_are_messages_while_the_capture_is_on_and_rows_otherwise() {
+    // This test's process only: nextest runs each test in a process of its own.
+    outbox_core::capture::write_as_messages(true);
+    let test = Logical::start().await;
+    emit_round(&test.db, 0, 2).await.expect("commit");
+    assert_eq!(
+        test.rows("outbox_messages").await,
+        2,
+        "no capture yet: rows"
+    );
+    let relay = test.relay().spawn();
+    test.stored(2).await;
+    for n in 1..50 {
+        emit_round(&test.db, n, 2).await.expect("commit");
+    }
+    assert_eq!(
+        test.rows("outbox_messages").await,
+        0,
+        "a message per transaction, no row"
+    );
+    test.stored(100).await;
+    shut(relay).await;
+    let keys = per_key(&test.messages().await);
+    assert_eq!(keys["k1"], (0..50).collect::<Vec<_>>());
+    retire(test.relay()).await.expect("retire");
+    emit_round(&test.db, 50, 2).await.expect("commit");
+    assert_eq!(
+        test.rows("outbox_messages").await,
+        2,
+        "the capture is off again: rows"
+    );
+    test.finish().await;
+}

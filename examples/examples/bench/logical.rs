@@ -151,7 +151,9 @@ impl Bench {
             if source == Source::Logical {
                 self.capture().await?;
             }
+            outbox_core::capture::write_as_messages(source == Source::Logical);
             let latency = self.latency(self.publisher(), source, false).await?;
+            outbox_core::capture::write_as_messages(false);
             if source == Source::Logical {
                 retire(
                     self.logical_relay(Relay::builder(self.db.clone(), self.publisher()).build())?,

@@ -137,7 +137,7 @@ struct Recorded {
 /// events for later.
 #[derive(Debug, Default)]
 pub(crate) struct Rows {
-    pub(crate) events: Vec<outbox_message::ActiveModel>,
+    pub(crate) events: Vec<outbox_message::Model>,
     pub(crate) scheduled: Vec<outbox_scheduled::ActiveModel>,
 }
 
@@ -223,20 +223,22 @@ impl Columns {
     }
 
     /// An outbox row, due now.
-    fn message(self) -> outbox_message::ActiveModel {
-        outbox_message::ActiveModel {
-            id: Set(self.id),
-            event_type: Set(self.event_type),
-            event_version: Set(self.event_version),
-            exchange: Set(self.exchange),
-            subject: Set(self.subject),
-            partition_key: Set(self.partition_key),
-            payload: Set(self.payload),
-            headers: Set(self.headers),
-            content_type: Set(self.content_type),
-            created_at: Set(self.created_at),
-            next_attempt_at: Set(self.created_at),
-            ..Default::default()
+    fn message(self) -> outbox_message::Model {
+        outbox_message::Model {
+            id: self.id,
+            event_type: self.event_type,
+            event_version: self.event_version,
+            exchange: self.exchange,
+            subject: self.subject,
+            partition_key: self.partition_key,
+            payload: self.payload,
+            headers: self.headers,
+            content_type: self.content_type,
+            created_at: self.created_at,
+            attempts: 0,
+            next_attempt_at: self.created_at,
+            last_error: None,
+            delivered_at: None,
         }
     }
 

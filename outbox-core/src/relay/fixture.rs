@@ -5,7 +5,7 @@ use uuid::Uuid;
 use crate::entity::outbox_message::Model;
 
 /// A due, undelivered event with id `id`, under `key` if given.
-pub(super) fn event(id: u128, key: Option<&str>) -> Model {
+pub(crate) fn event(id: u128, key: Option<&str>) -> Model {
     let now = chrono::Utc::now();
     Model {
         id: Uuid::from_u128(id),

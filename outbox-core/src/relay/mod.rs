@@ -27,7 +27,7 @@
 mod chain;
 mod config;
 #[cfg(test)]
-mod fixture;
+pub(crate) mod fixture;
 #[cfg(feature = "logical")]
 pub mod logical;
 #[cfg(feature = "postgres")]

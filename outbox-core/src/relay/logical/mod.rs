@@ -40,7 +40,6 @@
 //! The polling relay stays the default, and the only one on MySQL and
 //! SQLite. Run one kind of relay per outbox.
 
-mod capture;
 mod pending;
 mod reader;
 mod slot;
@@ -50,7 +49,6 @@ use std::time::Duration;
 use pgwire_replication::{PgWireError, ReplicationConfig};
 use sea_orm::DbErr;
 
-pub use capture::Malformed;
 pub use slot::{SlotStatus, slot_status, slots};
 
 use super::publish::Publisher;

@@ -11,10 +11,11 @@ use pgwire_replication::{Lsn, PgWireError, ReplicationClient, ReplicationEvent};
 use sea_orm::DatabaseConnection;
 use tokio::sync::watch;
 
-use super::capture::{self, event_prefix, heartbeat_prefix};
 use super::pending::{Pending, wait_for};
+use super::slot::heartbeat_prefix;
 use super::{LogicalError, LogicalRelay, slot, slot_name};
 use crate::ErrorReport;
+use crate::capture::{self, event_prefix};
 use crate::entity::outbox_message::Model;
 use crate::insert::insert_all;
 use crate::relay::publish::{Batch, Delivery, Publisher};
@@ -103,6 +104,7 @@ pub(super) async fn retire<P: Publisher>(relay: LogicalRelay<P>) -> Result<(), L
     if slot::slot_status(db, &slot).await?.is_none() {
         return Ok(());
     }
+    slot::wait_for_open_transactions(db).await?;
     let end = slot::mark_end(db, &heartbeat_prefix(&slot::schema(db).await?)).await?;
     let (_stop, mut stopped) = watch::channel(false);
     match session(&relay, &mut stopped, &mut Health::default(), Some(end)).await {
@@ -168,6 +170,7 @@ async fn session<P: Publisher>(
         });
     }
     health.started(&slot);
+    let mut recorder = Recorder::spawn(db.clone(), slot.clone());
     let mut heartbeat = tokio::time::interval(relay.heartbeat);
     let mut poll = tokio::time::interval(config.poll_interval);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -180,8 +183,12 @@ async fn session<P: Publisher>(
         tokio::select! {
             biased;
             Ok(()) = stopped.changed() => {
+                recorder.flush().await;
                 client.stop();
                 return Ok(());
+            }
+            Ok(()) = recorder.recorded.changed() => {
+                client.update_applied_lsn(Lsn(*recorder.recorded.borrow_and_update()));
             }
             event = client.recv(), if room => match event? {
                 Some(event) => {
@@ -252,11 +259,8 @@ async fn session<P: Publisher>(
             }
             break;
         }
-        // Recorded before the slot is told: the record is what a resend is
-        // checked against, whatever the slot's own position became.
         if let Some(end) = stream.pending.confirmable() {
-            slot::record_relayed(db, &slot, end).await?;
-            client.update_applied_lsn(Lsn(end));
+            recorder.wanted.send_replace(end);
         }
         if ended && stream.pending.unsettled() == 0 {
             return Ok(());
@@ -286,7 +290,7 @@ impl Stream {
                 content,
                 lsn,
             } if prefix == self.events => match capture::decode(&content) {
-                Ok(event) => self.current.get_or_insert_default().push(event),
+                Ok(events) => self.current.get_or_insert_default().extend(events),
                 Err(error) => {
                     metrics::counter!(MALFORMED).increment(1);
                     tracing::error!(lsn = %lsn, error = %error, "skipped a malformed outbox message");
@@ -314,6 +318,56 @@ impl Stream {
             }
             _ => {}
         }
+    }
+}
+
+/// Writes the relayed position to `outbox_logical_progress` beside the
+/// session, so that rounds do not wait for its commit; the slot is
+/// confirmed up to what was recorded, never further: the record is what a
+/// resend is checked against, whatever the slot's own position became.
+struct Recorder {
+    wanted: watch::Sender<u64>,
+    recorded: watch::Receiver<u64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Recorder {
+    fn spawn(db: DatabaseConnection, slot: String) -> Self {
+        let (wanted, mut want) = watch::channel(0);
+        let (done, recorded) = watch::channel(0);
+        let task = tokio::spawn(async move {
+            while want.changed().await.is_ok() {
+                let lsn = *want.borrow_and_update();
+                match slot::record_relayed(&db, &slot, lsn).await {
+                    Ok(()) => {
+                        done.send_replace(lsn);
+                    }
+                    Err(error) => {
+                        tracing::debug!(error = %ErrorReport(&error), "could not record the relayed position; retrying");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        want.mark_changed();
+                    }
+                }
+            }
+        });
+        Self {
+            wanted,
+            recorded,
+            task,
+        }
+    }
+
+    /// Waits (a little) for the last position to be recorded, before a stop.
+    async fn flush(&mut self) {
+        let wanted = *self.wanted.borrow();
+        let recorded = self.recorded.wait_for(|&lsn| lsn >= wanted);
+        let _ = tokio::time::timeout(Duration::from_secs(2), recorded).await;
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 

@@ -152,6 +152,48 @@ pub(super) async fn record_relayed(
     Ok(())
 }
 
+/// Waits until every transaction open now has ended: one that saw the
+/// capture trigger before it was removed may still write its events as a
+/// message (`capture::write`), which must be in the slot before its last
+/// read.
+pub(super) async fn wait_for_open_transactions(db: &DatabaseConnection) -> Result<(), DbErr> {
+    let open: String = one(
+        db,
+        "SELECT coalesce(string_agg(virtualxid, ','), '') FROM pg_locks \
+         WHERE locktype = 'virtualxid' AND pid <> pg_backend_pid()",
+        [],
+    )
+    .await?
+    .try_get_by_index(0)?;
+    let mut waited = 0_u32;
+    loop {
+        let still: i64 = one(
+            db,
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'virtualxid' \
+             AND virtualxid = ANY(string_to_array($1, ','))",
+            [open.clone().into()],
+        )
+        .await?
+        .try_get_by_index(0)?;
+        if still == 0 {
+            return Ok(());
+        }
+        waited += 1;
+        if waited == 50 {
+            tracing::info!(
+                transactions = still,
+                "waiting for transactions open since the capture stopped"
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// The prefix of the relay's heartbeats.
+pub(super) fn heartbeat_prefix(schema: &str) -> String {
+    format!("outbox-heartbeat:{schema}")
+}
+
 /// Writes a heartbeat: a message outside any transaction, which moves the
 /// slot's stream on when the database is idle, so that the relay can
 /// confirm a newer position and the server need not keep the WAL behind it.
