@@ -125,6 +125,14 @@ impl Bench {
         let [(polling, polling_postgres), (logical, logical_postgres)] = medians[..] else {
             return Err("a mode has no run".into());
         };
+        // What the capture trigger costs a writer that does not write messages itself.
+        self.capture().await?;
+        let services = ServiceCpu::now();
+        self.backlog(events).await?;
+        let trigger_write = per_event(services.since().postgres);
+        let relay = Relay::builder(self.db.clone(), self.publisher()).build();
+        retire(self.logical_relay(relay)?).await?;
+        figures.insert("trigger_write_cpu_us_postgres".into(), trigger_write.into());
         figures.insert(
             "logical_over_polling_eps".into(),
             round3(logical.drain.eps / polling.drain.eps).into(),
@@ -188,9 +196,12 @@ impl Bench {
         if source == Source::Logical {
             self.capture().await?;
         }
+        // A service whose outbox the logical relay reads writes messages.
+        outbox_core::capture::write_as_messages(source == Source::Logical);
         let services = ServiceCpu::now();
         self.backlog(events).await?;
         let write_postgres_s = services.since().postgres;
+        outbox_core::capture::write_as_messages(false);
         self.fresh_streams().await?;
         let drain = self.relay_drain(source, events).await?;
         if source == Source::Logical {
