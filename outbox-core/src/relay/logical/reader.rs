@@ -32,6 +32,11 @@ const MALFORMED: &str = "outbox_logical_malformed_total";
 /// retry, an event, a heartbeat or a poll).
 const IDLE: Duration = Duration::from_secs(1);
 
+/// How long, in tries of [`RELEASE_WAIT`], `retire` waits for a slot a
+/// relay was just reading (its walsender exits a moment after it hung up).
+const RELEASE_TRIES: u32 = 25;
+const RELEASE_WAIT: Duration = Duration::from_millis(200);
+
 /// Why a session ended, short of being told to stop.
 enum Ended {
     /// Another relay holds the slot.
@@ -107,12 +112,27 @@ pub(super) async fn retire<P: Publisher>(relay: LogicalRelay<P>) -> Result<(), L
     slot::wait_for_open_transactions(db).await?;
     let end = slot::mark_end(db, &heartbeat_prefix(&slot::schema(db).await?)).await?;
     let (_stop, mut stopped) = watch::channel(false);
-    match session(&relay, &mut stopped, &mut Health::default(), Some(end)).await {
-        Ok(()) => {}
-        Err(Ended::Busy(slot)) => return Err(LogicalError::SlotInUse(slot)),
-        Err(Ended::Failed(error)) => return Err(error),
+    // A relay just stopped may hold the slot a moment longer.
+    let mut tries = 0;
+    loop {
+        match session(&relay, &mut stopped, &mut Health::default(), Some(end)).await {
+            Ok(()) => break,
+            Err(Ended::Busy(_)) if tries < RELEASE_TRIES => {}
+            Err(Ended::Busy(slot)) => return Err(LogicalError::SlotInUse(slot)),
+            Err(Ended::Failed(error)) => return Err(error),
+        }
+        tries += 1;
+        tokio::time::sleep(RELEASE_WAIT).await;
     }
-    slot::drop(db, &slot).await?;
+    // Our own walsender, too, lets go of the slot a moment after we hang up.
+    let mut tries = 0;
+    while let Err(error) = slot::drop(db, &slot).await {
+        if !error.to_string().contains("is active for PID") || tries == RELEASE_TRIES {
+            return Err(error.into());
+        }
+        tries += 1;
+        tokio::time::sleep(RELEASE_WAIT).await;
+    }
     tracing::info!(slot, "dropped the replication slot");
     Ok(())
 }
@@ -263,6 +283,8 @@ async fn session<P: Publisher>(
             recorder.wanted.send_replace(end);
         }
         if ended && stream.pending.unsettled() == 0 {
+            // The server ended the stream (the end mark reached): the worker is done.
+            let _ = client.shutdown().await;
             return Ok(());
         }
     }
