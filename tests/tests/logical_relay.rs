@@ -468,3 +468,30 @@ async fn direct_writes_are_messages_while_the_capture_is_on_and_rows_otherwise()
     );
     test.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_without_replication_is_refused_with_the_fix() {
+    let test = Logical::start().await;
+    test.db
+        .execute_unprepared(
+            "CREATE ROLE app LOGIN NOREPLICATION; GRANT ALL ON ALL TABLES IN SCHEMA public TO app",
+        )
+        .await
+        .expect("create a role");
+    let url = format!("postgres://app@127.0.0.1:{}/postgres", test.pg.port);
+    let db = Database::connect(&url).await.expect("connect as app");
+    let relay = fast(&db, test.nats.publisher()).build();
+    let error = retire(LogicalRelay::new(relay, &url).expect("a valid URL"))
+        .await
+        .expect_err("refused");
+    assert!(
+        matches!(error, LogicalError::NoReplication { .. }),
+        "{error}"
+    );
+    assert!(
+        error.to_string().contains("ALTER ROLE app REPLICATION"),
+        "{error}"
+    );
+    db.close().await.expect("close");
+    test.finish().await;
+}

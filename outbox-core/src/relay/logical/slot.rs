@@ -107,6 +107,14 @@ pub(super) async fn ensure(db: &DatabaseConnection, slot: &str) -> Result<(), Db
         tolerate_duplicate(created)?;
         tracing::info!(slot, "created the replication slot");
     }
+    // The slot's row, which `slots` lists, from its first session on.
+    db.execute_raw(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "INSERT INTO outbox_logical_progress (slot_name, relayed_lsn, relayed_at) \
+         VALUES ($1, 0, now()) ON CONFLICT (slot_name) DO NOTHING",
+        [slot.into()],
+    ))
+    .await?;
     Ok(())
 }
 
