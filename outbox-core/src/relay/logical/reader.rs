@@ -28,6 +28,9 @@ const LAG_SECONDS: &str = "outbox_logical_lag_seconds";
 /// Counter: messages under the outbox's prefix that held no event.
 const MALFORMED: &str = "outbox_logical_malformed_total";
 
+/// Messages the replication worker reads ahead of the rounds.
+const STREAM_BUFFER: usize = 256;
+
 /// The longest a round waits when nothing is due (it wakes sooner for a
 /// retry, an event, a heartbeat or a poll).
 const IDLE: Duration = Duration::from_secs(1);
@@ -177,7 +180,9 @@ async fn session<P: Publisher>(
     let mut connection = relay.connection.clone();
     connection.slot = slot.clone();
     connection.publication = slot.as_str().into();
-    connection.buffer_events = config.batch_size.saturating_mul(4);
+    // Counted in messages, and a direct write's message holds a whole
+    // transaction's events: a few hundred keep the worker ahead of us.
+    connection.buffer_events = STREAM_BUFFER;
     if let Some(end) = stop_at {
         connection = connection.with_stop_lsn(Lsn(end));
     }
@@ -191,9 +196,9 @@ async fn session<P: Publisher>(
     }
     health.started(&slot);
     let mut recorder = Recorder::spawn(db.clone(), slot.clone());
-    let mut heartbeat = tokio::time::interval(relay.heartbeat);
-    let mut poll = tokio::time::interval(config.poll_interval);
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Beside the rounds, not between them: a round never waits for a chore.
+    let chores = chores(relay, &slot, stream.heartbeats.clone(), stop_at.is_none());
+    tokio::pin!(chores);
     let max_unsettled = config.batch_size.saturating_mul(8);
     let mut ended = false;
     let mut outages = 0_u32;
@@ -228,17 +233,7 @@ async fn session<P: Publisher>(
                 }
                 None => ended = true,
             },
-            _ = heartbeat.tick(), if stop_at.is_none() => {
-                slot::heartbeat(db, &stream.heartbeats).await?;
-                gauges(db, &slot).await;
-            }
-            _ = poll.tick(), if stop_at.is_none() => {
-                // Scheduled events come due (into the outbox, so into the
-                // slot); rows written while the trigger was gone go out.
-                if let Err(error) = relay.relay.drain().await {
-                    tracing::debug!(error = %ErrorReport(&error), "the logical relay's poll of the outbox table failed");
-                }
-            }
+            failed = &mut chores => return Err(failed),
             () = tokio::time::sleep(wait_for(&stream.pending, IDLE)), if waiting => {}
         }
         loop {
@@ -286,6 +281,41 @@ async fn session<P: Publisher>(
             // The server ended the stream (the end mark reached): the worker is done.
             let _ = client.shutdown().await;
             return Ok(());
+        }
+    }
+}
+
+/// The session's periodic work, until a heartbeat fails: a heartbeat and
+/// the lag gauges every heartbeat interval; every poll interval, the
+/// scheduled events that came due (inserted into the outbox, so captured)
+/// and any row in the table (written while the trigger was gone). None
+/// while retiring (`periodic` false).
+async fn chores<P: Publisher>(
+    relay: &LogicalRelay<P>,
+    slot: &str,
+    heartbeats: String,
+    periodic: bool,
+) -> Ended {
+    if !periodic {
+        return std::future::pending().await;
+    }
+    let db = relay.relay.store.db();
+    let mut heartbeat = tokio::time::interval(relay.heartbeat);
+    let mut poll = tokio::time::interval(relay.relay.config.poll_interval);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = heartbeat.tick() => {
+                if let Err(error) = slot::heartbeat(db, &heartbeats).await {
+                    return error.into();
+                }
+                gauges(db, slot).await;
+            }
+            _ = poll.tick() => {
+                if let Err(error) = relay.relay.drain().await {
+                    tracing::debug!(error = %ErrorReport(&error), "the logical relay's poll of the outbox table failed");
+                }
+            }
         }
     }
 }
