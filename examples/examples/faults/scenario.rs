@@ -202,6 +202,9 @@ pub(crate) async fn run(scenario: Scenario, plan: &Plan, env: &Env<'_>) -> Resul
     let mut scales = SCALES.iter().cycle();
 
     let stop = Arc::new(AtomicBool::new(false));
+    // With the logical relay, the producer writes each transaction's events
+    // as one message (the capture trigger stays what the relays install).
+    outbox_core::capture::write_as_messages(scenario.logical);
     let producer = tokio::spawn(produce(db.clone(), plan.clone(), Arc::clone(&stop)));
 
     let mut faults = vec![

@@ -29,7 +29,7 @@ const LAG_SECONDS: &str = "outbox_logical_lag_seconds";
 const MALFORMED: &str = "outbox_logical_malformed_total";
 
 /// Messages the replication worker reads ahead of the rounds.
-const STREAM_BUFFER: usize = 256;
+const STREAM_BUFFER: usize = 64;
 
 /// The longest a round waits when nothing is due (it wakes sooner for a
 /// retry, an event, a heartbeat or a poll).
@@ -181,7 +181,8 @@ async fn session<P: Publisher>(
     connection.slot = slot.clone();
     connection.publication = slot.as_str().into();
     // Counted in messages, and a direct write's message holds a whole
-    // transaction's events: a few hundred keep the worker ahead of us.
+    // transaction's events: a few dozen keep the worker ahead of us and
+    // bound what waits in memory.
     connection.buffer_events = STREAM_BUFFER;
     if let Some(end) = stop_at {
         connection = connection.with_stop_lsn(Lsn(end));
