@@ -214,6 +214,15 @@ fn connection(url: &str) -> Result<ReplicationConfig, LogicalError> {
             .decode_utf8_lossy()
             .into_owned()
     };
+    // Never a plain connection where the URL asks for TLS.
+    if let Some((_, mode)) = parsed.query_pairs().find(|(key, _)| key == "sslmode")
+        && !matches!(&*mode, "disable" | "allow" | "prefer")
+    {
+        return Err(LogicalError::Url(format!(
+            "sslmode={mode}: the replication connection has no TLS yet; \
+             use sslmode=disable or prefer (a private network), or the polling relay"
+        )));
+    }
     let host = parsed
         .host_str()
         .ok_or_else(|| LogicalError::Url("no host".into()))?;
@@ -250,6 +259,13 @@ mod tests {
             ("app@eu", "p/w")
         );
         assert_eq!(config.database, "shop");
+    }
+
+    #[test]
+    fn a_url_that_asks_for_tls_is_refused_rather_than_connected_in_plain() {
+        let error = connection("postgres://app:pw@db/shop?sslmode=require").expect_err("no TLS");
+        assert!(error.to_string().contains("sslmode=require"), "{error}");
+        assert!(connection("postgres://app:pw@db/shop?sslmode=prefer").is_ok());
     }
 
     #[test]
