@@ -83,8 +83,13 @@ pub(crate) fn event_prefix(schema: &str) -> String {
 /// (idempotent). Only once the slot exists: a message written while no
 /// slot does is lost.
 pub(crate) async fn install(conn: &impl ConnectionTrait) -> Result<(), DbErr> {
-    conn.execute_unprepared(
-        "CREATE OR REPLACE FUNCTION outbox_capture() RETURNS trigger LANGUAGE plpgsql AS $$
+    // Relays standing by come here every second: only the first one writes.
+    if installed(conn).await? {
+        return Ok(());
+    }
+    let created = conn
+        .execute_unprepared(
+            "CREATE OR REPLACE FUNCTION outbox_capture() RETURNS trigger LANGUAGE plpgsql AS $$
          DECLARE
              columns bytea := convert_to(json_build_array(NEW.id, NEW.event_type,
                  NEW.event_version, NEW.exchange, NEW.subject, NEW.partition_key,
@@ -97,9 +102,25 @@ pub(crate) async fn install(conn: &impl ConnectionTrait) -> Result<(), DbErr> {
          END $$;
          CREATE OR REPLACE TRIGGER outbox_capture BEFORE INSERT ON outbox_messages
              FOR EACH ROW EXECUTE FUNCTION outbox_capture();",
-    )
-    .await?;
-    Ok(())
+        )
+        .await;
+    match created {
+        // Another relay created it at the same moment ("tuple concurrently updated").
+        Err(_) if installed(conn).await? => Ok(()),
+        other => other.map(drop),
+    }
+}
+
+/// Whether the capture trigger is on the connection's `outbox_messages`.
+async fn installed(conn: &impl ConnectionTrait) -> Result<bool, DbErr> {
+    let row = conn
+        .query_one_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT EXISTS (SELECT 1 FROM pg_trigger \
+             WHERE tgname = 'outbox_capture' AND tgrelid = 'outbox_messages'::regclass)",
+        ))
+        .await?;
+    row.map_or(Ok(false), |row| row.try_get_by_index(0))
 }
 
 /// Removes the capture trigger: events are rows in the table again, for

@@ -13,7 +13,7 @@ use outbox_tests::fixtures::{AppError, Sequenced, StockReserved, emit_round};
 use outbox_tests::nats::TestNats;
 use outbox_tests::private_postgres::PrivatePostgres;
 use outbox_tests::{TestDb, emit_one, eventually, fast};
-use sea_orm::{ConnectionTrait, Database, DatabaseConnection};
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection, TransactionTrait};
 
 /// A private server, its outbox migrated, and a NATS namespace with the
 /// `ORDERS` stream.
@@ -493,5 +493,53 @@ async fn a_role_without_replication_is_refused_with_the_fix() {
         "{error}"
     );
     db.close().await.expect("close");
+    test.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_another_relay_is_delivering_go_before_the_slot_s_events() {
+    let test = Logical::start().await;
+    // The slot first: creating one waits for the transactions open at the time.
+    test.db
+        .execute_unprepared("CREATE PUBLICATION outbox_public")
+        .await
+        .expect("create the publication");
+    test.db
+        .execute_unprepared(
+            "SELECT pg_create_logical_replication_slot('outbox_public', 'pgoutput')",
+        )
+        .await
+        .expect("create the slot");
+    // Rows written before any capture.
+    for n in 0..3 {
+        emit_round(&test.db, n, 1).await.expect("commit");
+    }
+    // Another relay's claim in progress: the oldest row locked, as a
+    // polling relay (or a logical one draining before it stands by) holds it.
+    let claim = test.db.begin().await.expect("begin");
+    claim
+        .execute_unprepared("SELECT id FROM outbox_messages ORDER BY id LIMIT 1 FOR UPDATE")
+        .await
+        .expect("lock the oldest row");
+    let relay = test.relay().spawn();
+    eventually("the capture is on", async || {
+        slot_status(&test.db, "outbox_public")
+            .await
+            .expect("status")
+            .is_some_and(|s| s.capturing)
+    })
+    .await;
+    // Captured into the slot, behind the locked row's key.
+    for n in 3..6 {
+        emit_round(&test.db, n, 1).await.expect("commit");
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    claim.rollback().await.expect("let the row go");
+    test.stored(6).await;
+    shut(relay).await;
+    assert_eq!(
+        per_key(&test.messages().await)["k0"],
+        (0..6).collect::<Vec<_>>()
+    );
     test.finish().await;
 }

@@ -28,6 +28,10 @@ const LAG_SECONDS: &str = "outbox_logical_lag_seconds";
 /// Counter: messages under the outbox's prefix that held no event.
 const MALFORMED: &str = "outbox_logical_malformed_total";
 
+/// How often a session about to read the slot looks again for rows
+/// another relay is still delivering.
+const ROWS_POLL: Duration = Duration::from_millis(50);
+
 /// Messages the replication worker reads ahead of the rounds.
 const STREAM_BUFFER: usize = 64;
 
@@ -154,21 +158,8 @@ async fn session<P: Publisher>(
     let slot = slot_name(relay).await?;
     let schema = slot::schema(db).await?;
     slot::ensure(db, &slot).await?;
-    if stop_at.is_none() {
-        // Rows committed before the trigger are older than anything in the
-        // slot: they go first, and those committed while it was being
-        // installed (which waited for them) right after.
-        relay
-            .relay
-            .drain()
-            .await
-            .map_err(|e| LogicalError::Drain(Box::new(e)))?;
-        capture::install(db).await?;
-        relay
-            .relay
-            .drain()
-            .await
-            .map_err(|e| LogicalError::Drain(Box::new(e)))?;
+    if stop_at.is_none() && !rows_gone(relay, stopped).await? {
+        return Ok(()); // told to stop while waiting
     }
     let mut stream = Stream {
         events: event_prefix(&schema),
@@ -282,6 +273,33 @@ async fn session<P: Publisher>(
             // The server ended the stream (the end mark reached): the worker is done.
             let _ = client.shutdown().await;
             return Ok(());
+        }
+    }
+}
+
+/// Installs the capture trigger and waits until no row of the table is
+/// left to deliver, draining them; false if told to stop meanwhile.
+///
+/// Rows are older than anything in the slot, so they must all be stored
+/// before the slot's first event: not only those this relay can claim, but
+/// those another relay has claimed and is publishing (its drain before its
+/// own standby, say), which this one's claim passes over. Once the trigger
+/// is in, no row is added, and the wait ends.
+async fn rows_gone<P: Publisher>(
+    relay: &LogicalRelay<P>,
+    stopped: &mut watch::Receiver<bool>,
+) -> Result<bool, Ended> {
+    let db = relay.relay.store.db();
+    capture::install(db).await?;
+    loop {
+        let drained = relay.relay.drain().await;
+        drained.map_err(|e| LogicalError::Drain(Box::new(e)))?;
+        if slot::rows_waiting(db).await? == 0 {
+            return Ok(true);
+        }
+        tokio::select! {
+            () = tokio::time::sleep(ROWS_POLL) => {}
+            Ok(()) = stopped.changed() => return Ok(false),
         }
     }
 }

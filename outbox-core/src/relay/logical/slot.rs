@@ -197,6 +197,17 @@ pub(super) async fn wait_for_open_transactions(db: &DatabaseConnection) -> Resul
     }
 }
 
+/// Rows of `outbox_messages` not yet delivered (kept deliveries aside).
+pub(super) async fn rows_waiting(db: &DatabaseConnection) -> Result<i64, DbErr> {
+    one(
+        db,
+        "SELECT count(*) FROM outbox_messages WHERE delivered_at IS NULL",
+        [],
+    )
+    .await?
+    .try_get_by_index(0)
+}
+
 /// The prefix of the relay's heartbeats.
 pub(super) fn heartbeat_prefix(schema: &str) -> String {
     format!("outbox-heartbeat:{schema}")
