@@ -543,3 +543,28 @@ async fn rows_another_relay_is_delivering_go_before_the_slot_s_events() {
     );
     test.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retiring_a_slot_a_relay_reads_is_refused_and_leaves_the_capture_on() {
+    let test = Logical::start().await;
+    let relay = test.relay().spawn();
+    let status = async || {
+        slot_status(&test.db, "outbox_public")
+            .await
+            .expect("status")
+    };
+    eventually("a relay reads the slot", async || {
+        status().await.is_some_and(|s| s.active)
+    })
+    .await;
+    let error = retire(test.relay()).await.expect_err("refused");
+    assert!(matches!(error, LogicalError::SlotInUse(_)), "{error}");
+    assert!(
+        status().await.is_some_and(|s| s.capturing),
+        "the trigger stays"
+    );
+    emit_round(&test.db, 0, 1).await.expect("commit");
+    test.stored(1).await;
+    shut(relay).await;
+    test.finish().await;
+}

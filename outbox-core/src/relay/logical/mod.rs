@@ -4,7 +4,7 @@
 //!
 //! ```no_run
 //! # async fn run<P: outbox_core::relay::Publisher>(db: sea_orm::DatabaseConnection, publisher: P, url: &str)
-//! # -> Result<(), outbox_core::Error> {
+//! # -> Result<(), outbox_core::relay::logical::LogicalError> {
 //! use outbox_core::relay::{Relay, logical::LogicalRelay};
 //!
 //! let relay = Relay::builder(db, publisher).batch_size(2_000).build();

@@ -112,6 +112,20 @@ pub(super) async fn retire<P: Publisher>(relay: LogicalRelay<P>) -> Result<(), L
     let db = relay.relay.store.db();
     slot::preflight(db).await?;
     let slot = slot_name(&relay).await?;
+    // Refused before the trigger goes while a relay reads the slot: it would
+    // go on reading, and deliver the rows written from then on beside the
+    // slot's older events. A relay just stopped lets go in a moment.
+    let mut tries = 0;
+    while slot::slot_status(db, &slot)
+        .await?
+        .is_some_and(|status| status.active)
+    {
+        if tries == RELEASE_TRIES {
+            return Err(LogicalError::SlotInUse(slot));
+        }
+        tries += 1;
+        tokio::time::sleep(RELEASE_WAIT).await;
+    }
     capture::remove(db).await?;
     if slot::slot_status(db, &slot).await?.is_none() {
         return Ok(());
