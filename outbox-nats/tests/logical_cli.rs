@@ -8,7 +8,6 @@ use outbox_tests::eventually;
 use outbox_tests::fixtures::emit_round;
 use outbox_tests::nats::{TestNats, nats_url};
 use outbox_tests::private_postgres::PrivatePostgres;
-use sea_orm::Database;
 
 fn outbox(url: &str, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_outbox"))
@@ -33,9 +32,7 @@ async fn a_logical_relay_process_shows_in_status_and_its_slot_drops_losing_nothi
     let pg = PrivatePostgres::start(dir.path())
         .await
         .expect("a private PostgreSQL");
-    let url = pg.url("postgres");
-    let db = Database::connect(&url).await.expect("connect");
-    outbox_core::migrate(&db).await.expect("migrations");
+    let (url, db) = pg.outbox().await.expect("a migrated outbox");
     let nats = TestNats::shared().await;
     let stream = nats.provision_orders().await;
     let relay_args = [

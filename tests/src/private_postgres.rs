@@ -52,6 +52,15 @@ impl PrivatePostgres {
         Ok(server)
     }
 
+    /// Its `postgres` database with the outbox's tables: the URL and a connection.
+    pub async fn outbox(&self) -> Result<(String, sea_orm::DatabaseConnection)> {
+        let url = self.url("postgres");
+        let db = sea_orm::Database::connect(&url).await?;
+        outbox_core::migrate(&db).await?;
+        Ok((url, db))
+    }
+
+    /// The URL of `database` on it.
     pub fn url(&self, database: &str) -> String {
         format!("postgres://root@127.0.0.1:{}/{database}", self.port)
     }

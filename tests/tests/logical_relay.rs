@@ -37,9 +37,7 @@ impl Logical {
         let pg = PrivatePostgres::start(dir.path())
             .await
             .expect("a private PostgreSQL");
-        let url = pg.url("postgres");
-        let db = Database::connect(&url).await.expect("connect");
-        outbox_core::migrate(&db).await.expect("migrations");
+        let (url, db) = pg.outbox().await.expect("a migrated outbox");
         let nats = TestNats::shared().await;
         let spec = nats.stream("ORDERS", "orders");
         outbox_nats::provision(

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use outbox_core::relay::logical::{LogicalRelay, retire, slot_status};
 use outbox_core::relay::{Publisher, Relay};
-use outbox_nats::async_nats;
+use outbox_nats::{JetStreamPublisher, async_nats};
 use outbox_tests::private_postgres::PrivatePostgres;
 
 use super::measure::{DrainRun, Pair, ServiceCpu, own_cpu_seconds, peak_rss_mib, round, round3};
@@ -130,8 +130,7 @@ impl Bench {
         let services = ServiceCpu::now();
         self.backlog(events).await?;
         let trigger_write = per_event(services.since().postgres);
-        let relay = Relay::builder(self.db.clone(), self.publisher()).build();
-        retire(self.logical_relay(relay)?).await?;
+        self.uncapture().await?;
         figures.insert("trigger_write_cpu_us_postgres".into(), trigger_write.into());
         figures.insert(
             "logical_over_polling_eps".into(),
@@ -163,10 +162,7 @@ impl Bench {
             let latency = self.latency(self.publisher(), source, false).await?;
             outbox_core::capture::write_as_messages(false);
             if source == Source::Logical {
-                retire(
-                    self.logical_relay(Relay::builder(self.db.clone(), self.publisher()).build())?,
-                )
-                .await?;
+                self.uncapture().await?;
             }
             let mode = if source == Source::Logical {
                 "logical"
@@ -205,18 +201,25 @@ impl Bench {
         self.fresh_streams().await?;
         let drain = self.relay_drain(source, events).await?;
         if source == Source::Logical {
-            retire(self.logical_relay(Relay::builder(self.db.clone(), self.publisher()).build())?)
-                .await?;
+            self.uncapture().await?;
         }
         Ok((drain, write_postgres_s))
+    }
+
+    /// A logical relay on this run's outbox, streams and settings.
+    fn this_logical_relay(&self) -> Result<LogicalRelay<JetStreamPublisher>, BoxError> {
+        self.logical_relay(Relay::builder(self.db.clone(), self.publisher()).build())
+    }
+
+    /// Drops the slot and the capture trigger (`retire`): events are rows again.
+    async fn uncapture(&self) -> Result<(), BoxError> {
+        Ok(retire(self.this_logical_relay()?).await?)
     }
 
     /// Creates the slot and the capture trigger: a logical relay runs until
     /// it reads the slot, then stops (events committed from now on wait in the slot).
     async fn capture(&self) -> Result<(), BoxError> {
-        let relay = self
-            .logical_relay(Relay::builder(self.db.clone(), self.publisher()).build())?
-            .spawn();
+        let relay = self.this_logical_relay()?.spawn();
         let slot = format!("outbox_{}", self.schema);
         let deadline = Instant::now() + Duration::from_secs(30);
         while !slot_status(&self.db, &slot)
